@@ -1,0 +1,102 @@
+"""The application factory, the route table and the reply envelope.
+
+Every reply — also 404s, 413s and unexpected errors — is a JSON object with ``status`` and
+``message``: existing clients only read the body. An unexpected error never shows a traceback
+to the client; it is logged in full with a reference the user can quote.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from aiohttp import web
+
+from sf_daq_broker.api import handlers
+from sf_daq_broker.api.metrics import BrokerMetrics
+from sf_daq_broker.api.state import METRICS, SETTINGS, TRANSPORT
+from sf_daq_broker.config import Settings
+from sf_daq_broker.errors import BrokerError
+from sf_daq_broker.transport import Transport, create_transport
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("POST", "/retrieve_from_buffers", handlers.retrieve_from_buffers),
+    ("GET", "/get_current_run_number", handlers.get_current_run_number),
+    ("POST", "/advance_run_number", handlers.advance_run_number),
+    ("POST", "/close_pgroup_writing", handlers.close_pgroup_writing),
+    ("GET", "/get_allowed_detectors", handlers.get_allowed_detectors),
+    ("GET", "/get_running_detectors", handlers.get_running_detectors),
+    ("GET", "/health", handlers.health),
+    ("GET", "/metrics", handlers.metrics),
+]
+
+
+def _endpoint(request: web.Request) -> str:
+    route = request.match_info.route
+    return route.resource.canonical if route.resource is not None else "unmatched"
+
+
+@web.middleware
+async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    endpoint = _endpoint(request)
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+        outcome = "ok"
+    except BrokerError as exc:
+        log.info("%s %s refused (%d): %s", request.method, request.path, exc.http_status, exc)
+        response = handlers.reply(exc.message, status=exc.http_status)
+        outcome = "refused" if exc.http_status < 500 else "error"
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        limit = request.app[SETTINGS].max_body_bytes
+        message = (
+            exc.reason
+            if exc.status != 413
+            else f"the request body is too large (at most {limit} bytes)"
+        )
+        response = handlers.reply(message, status=exc.status)
+        outcome = "refused"
+    except Exception:
+        reference = uuid.uuid4().hex[:12]
+        log.exception(
+            "%s %s failed unexpectedly (reference %s)", request.method, request.path, reference
+        )
+        response = handlers.reply(
+            f"internal error in the broker (reference {reference}, see the broker log)", status=500
+        )
+        outcome = "error"
+    metrics.requests.labels(endpoint, outcome).inc()
+    metrics.duration.labels(endpoint).observe(time.perf_counter() - started)
+    return response
+
+
+def create_app(settings: Settings, transport: Transport | None = None) -> web.Application:
+    """The broker application; the transport defaults to the one the settings name."""
+    app = web.Application(middlewares=[envelope], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[TRANSPORT] = transport or create_transport(settings.amqp_url, settings.amqp_prefix)
+    app[METRICS] = BrokerMetrics()
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    app.cleanup_ctx.append(_transport_lifetime)
+    return app
+
+
+async def _transport_lifetime(app: web.Application) -> AsyncIterator[None]:
+    transport = app[TRANSPORT]
+    try:
+        await transport.connect()
+    except Exception as exc:
+        # Start anyway: /health says what is wrong and requests get a 503 until it is back.
+        log.error("%s transport not reachable at start-up: %s", transport.name, exc)
+    yield
+    await transport.close()

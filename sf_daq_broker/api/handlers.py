@@ -1,0 +1,224 @@
+"""Thin request handlers: read parameters, call the domain code off the event loop, reply.
+
+Every blocking file operation (locks, fsync) runs in a thread via ``asyncio.to_thread``, so a
+slow file system delays one request, not the whole broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from sf_daq_broker import __version__
+from sf_daq_broker.api.caller import beamline_of, client_address
+from sf_daq_broker.api.state import METRICS, SETTINGS, TRANSPORT
+from sf_daq_broker.bookkeeping.ledger import accept_request, close_pgroup, record_handover_failure
+from sf_daq_broker.bookkeeping.paths import PgroupDirs, open_pgroup
+from sf_daq_broker.bookkeeping.runs import allocate_run_number, read_last_run
+from sf_daq_broker.errors import BadRequest, Unavailable
+from sf_daq_broker.jobs import Action, StatusEvent
+from sf_daq_broker.retrieval import module_count, parse_retrieve_request
+from sf_daq_broker.transport import HandoverError
+
+log = logging.getLogger(__name__)
+
+
+def reply(message: str, status: int = 200, **fields: Any) -> web.Response:
+    ok = status < 400
+    return web.json_response(
+        {"status": "ok" if ok else "failed", "message": message, **fields}, status=status
+    )
+
+
+async def read_json_body(request: web.Request) -> Any:
+    """The JSON body (None when there is none). Too large → 413, not JSON → 400."""
+    if not request.body_exists:
+        return None
+    raw = await request.read()  # raises 413 beyond the application's client_max_size
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+async def read_params(request: web.Request) -> dict[str, Any]:
+    """Parameters from the query string and/or a JSON object body (existing clients use both)."""
+    params: dict[str, Any] = dict(request.query)
+    body = await read_json_body(request)
+    if body is not None:
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        params.update(body)
+    return params
+
+
+def caller_beamline(request: web.Request) -> str:
+    settings = request.app[SETTINGS]
+    address = client_address(request.remote, request.headers.get("X-Forwarded-For"), settings)
+    return beamline_of(address, settings)
+
+
+async def caller_pgroup(request: web.Request, params: dict[str, Any]) -> PgroupDirs:
+    if "pgroup" not in params:
+        raise BadRequest("pgroup is missing")
+    beamline = caller_beamline(request)
+    return await asyncio.to_thread(
+        open_pgroup, request.app[SETTINGS].data_root, beamline, params["pgroup"]
+    )
+
+
+async def retrieve_from_buffers(request: web.Request) -> web.Response:
+    settings, transport, metrics = (
+        request.app[SETTINGS],
+        request.app[TRANSPORT],
+        request.app[METRICS],
+    )
+    body = await read_json_body(request)
+    beamline = caller_beamline(request)
+    parsed = parse_retrieve_request(
+        body,
+        beamline=beamline,
+        allowed_detectors=settings.detectors_of(beamline),
+        max_pulse_range=settings.max_pulse_range,
+    )
+    dirs = await asyncio.to_thread(open_pgroup, settings.data_root, beamline, parsed.pgroup)
+    accepted = await asyncio.to_thread(accept_request, parsed, dirs)
+    run = accepted.run_number
+    try:
+        await transport.publish_jobs(accepted.jobs)
+    except HandoverError as exc:
+        log.error("run %d of %s: jobs not handed over: %s", run, dirs.pgroup, exc)
+        for job in accepted.jobs:
+            state = "queued" if job.source in exc.handed_over else "handover_failed"
+            metrics.jobs.labels(job.kind.value, state).inc()
+        await asyncio.to_thread(record_handover_failure, dirs, accepted, str(exc), exc.handed_over)
+        raise Unavailable(
+            f"run {run} of {dirs.pgroup} was recorded but its jobs could not be queued ({exc}); "
+            "the run number is not reused: send the request again when the queue is back",
+        ) from exc
+    for job in accepted.jobs:
+        metrics.jobs.labels(job.kind.value, "queued").inc()
+        await transport.publish_status(
+            StatusEvent.for_job(Action.WRITE_REQUEST, job, f"{job.source} job queued")
+        )
+    log.info(
+        "run %d of %s (%s): pulses %d-%d, %d jobs, request %s",
+        run,
+        dirs.pgroup,
+        beamline,
+        parsed.start_pulseid,
+        parsed.stop_pulseid,
+        len(accepted.jobs),
+        accepted.request_id,
+    )
+    return reply(
+        str(run),
+        run_number=run,
+        request_id=accepted.request_id,
+        files=[job.output_file for job in accepted.jobs],
+    )
+
+
+async def get_current_run_number(request: web.Request) -> web.Response:
+    dirs = await caller_pgroup(request, await read_params(request))
+    run = await asyncio.to_thread(read_last_run, dirs)
+    return reply(str(run), run_number=run)
+
+
+async def advance_run_number(request: web.Request) -> web.Response:
+    dirs = await caller_pgroup(request, await read_params(request))
+    run = await asyncio.to_thread(allocate_run_number, dirs)
+    log.info("run %d of %s reserved by /advance_run_number", run, dirs.pgroup)
+    return reply(str(run), run_number=run)
+
+
+async def close_pgroup_writing(request: web.Request) -> web.Response:
+    dirs = await caller_pgroup(request, await read_params(request))
+    await asyncio.to_thread(close_pgroup, dirs)
+    log.info("pgroup %s closed for writing", dirs.pgroup)
+    return reply(f"pgroup {dirs.pgroup} is closed for writing")
+
+
+async def get_allowed_detectors(request: web.Request) -> web.Response:
+    beamline = caller_beamline(request)
+    detectors = request.app[SETTINGS].detectors_of(beamline)
+    return reply(
+        f"{len(detectors)} detectors allowed for {beamline}", detectors=detectors, beamline=beamline
+    )
+
+
+def judge_detectors(
+    buffer_root: Path, detectors: list[str], stale_seconds: float
+) -> dict[str, list[str]]:
+    """Running / limping / missing, from the age of each module's buffer ``LATEST`` file."""
+    now = time.time()
+    verdict: dict[str, list[str]] = {"running": [], "limping": [], "missing": []}
+    for detector in detectors:
+        fresh = 0
+        n_modules = module_count(detector)
+        for module in range(n_modules):
+            latest = buffer_root / detector / f"M{module:02d}" / "LATEST"
+            with contextlib.suppress(OSError):  # no LATEST file: the module never ran
+                fresh += now - latest.stat().st_mtime <= stale_seconds
+        key = "running" if fresh == n_modules else "limping" if fresh else "missing"
+        verdict[key].append(detector)
+    return verdict
+
+
+async def get_running_detectors(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    beamline = caller_beamline(request)
+    verdict = await asyncio.to_thread(
+        judge_detectors,
+        settings.buffers.jungfrau_root,
+        settings.detectors_of(beamline),
+        settings.detector_stale_seconds,
+    )
+    total = sum(map(len, verdict.values()))
+    return reply(
+        f"{len(verdict['running'])} of {total} detectors of {beamline} running",
+        running_detectors=verdict["running"],
+        limping_detectors=verdict["limping"],
+        missing_detectors=verdict["missing"],
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    settings, transport = request.app[SETTINGS], request.app[TRANSPORT]
+    transport_ok = await transport.is_healthy()
+    data_root_ok = await asyncio.to_thread(settings.data_root.is_dir)
+    fields: dict[str, Any] = {
+        "version": __version__,
+        "transport": transport.name,
+        "transport_ok": transport_ok,
+        "data_root": str(settings.data_root),
+        "data_root_ok": data_root_ok,
+    }
+    if transport_ok and data_root_ok:
+        return reply("healthy", **fields)
+    problems = [
+        what
+        for what, ok in (
+            (f"{transport.name} transport is not reachable", transport_ok),
+            (f"data root {settings.data_root} is not a directory", data_root_ok),
+        )
+        if not ok
+    ]
+    return reply("; ".join(problems), status=503, **fields)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    from sf_daq_broker.api.metrics import CONTENT_TYPE_LATEST
+
+    response = web.Response(body=request.app[METRICS].render())
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response

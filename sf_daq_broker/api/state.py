@@ -1,0 +1,13 @@
+"""Typed application state shared by the handlers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from sf_daq_broker.api.metrics import BrokerMetrics
+from sf_daq_broker.config import Settings
+from sf_daq_broker.transport import Transport
+
+SETTINGS = web.AppKey("settings", Settings)
+TRANSPORT = web.AppKey("transport", Transport)
+METRICS = web.AppKey("metrics", BrokerMetrics)

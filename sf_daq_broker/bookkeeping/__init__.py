@@ -1,0 +1,1 @@
+"""Bookkeeping of a pgroup: safe paths, run numbers, run and scan JSON, the CLOSED marker."""

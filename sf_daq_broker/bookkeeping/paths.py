@@ -1,0 +1,125 @@
+"""Where a pgroup's files live, and paths from requests that can never leave ``raw/``.
+
+Every directory the broker writes into is checked after resolving symlinks, because a symlink
+planted inside ``raw/`` (or a ``..`` in a request) must not let a request write elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sf_daq_broker.errors import BadRequest, NotFound
+
+PGROUP_PATTERN = re.compile(r"^p\d{5}$")
+#: Top-level directories of raw/ that belong to the bookkeeping, not to data.
+RESERVED_DIRECTORIES = frozenset({"run_info", "scan_info"})
+
+
+def check_pgroup_name(value: object) -> str:
+    if not isinstance(value, str) or not PGROUP_PATTERN.match(value):
+        raise BadRequest(f"pgroup must be 'p' followed by 5 digits (e.g. p12345), got {value!r}")
+    return value
+
+
+def clean_relative_path(value: object, key: str) -> str:
+    """Validate a client-given relative path; return it with spaces turned into ``_``."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{key} must be a string, got {value!r}")
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise BadRequest(f"{key} {value!r} contains control characters")
+    if value.startswith("/"):
+        raise BadRequest(f"{key} {value!r} must be relative, not an absolute path")
+    cleaned = value.replace(" ", "_")
+    for component in cleaned.split("/"):
+        if component == "":
+            raise BadRequest(f"{key} {value!r} has an empty path component")
+        if component in (".", ".."):
+            raise BadRequest(f"{key} {value!r} must not contain '{component}' components")
+    return cleaned
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    """True if ``path``, with every symlink resolved, is ``root`` or below it."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    return real == real_root or real.startswith(real_root + os.sep)
+
+
+@dataclass(frozen=True)
+class PgroupDirs:
+    """The raw directory of one pgroup and the bookkeeping paths below it."""
+
+    beamline: str
+    pgroup: str
+    raw: Path
+
+    @property
+    def run_info(self) -> Path:
+        return self.raw / "run_info"
+
+    @property
+    def scan_info(self) -> Path:
+        return self.raw / "scan_info"
+
+    @property
+    def last_run_file(self) -> Path:
+        return self.run_info / "LAST_RUN"
+
+    @property
+    def closed_marker(self) -> Path:
+        return self.run_info / "CLOSED"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.run_info / ".lock"
+
+    def run_info_dir(self, run_number: int) -> Path:
+        return self.run_info / f"{run_number // 1000 * 1000:06d}"
+
+    def run_json(self, run_number: int) -> Path:
+        return self.run_info_dir(run_number) / f"run_{run_number:06d}.json"
+
+    def run_log(self, run_number: int, suffix: str) -> Path:
+        return self.run_info_dir(run_number) / f"run_{run_number:06d}.{suffix}.log"
+
+    def scan_json(self, scan_name: str) -> Path:
+        return self.scan_info / f"{scan_name}.json"
+
+    def output_dir(self, directory_name: str | None) -> Path:
+        return self.raw / directory_name if directory_name else self.raw
+
+    def data_file(self, directory_name: str | None, run_number: int, suffix: str) -> Path:
+        return self.output_dir(directory_name) / f"run_{run_number:06d}.{suffix}.h5"
+
+    def ensure_inside(self, path: Path, what: str) -> Path:
+        """Refuse ``path`` if it resolves (symlinks followed) outside ``raw/``."""
+        if not is_inside(path, self.raw):
+            raise BadRequest(f"{what} leads outside the raw directory of {self.pgroup}")
+        return path
+
+    def make_dir(self, path: Path, what: str) -> Path:
+        """Create a directory below ``raw/``, checking before and after against symlinks."""
+        self.ensure_inside(path, what)
+        path.mkdir(parents=True, exist_ok=True)
+        return self.ensure_inside(path, what)
+
+
+def open_pgroup(data_root: Path, beamline: str, pgroup: object) -> PgroupDirs:
+    """The pgroup's directories; it must already exist (the broker never creates a pgroup)."""
+    name = check_pgroup_name(pgroup)
+    raw = data_root / beamline / "data" / name / "raw"
+    if not raw.is_dir():
+        raise NotFound(f"pgroup {name} does not exist for beamline {beamline}: no directory {raw}")
+    return PgroupDirs(beamline=beamline, pgroup=name, raw=raw)
+
+
+def check_directory_name(dirs: PgroupDirs, value: object, key: str) -> str:
+    """A data directory below raw/: safe, not a bookkeeping directory, not escaping by symlink."""
+    cleaned = clean_relative_path(value, key)
+    if cleaned.split("/")[0] in RESERVED_DIRECTORIES:
+        raise BadRequest(f"{key} {value!r} is inside a bookkeeping directory of raw/")
+    dirs.ensure_inside(dirs.raw / cleaned, f"{key} {value!r}")
+    return cleaned

@@ -1,0 +1,92 @@
+"""Run numbers: strictly increasing, never given twice, across threads, processes and hosts.
+
+``LAST_RUN`` holds the last number given out. It is only changed under an exclusive lock on
+``run_info/.lock`` — a POSIX record lock (``fcntl.lockf``), which also works between hosts on
+NFS — and is replaced atomically (fixed temporary name, fsync, rename, fsync of the directory),
+so after a crash at any instant it holds either the old or the new number, never garbage, and
+never less than a number already returned (the number is returned only after the rename is
+durable). POSIX locks belong to a process, so threads of one process are serialised in addition
+by an in-process lock per pgroup.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sf_daq_broker.bookkeeping.atomic import write_atomic
+from sf_daq_broker.bookkeeping.paths import PgroupDirs
+from sf_daq_broker.errors import Conflict
+
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+class CorruptBookkeeping(RuntimeError):
+    """LAST_RUN exists but is not a number: never guess, a person must look at it."""
+
+
+def _thread_lock(dirs: PgroupDirs) -> threading.Lock:
+    key = os.path.realpath(dirs.run_info)
+    with _thread_locks_guard:
+        return _thread_locks.setdefault(key, threading.Lock())
+
+
+@contextmanager
+def pgroup_lock(dirs: PgroupDirs) -> Iterator[None]:
+    """Hold the pgroup's bookkeeping lock (threads of this process and other processes)."""
+    dirs.make_dir(dirs.run_info, "run_info")
+    with _thread_lock(dirs):
+        fd = os.open(dirs.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+def read_last_run(dirs: PgroupDirs) -> int:
+    """The last run number given out; 0 when LAST_RUN does not exist yet."""
+    try:
+        text = dirs.last_run_file.read_text()
+    except FileNotFoundError:
+        return 0
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise CorruptBookkeeping(
+            f"{dirs.last_run_file} does not hold a run number: {text!r}"
+        ) from None
+    if value < 0:
+        raise CorruptBookkeeping(f"{dirs.last_run_file} holds a negative run number: {value}")
+    return value
+
+
+def next_run_number(dirs: PgroupDirs) -> int:
+    """Give out the next run number. The caller must hold :func:`pgroup_lock`."""
+    run_number = read_last_run(dirs) + 1
+    write_atomic(
+        dirs.last_run_file,
+        f"{run_number}\n".encode(),
+        temp_path=dirs.run_info / ".LAST_RUN.tmp",
+    )
+    return run_number
+
+
+def check_open(dirs: PgroupDirs) -> None:
+    """Refuse writing into a closed pgroup. The caller should hold :func:`pgroup_lock`."""
+    if dirs.closed_marker.exists():
+        raise Conflict(f"pgroup {dirs.pgroup} is closed for writing")
+
+
+def allocate_run_number(dirs: PgroupDirs) -> int:
+    """Reserve the next run number on its own (``/advance_run_number``)."""
+    with pgroup_lock(dirs):
+        check_open(dirs)
+        return next_run_number(dirs)

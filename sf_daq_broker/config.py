@@ -1,0 +1,161 @@
+"""Settings: one TOML file (configs/sf-daq-broker.toml) overridden by environment variables.
+
+Configuration is data: beamlines and their subnets, detectors and the beamline each belongs to,
+buffer addresses and the data root live in the file, never in code. A broken file stops start-up
+with a message naming the file and the key, because a broker that starts with a half-understood
+configuration could write runs into the wrong place.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DETECTOR_NAME = re.compile(r"^JF(\d\d)T(\d\d)V(\d\d)$")
+
+#: Environment variables that override the file, with the key each one sets.
+ENV_OVERRIDES: dict[str, str] = {
+    "SF_DAQ_DATA_ROOT": "data_root",
+    "SF_DAQ_AMQP_URL": "amqp_url",
+    "SF_DAQ_REST_PORT": "rest_port",
+    "SF_DAQ_LOCAL_BEAMLINE": "local_beamline",
+    "SF_DAQ_AMQP_PREFIX": "amqp_prefix",
+    "SF_DAQ_STATE_DIR": "state_dir",
+}
+CONFIG_ENV = "SF_DAQ_CONFIG"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sf-daq-broker.toml"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    # A typo in a key must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BeamlineConfig(_Strict):
+    subnets: list[IPNetwork] = Field(min_length=1)
+
+
+class DetectorConfig(_Strict):
+    beamline: str
+    gain_file: Path | None = None
+    pedestal_file: Path | None = None
+
+
+class BufferConfig(_Strict):
+    databuffer_url: str = "http://127.0.0.1:8371"
+    imagebuffer_url: str = "http://127.0.0.1:8372"
+    archiver_url: str = "http://127.0.0.1:8373"
+    jungfrau_root: Path = Path("/gpfs/photonics/swissfel/buffer")
+
+
+class Settings(_Strict):
+    data_root: Path = Path("/sf")
+    rest_port: int = Field(default=10002, ge=1, le=65535)
+    amqp_url: str = ""
+    amqp_prefix: str = Field(default="sf-daq", pattern=r"^[A-Za-z0-9_.-]+$")
+    local_beamline: str | None = None
+    trusted_proxies: list[IPNetwork] = []
+    max_pulse_range: int = Field(default=60000, ge=0)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    detector_stale_seconds: float = Field(default=30.0, gt=0)
+    #: Where the broker keeps its own state (status store); default: beside nothing, in memory.
+    state_dir: Path | None = None
+    beamlines: dict[str, BeamlineConfig] = {}
+    buffers: BufferConfig = BufferConfig()
+    detectors: dict[str, DetectorConfig] = {}
+    #: The file these settings came from (for messages), not a key of the file.
+    source: str = Field(default="<defaults>", exclude=True)
+
+    @field_validator("local_beamline", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Settings:
+        if self.local_beamline is not None and self.local_beamline not in self.beamlines:
+            raise ValueError(
+                f"local_beamline {self.local_beamline!r} is not one of the configured beamlines "
+                f"({', '.join(sorted(self.beamlines)) or 'none'})"
+            )
+        for name, detector in self.detectors.items():
+            if not DETECTOR_NAME.match(name):
+                raise ValueError(f"detectors.{name}: name does not match JFxxTyyVzz")
+            if detector.beamline not in self.beamlines:
+                raise ValueError(
+                    f"detectors.{name}.beamline: {detector.beamline!r} is not a configured beamline"
+                )
+        return self
+
+    @property
+    def uses_amqp(self) -> bool:
+        return bool(self.amqp_url)
+
+    def detectors_of(self, beamline: str) -> list[str]:
+        """Detectors the given beamline may retrieve, sorted by name."""
+        return sorted(name for name, det in self.detectors.items() if det.beamline == beamline)
+
+    def pgroup_raw_dir(self, beamline: str, pgroup: str) -> Path:
+        return self.data_root / beamline / "data" / pgroup / "raw"
+
+
+def _format_validation_error(
+    source: str, error: ValidationError, from_environment: Mapping[str, str]
+) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        top = str(item["loc"][0]) if item["loc"] else ""
+        if top in from_environment:
+            key += f" (from ${from_environment[top]})"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{source}: {key}: {message}")
+    return "invalid configuration: " + "; ".join(problems)
+
+
+def load_settings(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Read the configuration file, apply environment variables, then explicit overrides.
+
+    The file is ``path``, else ``$SF_DAQ_CONFIG``, else ``configs/sf-daq-broker.toml`` of the
+    source tree. Explicit ``overrides`` (e.g. from command-line options) win over everything.
+    """
+    env = os.environ if environ is None else environ
+    config_path = Path(path or env.get(CONFIG_ENV) or DEFAULT_CONFIG)
+    try:
+        with config_path.open("rb") as handle:
+            raw: dict[str, Any] = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {config_path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{config_path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"configuration file {config_path} cannot be read: {exc}") from None
+
+    from_environment = {key: var for var, key in ENV_OVERRIDES.items() if var in env}
+    for key, variable in from_environment.items():
+        raw[key] = env[variable]
+    raw.update({key: value for key, value in overrides.items() if value is not None})
+    raw["source"] = str(config_path)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            _format_validation_error(str(config_path), exc, from_environment)
+        ) from None

@@ -1,0 +1,250 @@
+"""RabbitMQ transport (aio-pika): durable, confirmed, nothing silently dropped.
+
+Topology (all durable, names under a configurable prefix, default ``sf-daq``):
+
+- ``{prefix}.jobs``: topic exchange; a job is published with its source kind as routing key;
+- ``{prefix}.jobs.{kind}``: one queue per source kind, bound with the kind, dead-lettering into
+- ``{prefix}.jobs.dead-letter``: fanout exchange and queue of the same name, holding rejected
+  jobs for a person to look at;
+- ``{prefix}.status``: fanout exchange of status events.
+
+Broker and workers both declare the whole topology with the same arguments, so whichever
+starts first creates it, and a job published while no worker runs waits in its queue. Jobs are
+persistent messages published with confirms and ``mandatory``: ``publish_jobs`` returns only
+after RabbitMQ has taken responsibility for every job, and a job that no queue would take is an
+error instead of a silent drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from sf_daq_broker.jobs import Job, SourceKind, StatusEvent
+from sf_daq_broker.transport.base import (
+    HandoverError,
+    JobDelivery,
+    StatusSubscription,
+    Transport,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0
+PUBLISH_TIMEOUT = 10.0
+
+
+class Topology:
+    """Names and declarations shared by every process that talks to the same RabbitMQ."""
+
+    def __init__(self, prefix: str) -> None:
+        self.jobs_exchange = f"{prefix}.jobs"
+        self.dead_letter = f"{prefix}.jobs.dead-letter"
+        self.status_exchange = f"{prefix}.status"
+        self.prefix = prefix
+
+    def job_queue(self, kind: SourceKind) -> str:
+        return f"{self.prefix}.jobs.{kind.value}"
+
+    async def declare(self, channel: AbstractChannel) -> AbstractExchange:
+        """Declare everything; returns the jobs exchange."""
+        dead_letter = await channel.declare_exchange(
+            self.dead_letter, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        dead_queue = await channel.declare_queue(self.dead_letter, durable=True)
+        await dead_queue.bind(dead_letter)
+        jobs = await channel.declare_exchange(
+            self.jobs_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        for kind in SourceKind:
+            queue = await self.declare_job_queue(channel, kind)
+            await queue.bind(jobs, routing_key=kind.value)
+        await channel.declare_exchange(
+            self.status_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        return jobs
+
+    async def declare_job_queue(self, channel: AbstractChannel, kind: SourceKind) -> AbstractQueue:
+        return await channel.declare_queue(
+            self.job_queue(kind),
+            durable=True,
+            arguments={"x-dead-letter-exchange": self.dead_letter},
+        )
+
+
+class AmqpDelivery(JobDelivery):
+    def __init__(self, message: AbstractIncomingMessage) -> None:
+        self._message = message
+        self.job = Job.from_json(message.body)
+        self.redelivered = bool(message.redelivered)
+
+    async def ack(self) -> None:
+        await self._message.ack()
+
+    async def reject(self) -> None:
+        await self._message.reject(requeue=False)  # dead-letters through the queue's DLX
+
+
+class _AmqpSubscription(StatusSubscription):
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
+        self._channel = channel
+        self._iterator = queue.iterator()
+
+    async def __anext__(self) -> StatusEvent:
+        message = await self._iterator.__anext__()
+        async with message.process():
+            return StatusEvent.from_json(message.body)
+
+    async def close(self) -> None:
+        await self._iterator.close()
+        await self._channel.close()
+
+
+class AmqpTransport(Transport):
+    name = "rabbitmq"
+
+    def __init__(self, url: str, prefix: str = "sf-daq") -> None:
+        self.url = url
+        self.topology = Topology(prefix)
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._jobs_exchange: AbstractExchange | None = None
+        self._status_exchange: AbstractExchange | None = None
+        self._connect_lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        async with self._connect_lock:
+            if self._connection is not None and not self._connection.is_closed:
+                return
+            connection = await aio_pika.connect_robust(self.url, timeout=CONNECT_TIMEOUT)
+            try:
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                self._jobs_exchange = await self.topology.declare(channel)
+                self._status_exchange = await channel.get_exchange(self.topology.status_exchange)
+            except BaseException:
+                await connection.close()
+                raise
+            self._connection, self._channel = connection, channel
+            log.info("connected to RabbitMQ at %s", _without_password(self.url))
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = self._channel = None
+
+    async def is_healthy(self) -> bool:
+        try:
+            await self.connect()
+        except Exception:
+            return False
+        assert self._channel is not None
+        return not self._channel.is_closed
+
+    async def _connection_or_fail(self) -> AbstractRobustConnection:
+        try:
+            await asyncio.wait_for(self.connect(), CONNECT_TIMEOUT * 2)
+        except Exception as exc:
+            raise HandoverError(
+                f"RabbitMQ at {_without_password(self.url)} is not reachable: {_describe(exc)}"
+            ) from exc
+        assert self._connection is not None
+        return self._connection
+
+    async def publish_jobs(self, jobs: Sequence[Job]) -> None:
+        await self._connection_or_fail()
+        assert self._jobs_exchange is not None
+        handed_over: list[str] = []
+        for job in jobs:
+            message = aio_pika.Message(
+                job.to_json(),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=job.job_id,
+                headers={"source": job.source, "pgroup": job.pgroup, "run_number": job.run_number},
+            )
+            try:
+                await self._jobs_exchange.publish(
+                    message, routing_key=job.kind.value, mandatory=True, timeout=PUBLISH_TIMEOUT
+                )
+            except Exception as exc:
+                raise HandoverError(
+                    f"RabbitMQ did not take the {job.source} job: {_describe(exc)}", handed_over
+                ) from exc
+            handed_over.append(job.source)
+
+    async def consume_jobs(self, kind: SourceKind, prefetch: int = 1) -> AsyncIterator[JobDelivery]:
+        connection = await self._connection_or_fail()
+        # A channel per consumer: its prefetch is its own, and closing it returns the jobs it
+        # had not settled to the queue (RabbitMQ redelivers them to another consumer).
+        channel = await connection.channel()
+        try:
+            await channel.set_qos(prefetch_count=prefetch)
+            queue = await self.topology.declare_job_queue(channel, kind)
+            async with queue.iterator() as messages:
+                async for message in messages:
+                    yield AmqpDelivery(message)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def publish_status(self, event: StatusEvent) -> None:
+        try:
+            await self._connection_or_fail()
+            assert self._status_exchange is not None
+            await self._status_exchange.publish(
+                aio_pika.Message(
+                    event.to_json(),
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    headers=dict(event.headers()),
+                ),
+                routing_key="",
+                mandatory=False,  # nobody listening is fine for status events
+                timeout=PUBLISH_TIMEOUT,
+            )
+        except Exception as exc:  # a lost status event must never fail a job
+            log.warning("status event %s of %s not sent: %s", event.action, event.job_id, exc)
+
+    async def subscribe_status(self, queue_name: str | None = None) -> StatusSubscription:
+        """Subscribe with a private queue, or a named durable one that outlives this process."""
+        connection = await self._connection_or_fail()
+        channel = await connection.channel()
+        arguments: dict[str, Any] = {}
+        if queue_name is None:
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        else:
+            queue = await channel.declare_queue(queue_name, durable=True, arguments=arguments)
+        await queue.bind(self.topology.status_exchange)
+        return _AmqpSubscription(channel, queue)
+
+    async def take_dead_letters(self) -> list[Job]:
+        connection = await self._connection_or_fail()
+        async with connection.channel() as channel:
+            queue = await channel.declare_queue(self.topology.dead_letter, durable=True)
+            jobs = []
+            while (message := await queue.get(fail=False)) is not None:
+                jobs.append(Job.from_json(message.body))
+                await message.ack()
+            return jobs
+
+
+def _without_password(url: str) -> str:
+    from yarl import URL
+
+    return str(URL(url).with_password(None)) if "@" in url else url
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or exc.__class__.__name__
+    return text if len(text) < 300 else text[:300] + "…"

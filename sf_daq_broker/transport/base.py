@@ -1,0 +1,94 @@
+"""The interface between the broker, the workers and whatever carries jobs and status events.
+
+Semantics both implementations keep (tests run the same scenarios on both):
+- ``publish_jobs`` returns only when every job is safely queued, else raises HandoverError;
+- a delivered job stays owned by its consumer until ``ack`` (done: gone for good) or
+  ``reject`` (failed: moved to the dead-letter queue); a consumer that goes away without
+  deciding gives the job back to the queue for another worker;
+- status events fan out to every status subscriber.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+
+from sf_daq_broker.jobs import Job, SourceKind, StatusEvent
+
+
+class HandoverError(Exception):
+    """Jobs could not be queued; ``handed_over`` lists the sources that were."""
+
+    def __init__(self, message: str, handed_over: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.handed_over = list(handed_over)
+
+
+class JobDelivery(abc.ABC):
+    """A job handed to one consumer, waiting for its verdict."""
+
+    job: Job
+    redelivered: bool
+
+    @abc.abstractmethod
+    async def ack(self) -> None:
+        """The job is done (its file is complete on disk)."""
+
+    @abc.abstractmethod
+    async def reject(self) -> None:
+        """The job failed for good: move it to the dead-letter queue."""
+
+
+class Transport(abc.ABC):
+    #: Shown in logs and /health.
+    name: str
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Open connections and declare what the transport needs."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def is_healthy(self) -> bool:
+        """Whether jobs could be handed over right now."""
+
+    @abc.abstractmethod
+    async def publish_jobs(self, jobs: Sequence[Job]) -> None:
+        """Queue every job durably, or raise HandoverError."""
+
+    @abc.abstractmethod
+    def consume_jobs(self, kind: SourceKind, prefetch: int = 1) -> AsyncIterator[JobDelivery]:
+        """Deliveries of the queue of ``kind``, one by one, until the iterator is closed."""
+
+    @abc.abstractmethod
+    async def publish_status(self, event: StatusEvent) -> None:
+        """Send a status event to every subscriber (best effort: never fails a job)."""
+
+    @abc.abstractmethod
+    async def subscribe_status(self) -> StatusSubscription:
+        """Start receiving status events: every event published after this returns."""
+
+    @abc.abstractmethod
+    async def take_dead_letters(self) -> list[Job]:
+        """Remove and return the jobs that were rejected into the dead-letter queue."""
+
+
+class StatusSubscription(abc.ABC):
+    """Status events in the order they were published, until closed."""
+
+    def __aiter__(self) -> StatusSubscription:
+        return self
+
+    @abc.abstractmethod
+    async def __anext__(self) -> StatusEvent: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> StatusSubscription:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
