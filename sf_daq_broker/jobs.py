@@ -14,7 +14,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 from sf_daq_broker.bookkeeping.paths import PgroupDirs
@@ -144,8 +143,13 @@ def build_jobs(
     run_number: int,
     request_id: str,
     request_time: str,
+    directory_name: str | None,
 ) -> list[Job]:
-    """One job per source of the request, in a fixed order (channels, cameras, PVs, detectors)."""
+    """One job per source of the request, in a fixed order (channels, cameras, PVs, detectors).
+
+    ``directory_name`` is the cleaned output directory (the bookkeeping's checked version of
+    the request's), relative to ``raw/``.
+    """
     channel_start, channel_stop = request.channel_range()
     sources: list[tuple[SourceKind, str, tuple[str, ...], tuple[int, int], dict[str, Any]]] = []
     by_kind = {
@@ -176,7 +180,7 @@ def build_jobs(
             pgroup=dirs.pgroup,
             beamline=dirs.beamline,
             run_number=run_number,
-            output_file=str(dirs.data_file(request.directory_name, run_number, source)),
+            output_file=str(dirs.data_file(directory_name, run_number, source)),
             log_file=str(dirs.run_log(run_number, source)),
             run_info_file=str(dirs.run_json(run_number)),
             request_time=request_time,
@@ -184,11 +188,3 @@ def build_jobs(
         )
         for kind, source, names, pulse_range, options in sources
     ]
-
-
-def output_files(jobs: list[Job]) -> list[str]:
-    return [job.output_file for job in jobs]
-
-
-def relative_to_raw(path: str, dirs: PgroupDirs) -> str:
-    return str(Path(path).relative_to(dirs.raw))

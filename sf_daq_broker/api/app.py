@@ -57,12 +57,7 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        limit = request.app[SETTINGS].max_body_bytes
-        message = (
-            exc.reason
-            if exc.status != 413
-            else f"the request body is too large (at most {limit} bytes)"
-        )
+        message = _http_error_message(request, exc)
         response = handlers.reply(message, status=exc.status)
         outcome = "refused"
     except Exception:
@@ -77,6 +72,18 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
     metrics.requests.labels(endpoint, outcome).inc()
     metrics.duration.labels(endpoint).observe(time.perf_counter() - started)
     return response
+
+
+def _http_error_message(request: web.Request, exc: web.HTTPException) -> str:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = request.app[SETTINGS].max_body_bytes
+        return f"the request body is too large (at most {limit} bytes)"
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return f"{request.method} is not allowed on {request.path} (use {allowed})"
+    if isinstance(exc, web.HTTPNotFound):
+        return f"no endpoint {request.path}"
+    return exc.reason
 
 
 def create_app(settings: Settings, transport: Transport | None = None) -> web.Application:

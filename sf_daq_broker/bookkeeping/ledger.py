@@ -56,7 +56,7 @@ def accept_request(request: RetrieveRequest, dirs: PgroupDirs) -> AcceptedRun:
         run_number = _take_run_number(request, dirs)
         request_id = str(uuid.uuid4())
         request_time = request_time_now()
-        jobs = build_jobs(request, dirs, run_number, request_id, request_time)
+        jobs = build_jobs(request, dirs, run_number, request_id, request_time, directory_name)
         record = dict(request.record)
         if directory_name is not None:
             record["directory_name"] = directory_name
