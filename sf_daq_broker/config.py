@@ -36,7 +36,6 @@ ENV_OVERRIDES: dict[str, str] = {
     "SF_DAQ_REST_PORT": "rest_port",
     "SF_DAQ_LOCAL_BEAMLINE": "local_beamline",
     "SF_DAQ_AMQP_PREFIX": "amqp_prefix",
-    "SF_DAQ_STATE_DIR": "state_dir",
 }
 CONFIG_ENV = "SF_DAQ_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sf-daq-broker.toml"
@@ -78,8 +77,6 @@ class Settings(_Strict):
     max_pulse_range: int = Field(default=60000, ge=0)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     detector_stale_seconds: float = Field(default=30.0, gt=0)
-    #: Where the broker keeps its own state (status store); default: beside nothing, in memory.
-    state_dir: Path | None = None
     beamlines: dict[str, BeamlineConfig] = {}
     buffers: BufferConfig = BufferConfig()
     detectors: dict[str, DetectorConfig] = {}

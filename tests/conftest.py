@@ -106,14 +106,7 @@ def amqp_prefix(amqp_url: str) -> Iterator[str]:
 async def _delete_topology(amqp_url: str, prefix: str) -> None:
     import aio_pika
 
-    from sf_daq_broker.jobs import SourceKind
     from sf_daq_broker.transport.amqp import Topology
 
-    topology = Topology(prefix)
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        for queue in [topology.job_queue(kind) for kind in SourceKind] + [topology.dead_letter]:
-            await channel.queue_delete(queue)
-        for exchange in (topology.jobs_exchange, topology.dead_letter, topology.status_exchange):
-            await channel.exchange_delete(exchange)
+    async with await aio_pika.connect(amqp_url) as connection:
+        await Topology(prefix).delete(await connection.channel())

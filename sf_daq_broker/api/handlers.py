@@ -107,9 +107,14 @@ async def retrieve_from_buffers(request: web.Request) -> web.Response:
         ) from exc
     for job in accepted.jobs:
         metrics.jobs.labels(job.kind.value, "queued").inc()
-        await transport.publish_status(
-            StatusEvent.for_job(Action.WRITE_REQUEST, job, f"{job.source} job queued")
+    await asyncio.gather(
+        *(
+            transport.publish_status(
+                StatusEvent.for_job(Action.WRITE_REQUEST, job, f"{job.source} job queued")
+            )
+            for job in accepted.jobs
         )
+    )
     log.info(
         "run %d of %s (%s): pulses %d-%d, %d jobs, request %s",
         run,

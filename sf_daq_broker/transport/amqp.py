@@ -30,6 +30,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from yarl import URL
 
 from sf_daq_broker.jobs import Job, SourceKind, StatusEvent
 from sf_daq_broker.transport.base import (
@@ -74,6 +75,13 @@ class Topology:
             self.status_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
         return jobs
+
+    async def delete(self, channel: AbstractChannel) -> None:
+        """Remove every queue and exchange (tests and benchmarks clean up after themselves)."""
+        for queue in [self.job_queue(kind) for kind in SourceKind] + [self.dead_letter]:
+            await channel.queue_delete(queue)
+        for exchange in (self.jobs_exchange, self.dead_letter, self.status_exchange):
+            await channel.exchange_delete(exchange)
 
     async def declare_job_queue(self, channel: AbstractChannel, kind: SourceKind) -> AbstractQueue:
         return await channel.declare_queue(
@@ -163,9 +171,10 @@ class AmqpTransport(Transport):
 
     async def publish_jobs(self, jobs: Sequence[Job]) -> None:
         await self._connection_or_fail()
-        assert self._jobs_exchange is not None
-        handed_over: list[str] = []
-        for job in jobs:
+        exchange = self._jobs_exchange
+        assert exchange is not None
+
+        async def publish(job: Job) -> None:
             message = aio_pika.Message(
                 job.to_json(),
                 content_type="application/json",
@@ -173,15 +182,21 @@ class AmqpTransport(Transport):
                 message_id=job.job_id,
                 headers={"source": job.source, "pgroup": job.pgroup, "run_number": job.run_number},
             )
-            try:
-                await self._jobs_exchange.publish(
-                    message, routing_key=job.kind.value, mandatory=True, timeout=PUBLISH_TIMEOUT
-                )
-            except Exception as exc:
+            await exchange.publish(
+                message, routing_key=job.kind.value, mandatory=True, timeout=PUBLISH_TIMEOUT
+            )
+
+        # All jobs in flight at once: one round trip for the confirms instead of one per job.
+        outcomes = await asyncio.gather(*(publish(job) for job in jobs), return_exceptions=True)
+        handed_over = [
+            job.source for job, outcome in zip(jobs, outcomes, strict=True) if outcome is None
+        ]
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
                 raise HandoverError(
-                    f"RabbitMQ did not take the {job.source} job: {_describe(exc)}", handed_over
-                ) from exc
-            handed_over.append(job.source)
+                    f"RabbitMQ did not take the {job.source} job: {_describe(outcome)}",
+                    handed_over,
+                ) from outcome
 
     async def consume_jobs(self, kind: SourceKind, prefetch: int = 1) -> AsyncIterator[JobDelivery]:
         connection = await self._connection_or_fail()
@@ -240,8 +255,6 @@ class AmqpTransport(Transport):
 
 
 def _without_password(url: str) -> str:
-    from yarl import URL
-
     return str(URL(url).with_password(None)) if "@" in url else url
 
 
