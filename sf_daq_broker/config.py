@@ -36,6 +36,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "SF_DAQ_REST_PORT": "rest_port",
     "SF_DAQ_LOCAL_BEAMLINE": "local_beamline",
     "SF_DAQ_AMQP_PREFIX": "amqp_prefix",
+    "SF_DAQ_STATE_DIR": "state_dir",
 }
 CONFIG_ENV = "SF_DAQ_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sf-daq-broker.toml"
@@ -77,6 +78,8 @@ class Settings(_Strict):
     max_pulse_range: int = Field(default=60000, ge=0)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     detector_stale_seconds: float = Field(default=30.0, gt=0)
+    #: The broker's own state (the job status store); survives restarts.
+    state_dir: Path = Path("~/.local/state/sf-daq-broker")
     beamlines: dict[str, BeamlineConfig] = {}
     buffers: BufferConfig = BufferConfig()
     detectors: dict[str, DetectorConfig] = {}
@@ -87,6 +90,11 @@ class Settings(_Strict):
     @classmethod
     def _empty_is_none(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
 
     @model_validator(mode="after")
     def _cross_references(self) -> Settings:

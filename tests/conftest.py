@@ -44,7 +44,11 @@ def make_settings(data_root: Path) -> Callable[..., Settings]:
     """Settings of the shipped configuration on the temporary data root; loopback = bernina."""
 
     def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"data_root": str(data_root), "local_beamline": BEAMLINE}
+        values: dict[str, Any] = {
+            "data_root": str(data_root),
+            "local_beamline": BEAMLINE,
+            "state_dir": str(data_root.parent / "state"),
+        }
         values.update(overrides)
         return load_settings(environ={}, **values)
 

@@ -7,6 +7,8 @@ to the client; it is logged in full with a reference the user can quote.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -16,10 +18,13 @@ from aiohttp import web
 
 from sf_daq_broker.api import handlers
 from sf_daq_broker.api.metrics import BrokerMetrics
-from sf_daq_broker.api.state import METRICS, SETTINGS, TRANSPORT
+from sf_daq_broker.api.state import METRICS, SETTINGS, STATUS, TRANSPORT
 from sf_daq_broker.config import Settings
 from sf_daq_broker.errors import BrokerError
+from sf_daq_broker.status.follower import follow_status
+from sf_daq_broker.status.store import StatusStore
 from sf_daq_broker.transport import Transport, create_transport
+from sf_daq_broker.transport.amqp import BROKER_STATUS_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/close_pgroup_writing", handlers.close_pgroup_writing),
     ("GET", "/get_allowed_detectors", handlers.get_allowed_detectors),
     ("GET", "/get_running_detectors", handlers.get_running_detectors),
+    ("GET", "/run_status", handlers.run_status),
     ("GET", "/health", handlers.health),
     ("GET", "/metrics", handlers.metrics),
 ]
@@ -87,7 +93,10 @@ def _http_error_message(request: web.Request, exc: web.HTTPException) -> str:
 
 
 def create_app(settings: Settings, transport: Transport | None = None) -> web.Application:
-    """The broker application; the transport defaults to the one the settings name."""
+    """The broker application; the transport defaults to the one the settings name.
+
+    The status store lives in ``settings.state_dir`` so /run_status survives restarts.
+    """
     app = web.Application(middlewares=[envelope], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[TRANSPORT] = transport or create_transport(settings.amqp_url, settings.amqp_prefix)
@@ -95,6 +104,7 @@ def create_app(settings: Settings, transport: Transport | None = None) -> web.Ap
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     app.cleanup_ctx.append(_transport_lifetime)
+    app.cleanup_ctx.append(_status_lifetime)
     return app
 
 
@@ -107,3 +117,14 @@ async def _transport_lifetime(app: web.Application) -> AsyncIterator[None]:
         log.error("%s transport not reachable at start-up: %s", transport.name, exc)
     yield
     await transport.close()
+
+
+async def _status_lifetime(app: web.Application) -> AsyncIterator[None]:
+    store = StatusStore(app[SETTINGS].state_dir / "status.sqlite")
+    app[STATUS] = store
+    follower = asyncio.create_task(follow_status(app[TRANSPORT], store, BROKER_STATUS_QUEUE))
+    yield
+    follower.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await follower
+    store.close()

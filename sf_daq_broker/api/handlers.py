@@ -18,13 +18,14 @@ from aiohttp import web
 
 from sf_daq_broker import __version__
 from sf_daq_broker.api.caller import beamline_of, client_address
-from sf_daq_broker.api.state import METRICS, SETTINGS, TRANSPORT
+from sf_daq_broker.api.state import METRICS, SETTINGS, STATUS, TRANSPORT
 from sf_daq_broker.bookkeeping.ledger import accept_request, close_pgroup, record_handover_failure
 from sf_daq_broker.bookkeeping.paths import PgroupDirs, open_pgroup
 from sf_daq_broker.bookkeeping.runs import allocate_run_number, read_last_run
-from sf_daq_broker.errors import BadRequest, Unavailable
+from sf_daq_broker.errors import BadRequest, NotFound, Unavailable
 from sf_daq_broker.jobs import Action, StatusEvent
-from sf_daq_broker.retrieval import module_count, parse_retrieve_request
+from sf_daq_broker.retrieval import module_count, parse_integer, parse_retrieve_request
+from sf_daq_broker.status.store import JobState, run_state
 from sf_daq_broker.transport import HandoverError
 
 log = logging.getLogger(__name__)
@@ -77,11 +78,7 @@ async def caller_pgroup(request: web.Request, params: dict[str, Any]) -> PgroupD
 
 
 async def retrieve_from_buffers(request: web.Request) -> web.Response:
-    settings, transport, metrics = (
-        request.app[SETTINGS],
-        request.app[TRANSPORT],
-        request.app[METRICS],
-    )
+    settings, transport, store = request.app[SETTINGS], request.app[TRANSPORT], request.app[STATUS]
     body = await read_json_body(request)
     beamline = caller_beamline(request)
     parsed = parse_retrieve_request(
@@ -93,20 +90,19 @@ async def retrieve_from_buffers(request: web.Request) -> web.Response:
     dirs = await asyncio.to_thread(open_pgroup, settings.data_root, beamline, parsed.pgroup)
     accepted = await asyncio.to_thread(accept_request, parsed, dirs)
     run = accepted.run_number
+    await asyncio.to_thread(store.record_queued, accepted.jobs)
     try:
         await transport.publish_jobs(accepted.jobs)
     except HandoverError as exc:
         log.error("run %d of %s: jobs not handed over: %s", run, dirs.pgroup, exc)
-        for job in accepted.jobs:
-            state = "queued" if job.source in exc.handed_over else "handover_failed"
-            metrics.jobs.labels(job.kind.value, state).inc()
+        await asyncio.to_thread(
+            store.record_handover_failed, accepted.jobs, str(exc), exc.handed_over
+        )
         await asyncio.to_thread(record_handover_failure, dirs, accepted, str(exc), exc.handed_over)
         raise Unavailable(
             f"run {run} of {dirs.pgroup} was recorded but its jobs could not be queued ({exc}); "
             "the run number is not reused: send the request again when the queue is back",
         ) from exc
-    for job in accepted.jobs:
-        metrics.jobs.labels(job.kind.value, "queued").inc()
     await asyncio.gather(
         *(
             transport.publish_status(
@@ -224,6 +220,31 @@ async def health(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     from sf_daq_broker.api.metrics import CONTENT_TYPE_LATEST
 
-    response = web.Response(body=request.app[METRICS].render())
+    counts = await asyncio.to_thread(request.app[STATUS].state_counts)
+    response = web.Response(body=request.app[METRICS].render(counts))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
+
+
+async def run_status(request: web.Request) -> web.Response:
+    params = await read_params(request)
+    dirs = await caller_pgroup(request, params)
+    if params.get("run_number") is None:
+        raise BadRequest("run_number is missing")
+    run = parse_integer(params["run_number"], "run_number")
+    jobs = await asyncio.to_thread(request.app[STATUS].run_status, dirs.pgroup, run)
+    if not jobs:
+        if await asyncio.to_thread(dirs.run_json(run).is_file):
+            raise NotFound(
+                f"run {run} of {dirs.pgroup} exists, but this broker has no job status for it"
+            )
+        raise NotFound(f"run {run} of {dirs.pgroup} does not exist")
+    state = run_state(jobs)
+    finished = sum(job["state"] == JobState.DONE for job in jobs)
+    return reply(
+        f"run {run} of {dirs.pgroup} is {state}: {finished} of {len(jobs)} sources done",
+        pgroup=dirs.pgroup,
+        run_number=run,
+        run_state=state,
+        sources={job["source"]: job for job in jobs},
+    )

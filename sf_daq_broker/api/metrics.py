@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 __all__ = ["CONTENT_TYPE_LATEST", "BrokerMetrics"]
@@ -24,12 +24,14 @@ class BrokerMetrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
-        self.jobs = Counter(
+        self.jobs = Gauge(
             "sf_daq_jobs",
-            "Jobs by source kind and state as seen by the broker",
+            "Jobs by source kind and state, from the broker's status store",
             ["kind", "state"],
             registry=self.registry,
         )
 
-    def render(self) -> bytes:
+    def render(self, job_counts: dict[tuple[str, str], int]) -> bytes:
+        for (kind, state), count in job_counts.items():
+            self.jobs.labels(kind, state).set(count)
         return generate_latest(self.registry)

@@ -6,8 +6,10 @@ from aiohttp import web
 
 from sf_daq_broker.api.metrics import BrokerMetrics
 from sf_daq_broker.config import Settings
+from sf_daq_broker.status.store import StatusStore
 from sf_daq_broker.transport import Transport
 
 SETTINGS = web.AppKey("settings", Settings)
 TRANSPORT = web.AppKey("transport", Transport)
 METRICS = web.AppKey("metrics", BrokerMetrics)
+STATUS = web.AppKey("status", StatusStore)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import aio_pika
 from aio_pika.abc import (
@@ -44,6 +43,10 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0
 PUBLISH_TIMEOUT = 10.0
+#: A broker that stays away for long must not let its status queue fill RabbitMQ's disk.
+STATUS_QUEUE_LIMIT = 1_000_000
+#: Name of the broker's own durable status queue (below the prefix).
+BROKER_STATUS_QUEUE = "broker"
 
 
 class Topology:
@@ -54,6 +57,9 @@ class Topology:
         self.dead_letter = f"{prefix}.jobs.dead-letter"
         self.status_exchange = f"{prefix}.status"
         self.prefix = prefix
+
+    def status_queue(self, name: str) -> str:
+        return f"{self.status_exchange}.{name}"
 
     def job_queue(self, kind: SourceKind) -> str:
         return f"{self.prefix}.jobs.{kind.value}"
@@ -78,7 +84,8 @@ class Topology:
 
     async def delete(self, channel: AbstractChannel) -> None:
         """Remove every queue and exchange (tests and benchmarks clean up after themselves)."""
-        for queue in [self.job_queue(kind) for kind in SourceKind] + [self.dead_letter]:
+        queues = [self.job_queue(kind) for kind in SourceKind]
+        for queue in [*queues, self.dead_letter, self.status_queue(BROKER_STATUS_QUEUE)]:
             await channel.queue_delete(queue)
         for exchange in (self.jobs_exchange, self.dead_letter, self.status_exchange):
             await channel.exchange_delete(exchange)
@@ -235,11 +242,14 @@ class AmqpTransport(Transport):
         """Subscribe with a private queue, or a named durable one that outlives this process."""
         connection = await self._connection_or_fail()
         channel = await connection.channel()
-        arguments: dict[str, Any] = {}
         if queue_name is None:
             queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         else:
-            queue = await channel.declare_queue(queue_name, durable=True, arguments=arguments)
+            queue = await channel.declare_queue(
+                self.topology.status_queue(queue_name),
+                durable=True,
+                arguments={"x-max-length": STATUS_QUEUE_LIMIT},
+            )
         await queue.bind(self.topology.status_exchange)
         return _AmqpSubscription(channel, queue)
 

@@ -67,8 +67,12 @@ class Transport(abc.ABC):
         """Send a status event to every subscriber (best effort: never fails a job)."""
 
     @abc.abstractmethod
-    async def subscribe_status(self) -> StatusSubscription:
-        """Start receiving status events: every event published after this returns."""
+    async def subscribe_status(self, queue_name: str | None = None) -> StatusSubscription:
+        """Start receiving status events: every event published after this returns.
+
+        With ``queue_name`` the subscription outlives this process where the transport can
+        (a durable queue on RabbitMQ): events published meanwhile are delivered on return.
+        """
 
     @abc.abstractmethod
     async def take_dead_letters(self) -> list[Job]:

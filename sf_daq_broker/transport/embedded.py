@@ -111,7 +111,7 @@ class EmbeddedTransport(Transport):
         for subscriber in list(self._subscribers):
             subscriber.put_nowait(event)
 
-    async def subscribe_status(self) -> StatusSubscription:
+    async def subscribe_status(self, queue_name: str | None = None) -> StatusSubscription:
         return _EmbeddedSubscription(self._subscribers)
 
     async def take_dead_letters(self) -> list[Job]:

@@ -411,8 +411,8 @@ async def test_health_and_metrics(client: TestClient, data_root: Path) -> None:
         'sf_daq_http_requests_total{endpoint="/retrieve_from_buffers",outcome="refused"} 1.0'
         in text
     )
-    assert 'sf_daq_jobs_total{kind="databuffer",state="queued"} 1.0' in text
-    assert 'sf_daq_jobs_total{kind="detector",state="queued"} 1.0' in text
+    assert 'sf_daq_jobs{kind="databuffer",state="queued"} 1.0' in text
+    assert 'sf_daq_jobs{kind="detector",state="queued"} 1.0' in text
 
 
 async def test_health_reports_missing_data_root(

@@ -1,0 +1,31 @@
+"""Feeds the status store from the status exchange, for as long as the broker runs.
+
+On RabbitMQ the broker listens through a named durable queue, so the events published while
+the broker is down wait for it and the store catches up after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sf_daq_broker.status.store import StatusStore
+from sf_daq_broker.transport import Transport
+
+log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 5.0
+
+
+async def follow_status(transport: Transport, store: StatusStore, queue_name: str) -> None:
+    """Apply every status event to the store; reconnects until cancelled."""
+    while True:
+        try:
+            async with await transport.subscribe_status(queue_name) as events:
+                async for event in events:
+                    await asyncio.to_thread(store.apply, event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("status events not followed (%s); retrying in %.0f s", exc, RETRY_SECONDS)
+            await asyncio.sleep(RETRY_SECONDS)

@@ -1,0 +1,226 @@
+"""The state of every job, kept in SQLite so /run_status answers after a broker restart too.
+
+Why SQLite: it is in the standard library, needs no server, survives restarts, and its
+transactions make each status event one atomic update. The store is fed from one place (the
+broker's status follower) and read by /run_status and /metrics; it only ever holds small rows,
+so one file per broker is plenty. Events are applied in arrival order, which is the order each
+worker published them in; a job that is delivered again (a worker died) simply starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sf_daq_broker.jobs import Action, Job, StatusEvent
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL,
+    pgroup TEXT NOT NULL,
+    run_number INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    kind TEXT,
+    state TEXT NOT NULL,
+    done INTEGER,
+    total INTEGER,
+    file TEXT,
+    message TEXT NOT NULL DEFAULT '',
+    report TEXT,
+    queued_at REAL,
+    started_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_run ON jobs (pgroup, run_number);
+"""
+
+_ACTION_STATE = {
+    Action.WRITE_REQUEST: JobState.QUEUED,
+    Action.WRITE_START: JobState.RUNNING,
+    Action.WRITE_PROGRESS: JobState.RUNNING,
+    Action.WRITE_FINISHED: JobState.DONE,
+    Action.WRITE_REJECTED: JobState.FAILED,
+}
+
+
+class StatusStore:
+    """Thread-safe: the broker calls it from worker threads (``asyncio.to_thread``)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.Lock()
+        with self._lock, self._db:
+            if path is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def record_queued(self, jobs: list[Job]) -> None:
+        """Jobs handed over to the queue (recorded by the broker itself, not via an event)."""
+        now = time.time()
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO jobs (job_id, request_id, pgroup, run_number, source, kind,"
+                " state, file, message, queued_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        job.job_id,
+                        job.request_id,
+                        job.pgroup,
+                        job.run_number,
+                        job.source,
+                        job.kind.value,
+                        JobState.QUEUED.value,
+                        job.output_file,
+                        "queued",
+                        now,
+                        now,
+                    )
+                    for job in jobs
+                ],
+            )
+
+    def record_handover_failed(self, jobs: list[Job], reason: str, handed_over: list[str]) -> None:
+        self.record_queued([job for job in jobs if job.source in handed_over])
+        now = time.time()
+        with self._lock, self._db:
+            self._db.executemany(
+                "INSERT OR REPLACE INTO jobs (job_id, request_id, pgroup, run_number, source,"
+                " kind, state, file, message, finished_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        job.job_id,
+                        job.request_id,
+                        job.pgroup,
+                        job.run_number,
+                        job.source,
+                        job.kind.value,
+                        JobState.FAILED.value,
+                        job.output_file,
+                        f"not queued: {reason}",
+                        now,
+                        now,
+                    )
+                    for job in jobs
+                    if job.source not in handed_over
+                ],
+            )
+
+    def apply(self, event: StatusEvent) -> None:
+        """Fold one status event into the job's row."""
+        state = _ACTION_STATE[event.action]
+        now = time.time()
+        details = event.details
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR IGNORE INTO jobs (job_id, request_id, pgroup, run_number, source,"
+                " state, file, message, queued_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    event.job_id,
+                    event.request_id,
+                    event.pgroup,
+                    event.run_number,
+                    event.source,
+                    JobState.QUEUED.value,
+                    event.file,
+                    event.message,
+                    event.timestamp,
+                    now,
+                ),
+            )
+            if event.action is Action.WRITE_REQUEST:
+                return  # never moves a job back to queued
+            updates: dict[str, Any] = {"state": state.value, "updated_at": now}
+            if event.message:
+                updates["message"] = event.message
+            if event.action is Action.WRITE_START:
+                updates.update(
+                    started_at=event.timestamp,
+                    finished_at=None,
+                    report=None,
+                    done=0,
+                    total=details.get("total"),
+                )
+            elif event.action is Action.WRITE_PROGRESS:
+                updates.update(done=details.get("done"), total=details.get("total"))
+            else:
+                updates["finished_at"] = event.timestamp
+                if "report" in details:
+                    updates["report"] = json.dumps(details["report"])
+                if event.action is Action.WRITE_FINISHED and details.get("total") is not None:
+                    updates.update(done=details["total"], total=details["total"])
+            assignments = ", ".join(f"{column} = ?" for column in updates)
+            self._db.execute(
+                f"UPDATE jobs SET {assignments} WHERE job_id = ?",
+                [*updates.values(), event.job_id],
+            )
+
+    def run_status(self, pgroup: str, run_number: int) -> list[dict[str, Any]]:
+        """The jobs of one run, in the order they were queued."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE pgroup = ? AND run_number = ? ORDER BY queued_at, rowid",
+                (pgroup, run_number),
+            ).fetchall()
+        return [_job_view(row) for row in rows]
+
+    def state_counts(self) -> dict[tuple[str, str], int]:
+        """Number of jobs per (source kind, state), for /metrics."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT COALESCE(kind, 'unknown') AS kind, state, COUNT(*) AS n FROM jobs"
+                " GROUP BY kind, state"
+            ).fetchall()
+        return {(row["kind"], row["state"]): row["n"] for row in rows}
+
+
+def _job_view(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "source": row["source"],
+        "state": row["state"],
+        "progress": {"done": row["done"], "total": row["total"]},
+        "file": row["file"],
+        "message": row["message"],
+        "completeness": json.loads(row["report"]) if row["report"] else None,
+        "error": row["message"] if row["state"] == JobState.FAILED else None,
+        "job_id": row["job_id"],
+        "request_id": row["request_id"],
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+    }
+
+
+def run_state(jobs: list[dict[str, Any]]) -> str:
+    """One word for the whole run: failed if any source failed, done when all are done."""
+    states = {job["state"] for job in jobs}
+    if JobState.FAILED in states:
+        return JobState.FAILED.value
+    if states == {JobState.DONE}:
+        return JobState.DONE.value
+    if states == {JobState.QUEUED}:
+        return JobState.QUEUED.value
+    return JobState.RUNNING.value
