@@ -79,7 +79,7 @@ class Settings(_Strict):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     detector_stale_seconds: float = Field(default=30.0, gt=0)
     #: The broker's own state (the job status store); survives restarts.
-    state_dir: Path = Path("~/.local/state/sf-daq-broker")
+    state_dir: Path = Field(default=Path("~/.local/state/sf-daq-broker"), validate_default=True)
     beamlines: dict[str, BeamlineConfig] = {}
     buffers: BufferConfig = BufferConfig()
     detectors: dict[str, DetectorConfig] = {}

@@ -19,6 +19,7 @@ def test_shipped_configuration() -> None:
     assert settings.local_beamline is None
     assert settings.trusted_proxies == []
     assert settings.max_pulse_range == 60000
+    assert settings.state_dir == Path.home() / ".local/state/sf-daq-broker"
     assert {name: [str(n) for n in b.subnets] for name, b in settings.beamlines.items()} == {
         "alvra": ["129.129.242.0/24"],
         "bernina": ["129.129.243.0/24"],
