@@ -63,8 +63,10 @@ class Job:
     kind: SourceKind
     source: str  # BSDATA, CAMERAS, PVCHANNELS or the detector name: also the file suffix
     names: tuple[str, ...]
-    start_pulse_id: int
+    start_pulse_id: int  # the range to retrieve (widened at reduced rate, see SPEC §3)
     stop_pulse_id: int
+    requested_start: int  # the range the user asked for: completeness is judged on it
+    requested_stop: int
     rate_multiplicator: int
     pgroup: str
     beamline: str
@@ -176,6 +178,8 @@ def build_jobs(
             names=names,
             start_pulse_id=pulse_range[0],
             stop_pulse_id=pulse_range[1],
+            requested_start=request.start_pulseid,
+            requested_stop=request.stop_pulseid,
             rate_multiplicator=request.rate_multiplicator,
             pgroup=dirs.pgroup,
             beamline=dirs.beamline,

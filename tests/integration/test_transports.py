@@ -40,6 +40,8 @@ def sample_job(number: int = 1, kind: SourceKind = SourceKind.DATABUFFER) -> Job
         names=("A:B",),
         start_pulse_id=10,
         stop_pulse_id=20,
+        requested_start=10,
+        requested_stop=20,
         rate_multiplicator=1,
         pgroup="p12345",
         beamline="bernina",

@@ -103,6 +103,8 @@ async def test_jobs_carry_everything_a_worker_needs(
         "beamline": "bernina",
         "run_number": 1,
         "rate_multiplicator": 10,
+        "requested_start": 11884948775,
+        "requested_stop": 11884949774,
         "run_info_file": str(info / "run_000001.json"),
     }
     # 11884948775 % 10 != 0 and 11884949774 % 10 != 0: the channel range is not widened.
