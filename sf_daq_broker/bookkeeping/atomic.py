@@ -65,6 +65,17 @@ def create_atomic(path: Path, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
+def publish_file(temp: Path, final: Path) -> None:
+    """Make a completely written ``temp`` file durable and give it its ``final`` name."""
+    fd = os.open(temp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, final)
+    fsync_directory(final.parent)
+
+
 def dump_json(document: Any) -> bytes:
     """JSON as the bookkeeping files hold it: indented, UTF-8, newline-terminated."""
     return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode()

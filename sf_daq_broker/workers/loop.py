@@ -1,0 +1,219 @@
+"""The one worker loop every source shares: ack policy, retries, status events and job logs.
+
+A source only knows how to fetch its data and write a file at the path it is given. The loop:
+- announces ``write_start``, then lets the source write into a temporary name beside the final
+  file, fsyncs and renames it, and only then acknowledges the job — so a job is never lost and a
+  file never appears half-written under its final name;
+- retries transient failures (connection refused, HTTP 5xx, a cut stream) with exponential
+  back-off; after the budget, or at once for a permanent failure, it removes the temporary
+  file, announces ``write_rejected`` with the reason and rejects the job into the dead-letter
+  queue;
+- writes a human-readable log of every job into the run's log file;
+- leaves a job it was stopped in the middle of unsettled, so the queue gives it to another
+  worker (which rewrites the same file, as the job id and file name are the same).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from sf_daq_broker.bookkeeping.atomic import publish_file
+from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
+from sf_daq_broker.transport import JobDelivery, Transport
+from sf_daq_broker.workers.errors import PermanentError, TransientError
+from sf_daq_broker.workers.report import CompletenessReport, beam_pulses
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    first_delay: float = 1.0
+    factor: float = 2.0
+    max_delay: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        """Pause after the ``attempt``-th failure (1-based)."""
+        return float(min(self.max_delay, self.first_delay * self.factor ** (attempt - 1)))
+
+
+class Progress:
+    """``write_progress`` events, at most one per ``interval`` seconds (and the last one)."""
+
+    def __init__(self, transport: Transport, job: Job, total: int, interval: float = 0.5) -> None:
+        self._transport = transport
+        self._job = job
+        self.total = total
+        self._interval = interval
+        self._last_sent = 0.0
+        self.done = 0
+
+    async def update(self, done: int, total: int | None = None) -> None:
+        self.done = done
+        if total is not None:
+            self.total = total
+        now = time.monotonic()
+        if now - self._last_sent < self._interval and done < self.total:
+            return
+        self._last_sent = now
+        await self._transport.publish_status(
+            StatusEvent.for_job(
+                Action.WRITE_PROGRESS,
+                self._job,
+                f"{done} of {self.total}",
+                done=done,
+                total=self.total,
+            )
+        )
+
+
+class Source(abc.ABC):
+    """What a source module implements: fetch the job's data and write it to ``target``."""
+
+    kind: ClassVar[SourceKind]
+
+    @abc.abstractmethod
+    async def retrieve(
+        self, job: Job, target: Path, progress: Progress, job_log: logging.Logger
+    ) -> CompletenessReport:
+        """Write the whole file at ``target`` (a temporary name; the loop publishes it).
+
+        Raise TransientError for what a retry may cure, PermanentError for what it cannot.
+        """
+
+
+def expected_total(job: Job) -> int:
+    return int(beam_pulses(job.requested_start, job.requested_stop, job.rate_multiplicator).size)
+
+
+def temporary_path(job: Job) -> Path:
+    """Fixed per output file, so a redelivered job overwrites what a dead worker left behind."""
+    final = Path(job.output_file)
+    return final.with_name(f".{final.name}.partial")
+
+
+class _JobLog:
+    """A logger writing to the run's log file of this source while the job runs."""
+
+    def __init__(self, job: Job) -> None:
+        self.logger = logging.getLogger(f"sf_daq_broker.job.{job.source}.{job.run_number}")
+        self.logger.setLevel(logging.INFO)
+        self._handler: logging.Handler | None = None
+        try:
+            self._handler = logging.FileHandler(job.log_file, mode="a", encoding="utf-8")
+        except OSError as exc:
+            log.warning("job log %s cannot be written: %s", job.log_file, exc)
+            return
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.logger.addHandler(self._handler)
+
+    def close(self) -> None:
+        if self._handler is not None:
+            self.logger.removeHandler(self._handler)
+            self._handler.close()
+
+
+class Worker:
+    def __init__(
+        self,
+        transport: Transport,
+        sources: Sequence[Source],
+        retry: RetryPolicy | None = None,
+        prefetch: int = 1,
+    ) -> None:
+        self.transport = transport
+        self.sources = list(sources)
+        self.retry = retry or RetryPolicy()
+        self.prefetch = prefetch
+
+    async def run(self) -> None:
+        """Consume the queue of every source until cancelled."""
+        await asyncio.gather(*(self._consume(source) for source in self.sources))
+
+    async def _consume(self, source: Source) -> None:
+        log.info("worker for %s jobs waiting on the %s transport", source.kind, self.transport.name)
+        async for delivery in self.transport.consume_jobs(source.kind, self.prefetch):
+            await self.handle(source, delivery)
+
+    async def handle(self, source: Source, delivery: JobDelivery) -> None:
+        job = delivery.job
+        job_log = _JobLog(job)
+        try:
+            await self._handle(source, delivery, job_log.logger)
+        finally:
+            job_log.close()
+
+    async def _handle(self, source: Source, delivery: JobDelivery, job_log: logging.Logger) -> None:
+        job = delivery.job
+        total = expected_total(job)
+        target = temporary_path(job)
+        job_log.info(
+            "%s of run %d (%s): %d names, pulses %d-%d (requested %d-%d, rate 1/%d)%s",
+            job.source,
+            job.run_number,
+            job.pgroup,
+            len(job.names),
+            job.start_pulse_id,
+            job.stop_pulse_id,
+            job.requested_start,
+            job.requested_stop,
+            job.rate_multiplicator,
+            ", delivered again" if delivery.redelivered else "",
+        )
+        await self.transport.publish_status(
+            StatusEvent.for_job(Action.WRITE_START, job, "started", total=total)
+        )
+        progress = Progress(self.transport, job, total)
+        attempt = 0
+        try:
+            while True:
+                attempt += 1
+                try:
+                    target.unlink(missing_ok=True)
+                    report = await source.retrieve(job, target, progress, job_log)
+                    await asyncio.to_thread(publish_file, target, Path(job.output_file))
+                    break
+                except TransientError as exc:
+                    if attempt >= self.retry.attempts:
+                        await self._fail(
+                            delivery, job_log, f"{exc} (gave up after {attempt} tries)"
+                        )
+                        return
+                    pause = self.retry.delay(attempt)
+                    job_log.warning("try %d failed: %s; next try in %.1f s", attempt, exc, pause)
+                    await asyncio.sleep(pause)
+                except PermanentError as exc:
+                    await self._fail(delivery, job_log, str(exc))
+                    return
+                except Exception as exc:
+                    job_log.exception("unexpected error")
+                    await self._fail(delivery, job_log, f"unexpected error: {exc!r}")
+                    return
+        except asyncio.CancelledError:
+            target.unlink(missing_ok=True)
+            job_log.warning("worker stopped in the middle: the job goes back to the queue")
+            raise
+        for line in report.lines():
+            job_log.info("  %s", line)
+        job_log.info("written %s: %s", job.output_file, report.summary())
+        await self.transport.publish_status(
+            StatusEvent.for_job(
+                Action.WRITE_FINISHED, job, report.summary(), total=total, report=report.to_json()
+            )
+        )
+        await delivery.ack()
+
+    async def _fail(self, delivery: JobDelivery, job_log: logging.Logger, reason: str) -> None:
+        job = delivery.job
+        temporary_path(job).unlink(missing_ok=True)
+        job_log.error("failed, no file written: %s", reason)
+        await self.transport.publish_status(StatusEvent.for_job(Action.WRITE_REJECTED, job, reason))
+        await delivery.reject()

@@ -1,0 +1,100 @@
+"""The completeness report of a job: what was expected, what was found, what is missing.
+
+Judged on the beam pulses of the range the user asked for (``pid % rate == 0``), because that
+is what the user's analysis will look for; rows outside it (the widened edges) do not count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+#: How many missing pulse ids a report lists (the count is always complete).
+MISSING_SHOWN = 10
+
+
+def beam_pulses(start: int, stop: int, rate: int) -> npt.NDArray[np.int64]:
+    """Beam pulse ids in ``[start, stop]``: the multiples of ``rate``."""
+    first = -(-start // rate) * rate
+    return np.arange(first, stop + 1, rate, dtype=np.int64)
+
+
+@dataclass
+class NameReport:
+    """Completeness of one channel, camera, PV or detector."""
+
+    name: str
+    expected: int
+    found: int
+    missing: int
+    missing_pulse_ids: list[int]
+    duplicates_removed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def judge(
+        cls,
+        name: str,
+        expected_pulses: npt.NDArray[np.int64],
+        pulse_ids: npt.NDArray[np.int64],
+        duplicates_removed: int = 0,
+        **extra: Any,
+    ) -> NameReport:
+        present = np.isin(expected_pulses, pulse_ids, assume_unique=True)
+        missing = expected_pulses[~present]
+        return cls(
+            name=name,
+            expected=int(expected_pulses.size),
+            found=int(present.sum()),
+            missing=int(missing.size),
+            missing_pulse_ids=[int(pid) for pid in missing[:MISSING_SHOWN]],
+            duplicates_removed=duplicates_removed,
+            extra=extra,
+        )
+
+    def line(self) -> str:
+        text = f"{self.name}: {self.found} of {self.expected} beam pulses"
+        if self.missing:
+            shown = ", ".join(map(str, self.missing_pulse_ids))
+            more = " …" if self.missing > len(self.missing_pulse_ids) else ""
+            text += f", {self.missing} missing ({shown}{more})"
+        if self.duplicates_removed:
+            text += f", {self.duplicates_removed} duplicates removed"
+        for key, value in self.extra.items():
+            text += f", {key} {value}"
+        return text
+
+
+@dataclass
+class CompletenessReport:
+    names: list[NameReport] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)  # requested but no data at all
+
+    @property
+    def complete(self) -> bool:
+        return not self.absent and all(report.missing == 0 for report in self.names)
+
+    def lines(self) -> list[str]:
+        lines = [report.line() for report in self.names]
+        lines += [f"{name}: no data at all" for name in self.absent]
+        return lines
+
+    def summary(self) -> str:
+        if self.complete:
+            return f"complete: {len(self.names)} of {len(self.names)} names, no pulse missing"
+        incomplete = sum(report.missing > 0 for report in self.names)
+        return (
+            f"incomplete: {incomplete} names with missing pulses, "
+            f"{len(self.absent)} names without data"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "complete": self.complete,
+            "summary": self.summary(),
+            "names": [asdict(report) for report in self.names],
+            "absent": list(self.absent),
+        }
