@@ -1,0 +1,1 @@
+"""HDF5 output files: writers of every layout, published atomically."""
