@@ -16,7 +16,10 @@ from collections.abc import Sequence
 from sf_daq_broker import __version__
 
 # Order is the order shown in --help.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("sf_daq_broker.api.serve",)
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "sf_daq_broker.api.serve",
+    "sf_daq_broker.simulation.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
