@@ -1,0 +1,375 @@
+"""Is a run's output complete and sane? The checks behind ``check.py``.
+
+Everything is judged from the run's bookkeeping JSON and the files, never from the broker, so a
+user can check any run, old or new, from any machine that sees the file system. The expected
+pulses are the beam pulses of the requested range (``pid % rate == 0``); rows outside them —
+the channel files' widened edges, a 100 Hz channel at a reduced beam rate — do not count.
+
+Problems are worded as the facility's original check.py worded them (users grep for them);
+``found`` counts the expected beam pulses that are present, so "998 vs 1000" means two missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin  # noqa: F401 - registers the bitshuffle filter camera and detector data need
+import numpy as np
+import numpy.typing as npt
+
+from sf_daq_broker.bookkeeping.paths import PgroupDirs
+from sf_daq_broker.jobs import FILE_SUFFIX, SourceKind
+from sf_daq_broker.workers.report import NameReport, beam_pulses
+
+#: Timestamps are ns since the epoch; anything before SwissFEL's first beam is not one.
+EARLIEST_TIMESTAMP_NS = 1_420_070_400 * 10**9  # 2015-01-01
+#: Slack for clocks of other machines when judging "not in the future".
+FUTURE_SLACK_NS = 86_400 * 10**9
+DETECTOR_DATASETS = ("pulse_id", "data", "is_good_frame", "frame_index", "daq_rec")
+PV_DATASETS = ("data", "pulse_id", "timestamp", "changed_in_interval")
+CHANNEL_DATASETS = ("data", "pulse_id", "timestamp")
+
+
+class RunFileError(Exception):
+    """The run JSON cannot be used; nothing else can be checked."""
+
+
+@dataclass
+class CheckResult:
+    run_file: str
+    problems: list[str] = field(default_factory=list)
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rate_multiplicator: int | None = None
+    expected_pulses: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "check": self.ok,
+            "run_file": self.run_file,
+            "rate_multiplicator": self.rate_multiplicator,
+            "expected_pulses": self.expected_pulses,
+            "problems": self.problems,
+            "sources": self.sources,
+        }
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a per-pulse source should hold."""
+
+    start: int
+    stop: int
+    rate: int
+    pulses: npt.NDArray[np.int64]
+
+
+def read_run_record(run_file: Path) -> dict[str, Any]:
+    if not run_file.is_file():
+        raise RunFileError(f"{run_file} does not exist")
+    try:
+        record = json.loads(run_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        message = f"Can't read provided run file {run_file}, may be not json? ({exc})"
+        raise RunFileError(message) from None
+    if not isinstance(record, dict):
+        raise RunFileError(f"{run_file} is not a run file: it holds no JSON object")
+    for key in ("pgroup", "run_number", "start_pulseid", "stop_pulseid"):
+        if key not in record:
+            raise RunFileError(f"{run_file} is not a run file: {key} is missing")
+    for key in ("run_number", "start_pulseid", "stop_pulseid", "rate_multiplicator"):
+        value = record.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise RunFileError(f"{run_file} is not a run file: {key} is {value!r}")
+    return record
+
+
+def check_run(run_file: Path, rate_multiplicator: int = 0) -> CheckResult:
+    """Check every source of the run; ``rate_multiplicator`` 0 takes the run's own."""
+    result = CheckResult(str(run_file))
+    try:
+        record = read_run_record(run_file)
+    except RunFileError as exc:
+        result.problems.append(str(exc))
+        return result
+    rate = rate_multiplicator or int(record.get("rate_multiplicator", 1))
+    start, stop = int(record["start_pulseid"]), int(record["stop_pulseid"])
+    expected = Expected(start, stop, rate, beam_pulses(start, stop, rate))
+    result.rate_multiplicator, result.expected_pulses = rate, int(expected.pulses.size)
+
+    handover = record.get("handover")
+    if isinstance(handover, dict) and handover.get("status") == "failed":
+        result.problems.append(
+            f"jobs of run {record['run_number']} were not all queued: {handover.get('message', '')}"
+        )
+    # raw/run_info/000000/run_000001.json: raw is two levels above the JSON's folder.
+    raw = run_file.parent.parents[1]
+    dirs = PgroupDirs(str(record.get("beamline", "")), str(record["pgroup"]), raw)
+    run_number = int(record["run_number"])
+
+    for suffix, names, check in _sources(record):
+        path = dirs.data_file(record.get("directory_name"), run_number, suffix)
+        details: dict[str, Any] = {}
+        problems = _check_file(path, suffix, run_number, check, names, expected, details)
+        result.sources[suffix] = {"file": str(path), "problems": problems, "names": details}
+        result.problems.extend(problems)
+    return result
+
+
+Checker = Callable[[h5py.File, list[str], Expected, dict[str, Any]], list[str]]
+
+
+def _sources(record: dict[str, Any]) -> list[tuple[str, list[str], Checker]]:
+    """(file suffix, names, checker) of each source the run asked for."""
+    sources: list[tuple[str, list[str], Checker]] = []
+    for key, kind, checker in (
+        ("channels_list", SourceKind.DATABUFFER, _check_channels),
+        ("camera_list", SourceKind.IMAGEBUFFER, _check_cameras),
+        ("pv_list", SourceKind.ARCHIVER, _check_pvs),
+    ):
+        if record.get(key):
+            sources.append((FILE_SUFFIX[kind], list(record[key]), checker))
+    for detector in record.get("detectors") or {}:
+        sources.append((detector, [detector], _check_detector))
+    return sources
+
+
+def partial_path(path: Path) -> Path:
+    """Where a worker writes before publishing (see workers.loop.temporary_path)."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def _check_file(
+    path: Path,
+    suffix: str,
+    run_number: int,
+    check: Checker,
+    names: list[str],
+    expected: Expected,
+    details: dict[str, Any],
+) -> list[str]:
+    """Open the file (or say why not) and run the source's checks on it."""
+    what = "detector" if suffix not in FILE_SUFFIX.values() else suffix
+    being_written = partial_path(path).exists()
+    if not path.exists():
+        if being_written:
+            return [f"{what} file {path} is still being written"]
+        return [f"{what} file {path} does not exist"]
+    try:
+        with h5py.File(path, "r", locking=False) as file:
+            problems = []
+            written_for = file.attrs.get("run_number")
+            if written_for is not None and int(written_for) != run_number:
+                problems.append(f"{what} file {path} belongs to run {int(written_for)}")
+            return problems + check(file, names, expected, details)
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        if being_written:
+            return [f"{what} file {path} is still being written"]
+        return [f"Can not read from {what} file {path} : {exc}"]
+
+
+def _missing_datasets(group: h5py.Group, name: str, datasets: tuple[str, ...]) -> list[str]:
+    absent = [ds for ds in datasets if not isinstance(group.get(ds), h5py.Dataset)]
+    return [f"{name} has no dataset {ds}" for ds in absent]
+
+
+def _lengths(group: h5py.Group, name: str, datasets: tuple[str, ...]) -> list[str]:
+    lengths = {ds: len(group[ds]) for ds in datasets}
+    if len(set(lengths.values())) > 1:
+        shown = ", ".join(f"{ds} {n}" for ds, n in lengths.items())
+        return [f"{name} datasets differ in length : {shown}"]
+    return []
+
+
+def _column(group: h5py.Group, dataset: str) -> npt.NDArray[np.int64]:
+    return np.asarray(group[dataset][()], dtype=np.int64).ravel()
+
+
+def _order(name: str, pulse_ids: npt.NDArray[np.int64], unique: bool = True) -> list[str]:
+    steps = np.diff(pulse_ids)
+    problems = []
+    if np.any(steps < 0):
+        problems.append(f"{name} pulse_id are not monotonic")
+    if unique and np.any(steps == 0):
+        problems.append(f"{name} has {int(np.count_nonzero(steps == 0))} repeated pulse_id")
+    return problems
+
+
+def _timestamps(name: str, timestamps: npt.NDArray[np.int64], strict: bool = True) -> list[str]:
+    if timestamps.size == 0:
+        return []
+    problems = []
+    latest = time.time_ns() + FUTURE_SLACK_NS
+    if timestamps.min() < EARLIEST_TIMESTAMP_NS or timestamps.max() > latest:
+        shown = f"{timestamps.min()} .. {timestamps.max()}"
+        problems.append(f"{name} timestamps are not ns since the epoch : {shown}")
+    steps = np.diff(timestamps)
+    if np.any(steps <= 0 if strict else steps < 0):
+        problems.append(f"{name} timestamps are not increasing")
+    return problems
+
+
+def _count(
+    name: str, pulse_ids: npt.NDArray[np.int64], expected: Expected, details: dict[str, Any]
+) -> list[str]:
+    """The seed's count line; ``details`` gets which pulses are missing, for --json."""
+    report = NameReport.judge(name, expected.pulses, np.unique(pulse_ids))
+    details[name] = {
+        "expected": report.expected,
+        "found": report.found,
+        "missing": report.missing,
+        "missing_pulse_ids": report.missing_pulse_ids,
+    }
+    if report.found != report.expected:
+        counts = f"{report.found} vs {report.expected}"
+        return [f"{name} number of pulse_id is different from expected : {counts}"]
+    return []
+
+
+def _check_per_pulse(
+    file: h5py.File, name: str, word: str, suffix: str, expected: Expected, details: dict[str, Any]
+) -> list[str]:
+    """A channel or camera: present, complete datasets, sorted unique pulses, sane timestamps."""
+    group = file.get(name)
+    if not isinstance(group, h5py.Group):
+        return [f"{word} {name} requested but not present in {suffix} file"]
+    problems = _missing_datasets(group, name, CHANNEL_DATASETS)
+    if problems:
+        return problems
+    problems = _lengths(group, name, CHANNEL_DATASETS)
+    if problems:
+        return problems
+    pulse_ids = _column(group, "pulse_id")
+    problems += _order(name, pulse_ids)
+    problems += _timestamps(name, _column(group, "timestamp"))
+    problems += _count(name, pulse_ids, expected, details)
+    return problems
+
+
+def _check_channels(
+    file: h5py.File, names: list[str], expected: Expected, details: dict[str, Any]
+) -> list[str]:
+    problems: list[str] = []
+    for name in names:
+        problems += _check_per_pulse(file, name, "channel", "BSDATA", expected, details)
+    return problems
+
+
+def _check_cameras(
+    file: h5py.File, names: list[str], expected: Expected, details: dict[str, Any]
+) -> list[str]:
+    problems: list[str] = []
+    for name in names:
+        found = _check_per_pulse(file, name, "camera", "CAMERAS", expected, details)
+        problems += found
+        if name not in details:
+            continue  # not there or not usable: said already
+        data = file[name]["data"]
+        corrupted = 0
+        for index in range(len(data)):  # one image at a time: memory stays one image
+            try:
+                data[index]
+            except (OSError, ValueError):
+                corrupted += 1
+        details[name]["corrupted_images"] = corrupted
+        if corrupted:
+            problems.append(
+                f"{name} {corrupted} images (from {len(data)}) corrupted, can not read them"
+            )
+    return problems
+
+
+def _check_pvs(
+    file: h5py.File, names: list[str], expected: Expected, details: dict[str, Any]
+) -> list[str]:
+    """PVs change when they change: present, readable, and changed_in_interval consistent."""
+    problems: list[str] = []
+    for name in names:
+        group = file.get(name)
+        if not isinstance(group, h5py.Group):
+            problems.append(f"PV {name} requested but not present in PVCHANNELS file")
+            continue
+        found = _missing_datasets(group, name, PV_DATASETS) or _lengths(group, name, PV_DATASETS)
+        if found:
+            problems += found
+            continue
+        pulse_ids = _column(group, "pulse_id")
+        changed = np.asarray(group["changed_in_interval"][()], dtype=bool).ravel()
+        group["data"][()]  # readable at all (strings, arrays)
+        details[name] = {"values": int(pulse_ids.size), "changed_in_interval": int(changed.sum())}
+        if pulse_ids.size == 0:
+            problems.append(f"PV {name} has no value")
+            continue
+        problems += _order(name, pulse_ids, unique=False)
+        problems += _timestamps(name, _column(group, "timestamp"), strict=False)
+        problems += _changed_in_interval(name, pulse_ids, changed, expected)
+    return problems
+
+
+def _changed_in_interval(
+    name: str, pulse_ids: npt.NDArray[np.int64], changed: npt.NDArray[np.bool_], expected: Expected
+) -> list[str]:
+    """Only the first value may be the one from before the interval; the others are inside it.
+
+    Bounds allow for the job's range being widened by one pulse at each edge (SPEC §3).
+    """
+    problems = []
+    before = np.flatnonzero(~changed)
+    if before.size > 1 or (before.size == 1 and before[0] != 0):
+        problems.append(f"{name} changed_in_interval is false for a value that is not the first")
+    elif before.size == 1 and pulse_ids[0] > expected.start:
+        problems.append(
+            f"{name} value from before the interval has pulse_id {pulse_ids[0]}, "
+            f"after the start {expected.start}"
+        )
+    inside = pulse_ids[changed]
+    outside = inside[(inside < expected.start - 1) | (inside > expected.stop + 1)]
+    if outside.size:
+        problems.append(
+            f"{name} {outside.size} values marked changed_in_interval are outside the interval "
+            f"{expected.start}-{expected.stop}"
+        )
+    return problems
+
+
+def _check_detector(
+    file: h5py.File, names: list[str], expected: Expected, details: dict[str, Any]
+) -> list[str]:
+    """A Jungfrau file (SPEC §5.4): one good frame per beam pulse of the range, nothing else."""
+    (detector,) = names
+    group = file.get(f"data/{detector}")
+    if not isinstance(group, h5py.Group):
+        return [f"{detector} has no group /data/{detector}"]
+    problems = _missing_datasets(group, detector, DETECTOR_DATASETS)
+    if problems:
+        return problems
+    pulse_ids = _column(group, "pulse_id")
+    lengths = [ds for ds in DETECTOR_DATASETS[1:] if len(group[ds]) != pulse_ids.size]
+    if lengths:
+        problems.append(f"{detector} length of {','.join(lengths)} is not consistent with pulse_id")
+    problems += _order(detector, pulse_ids)
+    problems += _count(detector, pulse_ids, expected, details)
+    foreign = int(np.count_nonzero(~np.isin(pulse_ids, expected.pulses)))
+    if foreign:
+        problems.append(f"{detector} has {foreign} frames outside the requested beam pulses")
+    good = np.asarray(group["is_good_frame"][()]).ravel()
+    bad = int(np.count_nonzero(good != 1))
+    details[detector].update(frames=int(pulse_ids.size), bad_frames=bad)
+    if bad:
+        problems.append(f"{detector} there are bad frames : {bad} out of {pulse_ids.size}")
+    data = group["data"]
+    try:
+        if len(data):
+            data[0], data[len(data) - 1]  # the first and last frame decode (filters, chunks)
+    except (OSError, ValueError) as exc:
+        problems.append(f"{detector} data cannot be read : {exc}")
+    return problems
