@@ -18,7 +18,7 @@ from aiohttp import web
 
 from sf_daq_broker.api import handlers
 from sf_daq_broker.api.metrics import BrokerMetrics
-from sf_daq_broker.api.state import METRICS, SETTINGS, STATUS, TRANSPORT
+from sf_daq_broker.api.state import METRICS, PULSE_SEARCH, SETTINGS, STATUS, TRANSPORT
 from sf_daq_broker.config import Settings
 from sf_daq_broker.errors import BrokerError
 from sf_daq_broker.status.follower import follow_status
@@ -38,6 +38,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/get_allowed_detectors", handlers.get_allowed_detectors),
     ("GET", "/get_running_detectors", handlers.get_running_detectors),
     ("GET", "/run_status", handlers.run_status),
+    ("GET", "/current_pulse_id", handlers.current_pulse_id),
     ("GET", "/health", handlers.health),
     ("GET", "/metrics", handlers.metrics),
 ]
@@ -101,6 +102,7 @@ def create_app(settings: Settings, transport: Transport | None = None) -> web.Ap
     app[SETTINGS] = settings
     app[TRANSPORT] = transport or create_transport(settings.amqp_url, settings.amqp_prefix)
     app[METRICS] = BrokerMetrics()
+    app[PULSE_SEARCH] = {}
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     app.cleanup_ctx.append(_transport_lifetime)

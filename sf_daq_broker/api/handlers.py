@@ -18,10 +18,12 @@ from aiohttp import web
 
 from sf_daq_broker import __version__
 from sf_daq_broker.api.caller import beamline_of, client_address
-from sf_daq_broker.api.state import METRICS, SETTINGS, STATUS, TRANSPORT
+from sf_daq_broker.api.state import METRICS, PULSE_SEARCH, SETTINGS, STATUS, TRANSPORT
 from sf_daq_broker.bookkeeping.ledger import accept_request, close_pgroup, record_handover_failure
 from sf_daq_broker.bookkeeping.paths import PgroupDirs, open_pgroup
 from sf_daq_broker.bookkeeping.runs import allocate_run_number, read_last_run
+from sf_daq_broker.buffers.errors import BufferClientError, DataNotYetAvailable
+from sf_daq_broker.buffers.pulse_map import PulseMapClient
 from sf_daq_broker.errors import BadRequest, NotFound, Unavailable
 from sf_daq_broker.jobs import Action, StatusEvent
 from sf_daq_broker.retrieval import module_count, parse_integer, parse_retrieve_request
@@ -248,3 +250,22 @@ async def run_status(request: web.Request) -> web.Response:
         run_state=state,
         sources={job["source"]: job for job in jobs},
     )
+
+
+async def current_pulse_id(request: web.Request) -> web.Response:
+    """The newest pulse id the buffers' pulse map knows (for start/stop clients).
+
+    The search starts from the last answer, so after the first call it costs a few requests.
+    """
+    url = request.app[SETTINGS].buffers.databuffer_url
+    state = request.app[PULSE_SEARCH]
+    async with PulseMapClient(url) as pulse_map:
+        try:
+            try:
+                newest = await pulse_map.newest_pulse_id(state.get("known", 1))
+            except DataNotYetAvailable:  # the remembered pulse is no longer mapped
+                newest = await pulse_map.newest_pulse_id(1)
+        except BufferClientError as exc:
+            raise Unavailable(f"the pulse map at {url} does not answer: {exc}") from exc
+    state["known"] = newest
+    return reply(str(newest), pulse_id=newest)

@@ -13,3 +13,5 @@ SETTINGS = web.AppKey("settings", Settings)
 TRANSPORT = web.AppKey("transport", Transport)
 METRICS = web.AppKey("metrics", BrokerMetrics)
 STATUS = web.AppKey("status", StatusStore)
+#: Where the last /current_pulse_id search ended ({"known": pulse id}).
+PULSE_SEARCH = web.AppKey("pulse_search", dict)

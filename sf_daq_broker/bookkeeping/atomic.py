@@ -65,6 +65,15 @@ def create_atomic(path: Path, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
+def partial_path(final: Path) -> Path:
+    """The fixed temporary name a worker writes ``final`` under before publishing it.
+
+    Fixed (not unique) so that a job delivered again overwrites what a dead worker left, and
+    so that tools can tell a file that is still being written.
+    """
+    return final.with_name(f".{final.name}.partial")
+
+
 def publish_file(temp: Path, final: Path) -> None:
     """Make a completely written ``temp`` file durable and give it its ``final`` name."""
     fd = os.open(temp, os.O_RDONLY)

@@ -64,7 +64,7 @@ async def watch(
     assert task is not None
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, task.cancel)
-    transport = AmqpTransport(url, prefix=prefix)
+    transport = AmqpTransport(url, prefix=prefix, declare_topology=False)
     try:
         async with await transport.subscribe_status() as events:
             exchange = transport.topology.status_exchange

@@ -23,6 +23,7 @@ import hdf5plugin  # noqa: F401 - registers the bitshuffle filter camera and det
 import numpy as np
 import numpy.typing as npt
 
+from sf_daq_broker.bookkeeping.atomic import partial_path
 from sf_daq_broker.bookkeeping.paths import PgroupDirs
 from sf_daq_broker.jobs import FILE_SUFFIX, SourceKind
 from sf_daq_broker.workers.report import NameReport, beam_pulses
@@ -141,11 +142,6 @@ def _sources(record: dict[str, Any]) -> list[tuple[str, list[str], Checker]]:
     for detector in record.get("detectors") or {}:
         sources.append((detector, [detector], _check_detector))
     return sources
-
-
-def partial_path(path: Path) -> Path:
-    """Where a worker writes before publishing (see workers.loop.temporary_path)."""
-    return path.with_name(f".{path.name}.partial")
 
 
 def _check_file(

@@ -77,10 +77,13 @@ class Topology:
         for kind in SourceKind:
             queue = await self.declare_job_queue(channel, kind)
             await queue.bind(jobs, routing_key=kind.value)
-        await channel.declare_exchange(
+        await self.declare_status(channel)
+        return jobs
+
+    async def declare_status(self, channel: AbstractChannel) -> AbstractExchange:
+        return await channel.declare_exchange(
             self.status_exchange, aio_pika.ExchangeType.FANOUT, durable=True
         )
-        return jobs
 
     async def delete(self, channel: AbstractChannel) -> None:
         """Remove every queue and exchange (tests and benchmarks clean up after themselves)."""
@@ -129,8 +132,11 @@ class _AmqpSubscription(StatusSubscription):
 class AmqpTransport(Transport):
     name = "rabbitmq"
 
-    def __init__(self, url: str, prefix: str = "sf-daq") -> None:
+    def __init__(self, url: str, prefix: str = "sf-daq", declare_topology: bool = True) -> None:
+        """``declare_topology=False`` for pure listeners (the debugger): they declare only the
+        status exchange, so they leave no durable job queues behind on a fresh server."""
         self.url = url
+        self.declare_topology = declare_topology
         self.topology = Topology(prefix)
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -145,8 +151,9 @@ class AmqpTransport(Transport):
             connection = await aio_pika.connect_robust(self.url, timeout=CONNECT_TIMEOUT)
             try:
                 channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-                self._jobs_exchange = await self.topology.declare(channel)
-                self._status_exchange = await channel.get_exchange(self.topology.status_exchange)
+                if self.declare_topology:
+                    self._jobs_exchange = await self.topology.declare(channel)
+                self._status_exchange = await self.topology.declare_status(channel)
             except BaseException:
                 await connection.close()
                 raise
@@ -179,7 +186,8 @@ class AmqpTransport(Transport):
     async def publish_jobs(self, jobs: Sequence[Job]) -> None:
         await self._connection_or_fail()
         exchange = self._jobs_exchange
-        assert exchange is not None
+        if exchange is None:
+            raise HandoverError("this RabbitMQ transport was opened without the job topology")
 
         async def publish(job: Job) -> None:
             message = aio_pika.Message(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from sf_daq_broker.bookkeeping.atomic import publish_file
+from sf_daq_broker.bookkeeping.atomic import partial_path, publish_file
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.transport import JobDelivery, Transport
 from sf_daq_broker.workers.errors import PermanentError, TransientError
@@ -95,9 +95,7 @@ def expected_total(job: Job) -> int:
 
 
 def temporary_path(job: Job) -> Path:
-    """Fixed per output file, so a redelivered job overwrites what a dead worker left behind."""
-    final = Path(job.output_file)
-    return final.with_name(f".{final.name}.partial")
+    return partial_path(Path(job.output_file))
 
 
 class _JobLog:

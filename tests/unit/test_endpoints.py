@@ -441,3 +441,31 @@ async def test_unexpected_error_hides_traceback(
     assert "Traceback" not in json.dumps(reply)
     assert "does not hold a run number: 'garbage'" in caplog.text
     assert (raw_dir / "run_info" / "LAST_RUN").read_text() == "garbage"  # never guessed over
+
+
+async def test_current_pulse_id_from_the_pulse_map(
+    aiohttp_client: Any, make_settings: Any, aiohttp_server: Any
+) -> None:
+    from sf_daq_broker.simulation.api1_server import SimulatedApi1Buffer, create_api1_app
+    from sf_daq_broker.simulation.clock import ManualClock
+
+    clock = ManualClock(start_pulse_id=15_000_000_000)
+    buffer_server = await aiohttp_server(create_api1_app(SimulatedApi1Buffer([], clock)))
+    settings = make_settings(buffers={"databuffer_url": str(buffer_server.make_url(""))})
+    client = await aiohttp_client(create_app(settings, EmbeddedTransport()))
+    assert await call(client, "GET", "/current_pulse_id") == (
+        200,
+        {"status": "ok", "message": "15000000000", "pulse_id": 15_000_000_000},
+    )
+    clock.advance(1234)
+    assert (await call(client, "GET", "/current_pulse_id"))[1]["pulse_id"] == 15_000_001_234
+
+
+async def test_current_pulse_id_without_pulse_map(
+    aiohttp_client: Any, make_settings: Any
+) -> None:
+    settings = make_settings(buffers={"databuffer_url": "http://127.0.0.1:1"})
+    client = await aiohttp_client(create_app(settings, EmbeddedTransport()))
+    status, reply = await call(client, "GET", "/current_pulse_id")
+    assert (status, reply["status"]) == (503, "failed")
+    assert reply["message"].startswith("the pulse map at http://127.0.0.1:1 does not answer: ")
