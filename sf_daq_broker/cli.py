@@ -19,6 +19,7 @@ from sf_daq_broker import __version__
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "sf_daq_broker.api.serve",
     "sf_daq_broker.simulation.cli",
+    "sf_daq_broker.jungfrau.cli",
 )
 
 
