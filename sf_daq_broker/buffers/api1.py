@@ -37,7 +37,7 @@ from sf_daq_broker.buffers.errors import (
     RequestFailed,
     StreamCut,
 )
-from sf_daq_broker.buffers.http import HttpEndpoint, raise_for_status
+from sf_daq_broker.buffers.http import HttpClient, HttpEndpoint, raise_for_status
 
 REQUEST_ID_HEADER = "x-daqbuffer-request-id"
 
@@ -121,7 +121,7 @@ class Api1Reply:
             yield item
 
 
-class Api1Client:
+class Api1Client(HttpClient):
     """Client of one api/1 buffer (data buffer or image buffer)."""
 
     def __init__(
@@ -141,20 +141,6 @@ class Api1Client:
     @property
     def base_url(self) -> str:
         return self._http.base_url
-
-    async def close(self) -> None:
-        await self._http.close()
-
-    async def __aenter__(self) -> Api1Client:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     def query_body(self, channels: Sequence[str], start_ns: int, end_ns: int) -> dict[str, Any]:
         """The JSON body of a query for ``[start_ns, end_ns)``."""

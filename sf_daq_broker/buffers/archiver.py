@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -20,7 +19,7 @@ import numpy as np
 
 from sf_daq_broker.buffers.dates import global_seconds_to_ns
 from sf_daq_broker.buffers.errors import CorruptStream
-from sf_daq_broker.buffers.http import HttpEndpoint
+from sf_daq_broker.buffers.http import HttpClient, HttpEndpoint
 
 FIELDS = ["globalSeconds", "value", "type", "shape"]
 
@@ -40,7 +39,7 @@ class PvData:
         return len(self.values)
 
 
-class ArchiverClient:
+class ArchiverClient(HttpClient):
     """Client of one archiver data API."""
 
     def __init__(
@@ -52,20 +51,6 @@ class ArchiverClient:
         read_timeout: float = 120.0,
     ) -> None:
         self._http = HttpEndpoint(base_url, "archiver", session, connect_timeout, read_timeout)
-
-    async def close(self) -> None:
-        await self._http.close()
-
-    async def __aenter__(self) -> ArchiverClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @staticmethod
     def query_body(

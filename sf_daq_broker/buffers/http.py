@@ -7,7 +7,7 @@ long image reply is fine as long as bytes keep coming.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 
@@ -88,3 +88,18 @@ async def raise_for_status(response: aiohttp.ClientResponse, name: str) -> None:
     if response.status >= 500 or response.status in _RETRYABLE_CLIENT_STATUSES:
         raise BufferServerError(message, response.status)
     raise BufferRequestRejected(message, response.status)
+
+
+class HttpClient:
+    """Base of the buffer clients: owns an ``HttpEndpoint`` and closes it, also as a context."""
+
+    _http: HttpEndpoint
+
+    async def close(self) -> None:
+        await self._http.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -8,18 +8,17 @@ of a retrieval.
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Literal
 
 import aiohttp
 
 from sf_daq_broker.buffers.errors import CorruptStream, DataNotYetAvailable
-from sf_daq_broker.buffers.http import HttpEndpoint
+from sf_daq_broker.buffers.http import HttpClient, HttpEndpoint
 
 _PATHS = {"api1": "/api/1/map/pulse/{pid}", "api4": "/api/4/map/pulse/sf-databuffer/{pid}"}
 
 
-class PulseMapClient:
+class PulseMapClient(HttpClient):
     """Pulse id → timestamp through ``{base}/api/1/map/pulse/{pid}`` (or the api/4 path)."""
 
     def __init__(
@@ -33,20 +32,6 @@ class PulseMapClient:
     ) -> None:
         self._http = HttpEndpoint(base_url, "pulse map", session, connect_timeout, read_timeout)
         self._path = _PATHS[api]
-
-    async def close(self) -> None:
-        await self._http.close()
-
-    async def __aenter__(self) -> PulseMapClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def timestamp_ns(self, pid: int) -> int | None:
         """Timestamp of ``pid`` in ns, or None when the map does not know the pulse (204)."""

@@ -78,38 +78,31 @@ class StatusStore:
 
     def record_queued(self, jobs: list[Job]) -> None:
         """Jobs handed over to the queue (recorded by the broker itself, not via an event)."""
-        now = time.time()
-        with self._lock, self._db:
-            self._db.executemany(
-                "INSERT OR IGNORE INTO jobs (job_id, request_id, pgroup, run_number, source, kind,"
-                " state, file, message, queued_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        job.job_id,
-                        job.request_id,
-                        job.pgroup,
-                        job.run_number,
-                        job.source,
-                        job.kind.value,
-                        JobState.QUEUED.value,
-                        job.output_file,
-                        "queued",
-                        now,
-                        now,
-                    )
-                    for job in jobs
-                ],
-            )
+        self._insert(jobs, JobState.QUEUED, "queued", replace=False)
 
     def record_handover_failed(self, jobs: list[Job], reason: str, handed_over: list[str]) -> None:
-        self.record_queued([job for job in jobs if job.source in handed_over])
+        self._insert(
+            [job for job in jobs if job.source in handed_over],
+            JobState.QUEUED,
+            "queued",
+            replace=False,
+        )
+        self._insert(
+            [job for job in jobs if job.source not in handed_over],
+            JobState.FAILED,
+            f"not queued: {reason}",
+            replace=True,
+        )
+
+    def _insert(self, jobs: list[Job], state: JobState, message: str, replace: bool) -> None:
         now = time.time()
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        finished = now if state is JobState.FAILED else None
         with self._lock, self._db:
             self._db.executemany(
-                "INSERT OR REPLACE INTO jobs (job_id, request_id, pgroup, run_number, source,"
-                " kind, state, file, message, finished_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"{verb} INTO jobs (job_id, request_id, pgroup, run_number, source, kind,"
+                " state, file, message, queued_at, finished_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         job.job_id,
@@ -118,14 +111,14 @@ class StatusStore:
                         job.run_number,
                         job.source,
                         job.kind.value,
-                        JobState.FAILED.value,
+                        state.value,
                         job.output_file,
-                        f"not queued: {reason}",
+                        message,
                         now,
+                        finished,
                         now,
                     )
                     for job in jobs
-                    if job.source not in handed_over
                 ],
             )
 
