@@ -18,8 +18,8 @@ from sf_daq_broker import __version__
 # Order is the order shown in --help.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "sf_daq_broker.api.serve",
+    "sf_daq_broker.workers.cli",
     "sf_daq_broker.simulation.cli",
-    "sf_daq_broker.jungfrau.cli",
 )
 
 

@@ -17,11 +17,10 @@ from sf_daq_broker.workers.loop import Source, Worker
 log = logging.getLogger(__name__)
 
 #: Where each source kind's implementation lives (imported only when that worker runs).
+#: The archiver and detector workers are not written yet.
 SOURCE_CLASSES: dict[SourceKind, str] = {
-    SourceKind.DATABUFFER: "sf_daq_broker.workers.databuffer:DataBufferSource",
-    SourceKind.IMAGEBUFFER: "sf_daq_broker.workers.imagebuffer:ImageBufferSource",
-    SourceKind.ARCHIVER: "sf_daq_broker.workers.archiver:ArchiverSource",
-    SourceKind.DETECTOR: "sf_daq_broker.workers.detector:DetectorSource",
+    SourceKind.DATABUFFER: "sf_daq_broker.workers.api1_source:DataBufferSource",
+    SourceKind.IMAGEBUFFER: "sf_daq_broker.workers.api1_source:ImageBufferSource",
 }
 
 
@@ -42,9 +41,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "sources",
         nargs="+",
-        choices=[kind.value for kind in SourceKind] + ["all"],
+        choices=[kind.value for kind in SOURCE_CLASSES] + ["all"],
         metavar="SOURCE",
-        help="databuffer, imagebuffer, archiver, detector, or all",
+        help=f"{', '.join(SOURCE_CLASSES)}, or all",
     )
     parser.add_argument("--config", help="configuration file (default: $SF_DAQ_CONFIG)")
     parser.set_defaults(func=run)
@@ -56,11 +55,11 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
-    kinds = list(SourceKind) if "all" in args.sources else [SourceKind(s) for s in args.sources]
+    kinds = list(SOURCE_CLASSES) if "all" in args.sources else [SourceKind(s) for s in args.sources]
     if not settings.uses_amqp:
         log.error(
             "a separate worker process needs RabbitMQ: set SF_DAQ_AMQP_URL (the embedded queue "
-            "lives inside one process; `sf-daq-broker demo` runs broker and workers together)"
+            "lives inside the broker's process)"
         )
         return 2
     return asyncio.run(_serve(settings, kinds))
