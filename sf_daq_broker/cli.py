@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "sf_daq_broker.api.serve",
     "sf_daq_broker.workers.cli",
     "sf_daq_broker.simulation.cli",
+    "sf_daq_broker.jungfrau.cli",
 )
 
 

@@ -1,0 +1,156 @@
+"""Bitshuffle+LZ4 chunks written directly (JUNGFRAU.md §8), and datasets that declare them.
+
+A chunk is ``uint64 BE uncompressed bytes`` + ``uint32 BE block bytes`` +
+``bitshuffle.compress_lz4(frame, 32768)``: byte for byte what the HDF5 filter 32008 produces
+with ``hdf5plugin.Bitshuffle(nelems=32768, cname="lz4")``, so readers only need
+``import hdf5plugin``. Compressing ourselves lets a batch be compressed on several threads
+(``compress_lz4`` releases the GIL) instead of inside HDF5's single-threaded filter pipeline.
+
+The dataset must declare the filter with cd_values ``(0, 5, itemsize, 32768, 2)``: bitshuffle
+format 0.5 (the ``bitshuffle`` package that compresses the chunks), element size, block size in
+elements, 2 = LZ4. HDF5 lets a registered filter rewrite cd_values when a dataset is created,
+and hdf5plugin's copy stamps its own version, 0.4. So the dataset is created while a copy of
+hdf5plugin's filter class *without* that hook is registered, and the original is registered
+again right after, all under h5py's global lock so no other h5py call sees the swap. (HDF5
+replaces a registered filter in place; nothing is unregistered, which HDF5 would refuse while
+any file using the filter is open.) Where that is impossible (another HDF5 build, no
+/proc/self/maps) the dataset is created through hdf5plugin, with its cd_values, and a warning
+is logged once; the chunks and the data read back are the same either way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import bitshuffle
+import h5py
+import hdf5plugin
+import numpy as np
+import numpy.typing as npt
+from h5py._objects import phil
+
+log = logging.getLogger(__name__)
+
+FILTER_ID = 32008
+BLOCK_ELEMENTS = 32768
+LZ4 = 2
+FORMAT_VERSION = (0, 5)
+
+
+def cd_values(itemsize: int) -> tuple[int, ...]:
+    return (*FORMAT_VERSION, itemsize, BLOCK_ELEMENTS, LZ4)
+
+
+def compress_chunk(frame: npt.NDArray[Any]) -> bytes:
+    """One HDF5 chunk (header included) holding ``frame`` bitshuffle+LZ4 compressed."""
+    frame = np.ascontiguousarray(frame)
+    header = struct.pack(">QI", frame.nbytes, BLOCK_ELEMENTS * frame.itemsize)
+    return header + bitshuffle.compress_lz4(frame, BLOCK_ELEMENTS).tobytes()
+
+
+def create_dataset(
+    group: h5py.Group,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype[Any],
+    chunks: tuple[int, ...],
+    maxshape: tuple[int | None, ...] | None = None,
+) -> h5py.Dataset:
+    """A chunked dataset declaring filter 32008 with ``cd_values(itemsize)``."""
+    options = cd_values(np.dtype(dtype).itemsize)
+    with _without_set_local() as stamped:
+        if stamped:
+            return group.create_dataset(
+                name,
+                shape=shape,
+                dtype=dtype,
+                chunks=chunks,
+                maxshape=maxshape,
+                compression=FILTER_ID,
+                compression_opts=options,
+            )
+    return group.create_dataset(
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=chunks,
+        maxshape=maxshape,
+        **hdf5plugin.Bitshuffle(nelems=BLOCK_ELEMENTS, cname="lz4"),
+    )
+
+
+class _FilterClass(ctypes.Structure):
+    """HDF5's ``H5Z_class2_t``."""
+
+    _fields_ = [
+        ("version", ctypes.c_int),
+        ("id", ctypes.c_int),
+        ("encoder_present", ctypes.c_uint),
+        ("decoder_present", ctypes.c_uint),
+        ("name", ctypes.c_char_p),
+        ("can_apply", ctypes.c_void_p),
+        ("set_local", ctypes.c_void_p),
+        ("filter", ctypes.c_void_p),
+    ]
+
+
+@contextmanager
+def _without_set_local() -> Iterator[bool]:
+    """Inside: filter 32008 keeps cd_values as given. Yields False if that cannot be arranged."""
+    swap = _filter_swap()
+    if swap is None:
+        yield False
+        return
+    register, original, stamped = swap
+    with phil:
+        if register(ctypes.byref(stamped)) < 0:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            register(original)
+
+
+@functools.cache
+def _filter_swap() -> tuple[Any, Any, _FilterClass] | None:
+    """(H5Zregister, hdf5plugin's class, its copy without set_local), or None."""
+    try:
+        library = _loaded_hdf5_library()
+        plugin_path = hdf5plugin.get_config().registered_filters["bshuf"]
+        plugin = ctypes.CDLL(plugin_path)
+        plugin.H5PLget_plugin_info.restype = ctypes.POINTER(_FilterClass)
+        original = plugin.H5PLget_plugin_info()
+        if original.contents.id != FILTER_ID:
+            raise RuntimeError(f"{plugin_path} is not filter {FILTER_ID}")
+        stamped = _FilterClass()
+        ctypes.pointer(stamped)[0] = original.contents
+        stamped.set_local = None
+        register = ctypes.CDLL(library, mode=os.RTLD_NOLOAD | os.RTLD_NOW).H5Zregister
+        register.argtypes = [ctypes.c_void_p]
+        register.restype = ctypes.c_int
+    except (OSError, KeyError, AttributeError, RuntimeError) as exc:
+        log.warning(
+            "bitshuffle datasets get hdf5plugin's cd_values (%s); the data are unaffected", exc
+        )
+        return None
+    return register, original, stamped
+
+
+def _loaded_hdf5_library() -> str:
+    """Path of the HDF5 library h5py uses (already loaded into this process)."""
+    h5py.h5.get_libversion()  # make sure it is loaded
+    with open("/proc/self/maps", encoding="utf-8") as maps:
+        for line in maps:
+            path = line.rsplit(" ", 1)[-1].strip()
+            base = os.path.basename(path)
+            if base.startswith("libhdf5") and ".so" in base and not base.startswith("libhdf5_"):
+                return path
+    raise OSError("the HDF5 library of h5py is not in /proc/self/maps")

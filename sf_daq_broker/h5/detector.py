@@ -1,0 +1,290 @@
+"""Jungfrau detector files (SPEC §5.4): the raw layout and the converted layout.
+
+Both layouts share ``/general/detector_name`` and, under ``/data/{DET}/``, one frame per chunk
+in ``data`` plus one row per frame in ``pulse_id``, ``frame_index``, ``daq_rec``,
+``is_good_frame`` and ``requested_pulse_id`` (the pulse asked for, so a row whose frame never
+arrived, with ``pulse_id`` 0, can still be identified). A converted file adds ``pixel_mask``
+(output geometry, True = good) and ``conversion_factor``. Frames that are not good are kept and
+flagged, never dropped: users must see that the detector missed a pulse.
+
+``DetectorFileWriter`` takes frames in batches (memory bounded by the batch, not the run), with
+the frame count known up front; it compresses a batch on several threads and writes each chunk
+directly. ``RawDetectorFile`` reads the raw layout back in batches (the ``convert`` command).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the bitshuffle filter for reading)
+import numpy as np
+import numpy.typing as npt
+
+from sf_daq_broker.h5 import bslz4
+
+DETECTOR_NAME = "general/detector_name"
+STRING = h5py.string_dtype("utf-8")
+
+#: Per-frame datasets, each (N, 1), and their dtypes.
+FRAME_COLUMNS: dict[str, np.dtype[Any]] = {
+    "pulse_id": np.dtype(np.uint64),
+    "frame_index": np.dtype(np.uint64),
+    "daq_rec": np.dtype(np.uint32),
+    "is_good_frame": np.dtype(np.uint8),
+    "requested_pulse_id": np.dtype(np.uint64),
+}
+#: Columns a raw file written by the facility's own detector writer may lack.
+OPTIONAL_COLUMNS = frozenset({"requested_pulse_id"})
+
+COMPRESSION_THREADS = 2
+
+
+class DetectorFileError(Exception):
+    """A file is not in the expected layout, or a writer is used wrongly."""
+
+
+def data_group(detector: str) -> str:
+    return f"data/{detector}"
+
+
+@dataclass(frozen=True)
+class FrameColumns:
+    """The per-frame values of a batch, each of length N (1-D)."""
+
+    pulse_id: npt.NDArray[np.uint64]
+    frame_index: npt.NDArray[np.uint64]
+    daq_rec: npt.NDArray[np.uint32]
+    is_good_frame: npt.NDArray[np.uint8]
+    requested_pulse_id: npt.NDArray[np.uint64]
+
+    @classmethod
+    def from_arrays(cls, **columns: npt.ArrayLike) -> FrameColumns:
+        """Cast each column to its dataset dtype; (N,) and (N, 1) are both accepted."""
+        values = {
+            name: np.asarray(columns[name]).reshape(-1).astype(dtype, copy=False)
+            for name, dtype in FRAME_COLUMNS.items()
+        }
+        lengths = {len(v) for v in values.values()}
+        if len(lengths) != 1:
+            raise DetectorFileError(f"frame columns differ in length: {sorted(lengths)}")
+        return cls(**values)
+
+    def __len__(self) -> int:
+        return len(self.pulse_id)
+
+
+class DetectorFileWriter:
+    """Writes one detector file; ``write`` batches in frame order, then ``close``.
+
+    ``close`` refuses to finish a file with fewer frames than announced, so an interrupted job
+    never produces a short file that looks complete. Use it as a context manager inside
+    ``atomic_output`` (or the worker loop's temporary name): an exception closes the file without
+    that check and the temporary file is discarded by the caller.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        detector: str,
+        n_frames: int,
+        frame_shape: tuple[int, int],
+        dtype: npt.DTypeLike,
+        *,
+        compression: bool = True,
+        attributes: Mapping[str, Any] | None = None,
+        pixel_mask: npt.NDArray[np.bool_] | None = None,
+        conversion_factor: float | None = None,
+        threads: int = COMPRESSION_THREADS,
+    ) -> None:
+        self.detector = detector
+        self.n_frames = n_frames
+        self.frame_shape = tuple(frame_shape)
+        self.dtype = np.dtype(dtype)
+        self.compression = compression
+        self.frames_written = 0
+        self._pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="bslz4") if compression else None
+        )
+        self._file = h5py.File(path, "w")
+        try:
+            self._create(attributes or {}, pixel_mask, conversion_factor)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _create(
+        self,
+        attributes: Mapping[str, Any],
+        pixel_mask: npt.NDArray[np.bool_] | None,
+        conversion_factor: float | None,
+    ) -> None:
+        file = self._file
+        file.attrs.update(attributes)
+        file.create_dataset(DETECTOR_NAME, data=self.detector, dtype=STRING)
+        group = file.create_group(data_group(self.detector))
+        shape = (self.n_frames, *self.frame_shape)
+        chunks = (1, *self.frame_shape)
+        # A fixed-size dimension cannot be smaller than its chunk: an empty file is extensible.
+        maxshape = (None, *self.frame_shape) if self.n_frames == 0 else None
+        if self.compression:
+            self._data = bslz4.create_dataset(group, "data", shape, self.dtype, chunks, maxshape)
+        else:
+            self._data = group.create_dataset(
+                "data", shape=shape, dtype=self.dtype, chunks=chunks, maxshape=maxshape
+            )
+        self._columns = {
+            name: group.create_dataset(name, shape=(self.n_frames, 1), dtype=dtype)
+            for name, dtype in FRAME_COLUMNS.items()
+        }
+        if pixel_mask is not None:
+            if pixel_mask.shape != self.frame_shape:
+                raise DetectorFileError(
+                    f"pixel_mask is {pixel_mask.shape}, frames are {self.frame_shape}"
+                )
+            group.create_dataset("pixel_mask", data=np.asarray(pixel_mask, dtype=bool))
+        if conversion_factor is not None:
+            group.create_dataset("conversion_factor", data=np.float64(conversion_factor))
+
+    def write(self, frames: npt.NDArray[Any], columns: FrameColumns) -> None:
+        """Append a batch: ``frames`` (k, *frame_shape) and its k rows of frame columns."""
+        count = frames.shape[0]
+        if frames.shape[1:] != self.frame_shape or frames.dtype != self.dtype:
+            raise DetectorFileError(
+                f"frames must be {self.dtype} (k, {self.frame_shape[0]}, {self.frame_shape[1]}),"
+                f" not {frames.dtype} {frames.shape}"
+            )
+        if len(columns) != count:
+            raise DetectorFileError(f"{count} frames but {len(columns)} rows of frame columns")
+        start = self.frames_written
+        if start + count > self.n_frames:
+            raise DetectorFileError(
+                f"{start + count} frames written, the file was created for {self.n_frames}"
+            )
+        frames = np.ascontiguousarray(frames)
+        if self._pool is not None:
+            chunks: Any = self._pool.map(bslz4.compress_chunk, frames)
+        else:
+            chunks = frames  # an uncompressed chunk is the frame's bytes
+        offset = (0,) * len(self.frame_shape)
+        for index, chunk in enumerate(chunks, start):
+            self._data.id.write_direct_chunk((index, *offset), chunk)
+        for name, dataset in self._columns.items():
+            dataset[start : start + count, 0] = getattr(columns, name)
+        self.frames_written += count
+
+    def close(self) -> None:
+        """Finish the file; it must hold every announced frame."""
+        if self.frames_written != self.n_frames:
+            self._abandon()
+            raise DetectorFileError(
+                f"only {self.frames_written} of {self.n_frames} frames were written"
+            )
+        self._shutdown()
+        self._file.close()
+
+    def _abandon(self) -> None:
+        self._shutdown()
+        self._file.close()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def __enter__(self) -> DetectorFileWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: types.TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abandon()
+
+
+class RawDetectorFile:
+    """A file in the raw layout, opened for reading in batches; refuses anything else."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DetectorFileError(f"{self.path} does not exist")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise DetectorFileError(f"{self.path} is not an HDF5 file ({exc})") from exc
+        try:
+            self._open()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _open(self) -> None:
+        name = self._file.get(DETECTOR_NAME)
+        if not isinstance(name, h5py.Dataset) or name.shape != () or name.dtype.kind not in "OS":
+            raise DetectorFileError(
+                f"{self.path} is not a raw Jungfrau file: no scalar string /{DETECTOR_NAME}"
+            )
+        value = name[()]
+        self.detector: str = value.decode() if isinstance(value, bytes) else str(value)
+        group = self._file.get(data_group(self.detector))
+        data = group.get("data") if isinstance(group, h5py.Group) else None
+        if not isinstance(data, h5py.Dataset):
+            raise DetectorFileError(
+                f"{self.path} is not a raw Jungfrau file: no /{data_group(self.detector)}/data"
+            )
+        if data.dtype != np.uint16 or data.ndim != 3:
+            raise DetectorFileError(
+                f"{self.path} is not a raw Jungfrau file: /{data_group(self.detector)}/data is "
+                f"{data.dtype} {data.shape}, raw frames are uint16 (N, 512*n_modules, 1024)"
+            )
+        self.data = data
+        self.n_frames: int = data.shape[0]
+        self.frame_shape: tuple[int, int] = (data.shape[1], data.shape[2])
+        self._columns: dict[str, h5py.Dataset] = {}
+        for column in FRAME_COLUMNS:
+            dataset = group.get(column)
+            if dataset is None and column in OPTIONAL_COLUMNS:
+                continue
+            if not isinstance(dataset, h5py.Dataset) or dataset.shape[:1] != (self.n_frames,):
+                raise DetectorFileError(
+                    f"{self.path} is not a raw Jungfrau file: /{data_group(self.detector)}/"
+                    f"{column} is missing or has not one row per frame"
+                )
+            self._columns[column] = dataset
+        self.attributes: dict[str, Any] = dict(self._file.attrs)
+
+    def read_frames(self, start: int, stop: int, out: npt.NDArray[np.uint16]) -> None:
+        """Frames [start, stop) into ``out[: stop - start]`` without an intermediate copy."""
+        self.data.read_direct(out, np.s_[start:stop], np.s_[0 : stop - start])
+
+    def columns(self, start: int, stop: int) -> FrameColumns:
+        """The frame columns of rows [start, stop); a missing requested_pulse_id is pulse_id."""
+        values = {name: dataset[start:stop] for name, dataset in self._columns.items()}
+        values.setdefault("requested_pulse_id", values["pulse_id"])
+        return FrameColumns.from_arrays(**values)
+
+    def highgain(self) -> bool:
+        """High-gain mode: bit 0 of ``daq_rec`` of the first good frame (False if none is)."""
+        good = np.flatnonzero(self._columns["is_good_frame"][:].reshape(-1))
+        if good.size == 0:
+            return False
+        return bool(int(self._columns["daq_rec"][good[0]].reshape(-1)[0]) & 1)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> RawDetectorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

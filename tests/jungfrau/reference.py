@@ -1,0 +1,120 @@
+"""A slow, obvious numpy implementation of JUNGFRAU.md, to check the kernel beyond the vectors.
+
+Written from the text, step by step, with no shared code with the package (geometry tables are
+passed in as plain tuples), so a mistake in the package's layout or plan shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Geometry = tuple[int, list[int], list[int], list[int]]  # det_rot90, origin_y, origin_x, mod_rot90
+
+
+def reference_convert(
+    raw: npt.NDArray[np.uint16],
+    gain: npt.NDArray[Any],
+    pedestal: npt.NDArray[Any],
+    pixel_mask: npt.NDArray[Any],
+    *,
+    adc_to_energy: bool = True,
+    mask: bool = True,
+    mask_double_pixels: bool = True,
+    gap_pixels: bool = True,
+    geometry: Geometry | None = None,
+    factor: float | None = None,
+    disabled_modules: tuple[int, ...] = (),
+    highgain: bool = False,
+) -> npt.NDArray[Any]:
+    n_frames, height, _ = raw.shape
+    n_modules = height // 512
+    gain32 = gain.astype(np.float32)
+    ped32 = pedestal.astype(np.float32)
+    numerator = np.float32(1) if factor is None else np.float32(1 / factor)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = numerator / gain32
+    if not highgain:
+        g_table = [inv[0], inv[1], inv[2], inv[2]]
+    elif gain.shape[0] == 4:
+        g_table = [inv[3]] * 4
+    else:
+        g_table = [inv[3], inv[4], inv[5], inv[5]]
+    if highgain and pedestal.shape[0] == 4:
+        p_table = [ped32[3]] * 4
+    else:
+        p_table = [ped32[0], ped32[1], ped32[2], ped32[2]]
+    g_stack, p_stack = np.stack(g_table), np.stack(p_table)
+
+    bad = pixel_mask != 0
+    if mask and mask_double_pixels and pixel_mask.dtype == np.int64:
+        for m in range(n_modules):
+            rows = slice(512 * m, 512 * m + 512)
+            for column in (255, 256, 511, 512, 767, 768):
+                bad[rows, column] = True
+            for row in (255, 256):
+                bad[512 * m + row, :] = True
+
+    if adc_to_energy:
+        code = (raw >> 14).astype(np.intp)
+        adc = (raw & 0x3FFF).astype(np.float32)
+        yy, xx = np.indices(raw.shape[1:])
+        with np.errstate(invalid="ignore"):
+            values = (adc - p_stack[code, yy, xx]) * g_stack[code, yy, xx]
+            if factor is not None:
+                values = np.rint(values).astype(np.int64).astype(np.int32)
+    else:
+        values = raw.copy()
+    if mask:
+        values[:, bad] = 0
+
+    modules = [values[:, 512 * m : 512 * m + 512] for m in range(n_modules)]
+    if gap_pixels:
+        gapped = []
+        for module in modules:
+            image = np.zeros((n_frames, 514, 1030), values.dtype)
+            for cy in range(2):
+                for cx in range(4):
+                    image[:, cy * 258 : cy * 258 + 256, cx * 258 : cx * 258 + 256] = module[
+                        :, cy * 256 : cy * 256 + 256, cx * 256 : cx * 256 + 256
+                    ]
+            gapped.append(image)
+        modules = gapped
+    msy, msx = modules[0].shape[1:]
+    active = [m for m in range(n_modules) if m not in disabled_modules]
+    if geometry is None:
+        return np.concatenate([modules[m] for m in active], axis=1)
+
+    det_rot, origin_y, origin_x, mod_rot = geometry
+
+    def shift(oy: int, ox: int, r: int) -> tuple[int, int]:
+        if r == 1:
+            return oy - msx, ox
+        if r == 2:
+            return oy - msy, ox - msx
+        if r == 3:
+            return oy, ox - msy
+        return oy, ox
+
+    sy = sx = 0
+    for oy, ox, r in zip(origin_y, origin_x, mod_rot, strict=True):
+        oy, ox = shift(oy, ox, r)
+        far = (oy + msy, ox + msx) if r % 2 == 0 else (oy + msx, ox + msy)
+        sy, sx = max(sy, far[0]), max(sx, far[1])
+    shape = (sx, sy) if det_rot % 2 else (sy, sx)
+    out = np.zeros((n_frames, *shape), values.dtype)
+    for m in active:
+        oy, ox = origin_y[m], origin_x[m]
+        if det_rot == 1:
+            ox, oy = oy, sx - ox
+        elif det_rot == 2:
+            ox, oy = sx - ox, sy - oy
+        elif det_rot == 3:
+            ox, oy = sy - oy, ox
+        r = (mod_rot[m] + det_rot) % 4
+        oy, ox = shift(oy, ox, r)
+        h, w = (msy, msx) if r % 2 == 0 else (msx, msy)
+        out[:, oy : oy + h, ox : ox + w] = np.rot90(modules[m], k=r, axes=(1, 2))
+    return out
