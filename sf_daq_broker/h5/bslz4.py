@@ -42,17 +42,26 @@ FILTER_ID = 32008
 BLOCK_ELEMENTS = 32768
 LZ4 = 2
 FORMAT_VERSION = (0, 5)
+HEADER = struct.Struct(">QI")  # uncompressed bytes, block bytes (big-endian)
 
 
 def cd_values(itemsize: int) -> tuple[int, ...]:
     return (*FORMAT_VERSION, itemsize, BLOCK_ELEMENTS, LZ4)
 
 
-def compress_chunk(frame: npt.NDArray[Any]) -> bytes:
-    """One HDF5 chunk (header included) holding ``frame`` bitshuffle+LZ4 compressed."""
+def compress_chunk(frame: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
+    """One HDF5 chunk (header included) holding ``frame`` bitshuffle+LZ4 compressed.
+
+    Returned as a uint8 array (``write_direct_chunk`` takes any buffer; ``bytes(chunk)`` for
+    comparisons): one copy of the compressed data, where ``header + tobytes()`` makes two.
+    """
     frame = np.ascontiguousarray(frame)
-    header = struct.pack(">QI", frame.nbytes, BLOCK_ELEMENTS * frame.itemsize)
-    return header + bitshuffle.compress_lz4(frame, BLOCK_ELEMENTS).tobytes()
+    compressed = bitshuffle.compress_lz4(frame, BLOCK_ELEMENTS)
+    chunk = np.empty(HEADER.size + compressed.size, dtype=np.uint8)
+    header = HEADER.pack(frame.nbytes, BLOCK_ELEMENTS * frame.itemsize)
+    chunk[: HEADER.size] = np.frombuffer(header, dtype=np.uint8)
+    chunk[HEADER.size :] = compressed
+    return chunk
 
 
 def create_dataset(

@@ -1,10 +1,11 @@
 """The per-detector converter: everything prepared once, then ``convert`` batch after batch.
 
-Preparing costs a few hundred milliseconds and the size of the calibration (the constants are
-re-laid out in output order); converting is a single pass of the numba kernel over the batch,
-on all of numba's threads (``numba.set_num_threads`` limits them). Give it batches of 8 or more
-frames: the kernel reuses each band's constants for every frame of the batch, so one frame per
-call makes it read the constants once per frame and run about half as fast.
+Preparing takes from a fraction of a second (one module) to ~3 s (32 modules with geometry)
+and memory of the order of the calibration (the constants are re-laid out in output order).
+Converting is a single pass of the numba kernel over the batch, on all of numba's threads
+(``numba.set_num_threads`` limits them). Give it batches of 8 or more frames: the kernel reuses
+each band's constants for every frame of the batch; one frame per call re-reads them for every
+frame (measured on JF06T04: 2.3 GB/s at 1 frame per call, 3.9 GB/s from 8 frames on).
 """
 
 from __future__ import annotations

@@ -30,11 +30,6 @@ class Layout:
     shape: tuple[int, int]
     source: IndexImage  # (SY, SX): raw flat index per output pixel, -1 = gap / empty
 
-    @property
-    def covered(self) -> npt.NDArray[np.bool_]:
-        """Output pixels that show a raw pixel."""
-        return self.source >= 0
-
 
 def module_image(module: int, gap_pixels: bool) -> IndexImage:
     """Raw flat indices of one module as it appears before placement (with its chip gaps)."""

@@ -16,7 +16,7 @@ from sf_daq_broker.jungfrau import (
     Converter,
     load_calibration,
 )
-from tests.jungfrau.conftest import random_calibration
+from tests.jungfrau.support import random_calibration
 
 WriteCalibration = Callable[..., tuple[Path, Path]]
 H, W = 512, 1024

@@ -20,8 +20,8 @@ from sf_daq_broker.cli import main
 from sf_daq_broker.h5.detector import DetectorFileWriter, FrameColumns
 from sf_daq_broker.jungfrau import Converter
 from sf_daq_broker.jungfrau import cli as convert_cli
-from tests.jungfrau.conftest import random_calibration, random_raw
 from tests.jungfrau.reference import reference_convert
+from tests.jungfrau.support import random_calibration, random_raw
 
 DET = "JF13T01V01"
 ATTRIBUTES = {"pgroup": "p12345", "run_number": 3, "software_version": "0.0.1"}

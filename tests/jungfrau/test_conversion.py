@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from sf_daq_broker.jungfrau import Calibration, ConversionError, ConversionOptions, Converter
-from tests.jungfrau.conftest import random_calibration, random_raw
 from tests.jungfrau.reference import reference_convert
+from tests.jungfrau.support import random_calibration, random_raw
 
 H, W = 512, 1024
 

@@ -17,8 +17,8 @@ from sf_daq_broker.jungfrau import (
 )
 from sf_daq_broker.jungfrau.geometry import DEFAULT_GEOMETRY_FILE, default_geometry_table
 from sf_daq_broker.jungfrau.layout import build_layout
-from tests.jungfrau.conftest import random_calibration, random_raw
 from tests.jungfrau.reference import Geometry, reference_convert
+from tests.jungfrau.support import random_calibration, random_raw
 
 
 @pytest.mark.parametrize(

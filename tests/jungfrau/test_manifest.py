@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sf_daq_broker.jungfrau import Calibration, ConversionOptions, Converter
-from tests.jungfrau.conftest import require_testdata, shared_testdata
+from tests.jungfrau.support import require_testdata, shared_testdata
 
 
 def _cases() -> list[Any]:
