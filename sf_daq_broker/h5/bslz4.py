@@ -25,7 +25,7 @@ import functools
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -75,24 +75,14 @@ def create_dataset(
     """A chunked dataset declaring filter 32008 with ``cd_values(itemsize)``."""
     options = cd_values(np.dtype(dtype).itemsize)
     with _without_set_local() as stamped:
-        if stamped:
-            return group.create_dataset(
-                name,
-                shape=shape,
-                dtype=dtype,
-                chunks=chunks,
-                maxshape=maxshape,
-                compression=FILTER_ID,
-                compression_opts=options,
-            )
-    return group.create_dataset(
-        name,
-        shape=shape,
-        dtype=dtype,
-        chunks=chunks,
-        maxshape=maxshape,
-        **hdf5plugin.Bitshuffle(nelems=BLOCK_ELEMENTS, cname="lz4"),
-    )
+        filter_options: Mapping[str, Any] = (
+            {"compression": FILTER_ID, "compression_opts": options}
+            if stamped
+            else hdf5plugin.Bitshuffle(nelems=BLOCK_ELEMENTS, cname="lz4")
+        )
+        return group.create_dataset(
+            name, shape=shape, dtype=dtype, chunks=chunks, maxshape=maxshape, **filter_options
+        )
 
 
 class _FilterClass(ctypes.Structure):

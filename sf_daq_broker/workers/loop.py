@@ -102,7 +102,8 @@ class _JobLog:
     """A logger writing to the run's log file of this source while the job runs."""
 
     def __init__(self, job: Job) -> None:
-        self.logger = logging.getLogger(f"sf_daq_broker.job.{job.source}.{job.run_number}")
+        # One logger per job: two pgroups' runs of the same number must not share a log file.
+        self.logger = logging.getLogger(f"sf_daq_broker.job.{job.job_id}")
         self.logger.setLevel(logging.INFO)
         self._handler: logging.Handler | None = None
         try:
