@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from sf_daq_broker.bookkeeping.atomic import partial_path, publish_file
+from sf_daq_broker.buffers.errors import BufferClientError
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
+from sf_daq_broker.jungfrau.errors import ConversionError
 from sf_daq_broker.transport import JobDelivery, Transport
-from sf_daq_broker.workers.errors import PermanentError, TransientError
 from sf_daq_broker.workers.report import CompletenessReport, beam_pulses
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,9 @@ class Source(abc.ABC):
     ) -> CompletenessReport:
         """Write the whole file at ``target`` (a temporary name; the loop publishes it).
 
-        Raise TransientError for what a retry may cure, PermanentError for what it cannot.
+        Raise a ``BufferClientError``: its ``transient`` flag tells the loop whether a retry may
+        cure it (HTTP 5xx, a cut stream) or not (data aged out, a corrupt stream). A
+        ``ConversionError`` (a calibration file that does not fit) fails the job at once too.
         """
 
 
@@ -180,7 +183,10 @@ class Worker:
                     report = await source.retrieve(job, target, progress, job_log)
                     await asyncio.to_thread(publish_file, target, Path(job.output_file))
                     break
-                except TransientError as exc:
+                except BufferClientError as exc:
+                    if not exc.transient:
+                        await self._fail(delivery, job_log, str(exc))
+                        return
                     if attempt >= self.retry.attempts:
                         await self._fail(
                             delivery, job_log, f"{exc} (gave up after {attempt} tries)"
@@ -189,7 +195,7 @@ class Worker:
                     pause = self.retry.delay(attempt)
                     job_log.warning("try %d failed: %s; next try in %.1f s", attempt, exc, pause)
                     await asyncio.sleep(pause)
-                except PermanentError as exc:
+                except ConversionError as exc:
                     await self._fail(delivery, job_log, str(exc))
                     return
                 except Exception as exc:

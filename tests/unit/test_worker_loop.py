@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 
+from sf_daq_broker.buffers.errors import BufferServerError, DataAgedOut, StreamCut
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent, job_id_for
+from sf_daq_broker.jungfrau.errors import CalibrationError
 from sf_daq_broker.transport import StatusSubscription, Transport
 from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.transport.embedded import EmbeddedTransport
-from sf_daq_broker.workers.errors import PermanentError, TransientError
 from sf_daq_broker.workers.loop import Progress, RetryPolicy, Source, Worker, temporary_path
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
 from tests.support import async_wait_until
@@ -161,7 +162,7 @@ async def test_success_publishes_file_then_acks(transport: Transport, raw_dir: P
 
 async def test_transient_errors_are_retried(transport: Transport, raw_dir: Path) -> None:
     job = make_job(raw_dir)
-    source = ScriptedSource([TransientError("data buffer: HTTP 503"), TransientError("cut")])
+    source = ScriptedSource([BufferServerError("data buffer: HTTP 503", 503), StreamCut("cut")])
     task, events = await run_worker(transport, source, job)
     await collect_until(events, Action.WRITE_FINISHED)
     await stop(task)
@@ -177,13 +178,18 @@ async def test_transient_errors_are_retried(transport: Transport, raw_dir: Path)
     ("failures", "reason", "calls"),
     [
         (
-            [TransientError("data buffer at http://x: HTTP 500")] * 3,
+            [BufferServerError("data buffer at http://x: HTTP 500", 500)] * 3,
             "data buffer at http://x: HTTP 500 (gave up after 3 tries)",
             3,
         ),
         (
-            [PermanentError("pulses 99-111 aged out of the data buffer")],
+            [DataAgedOut("pulses 99-111 aged out of the data buffer")],
             "pulses 99-111 aged out of the data buffer",
+            1,
+        ),
+        (
+            [CalibrationError("JF07T32V01: gain file /g.h5 has shape (4, 512, 1024)")],
+            "JF07T32V01: gain file /g.h5 has shape (4, 512, 1024)",
             1,
         ),
         ([ValueError("boom")], "unexpected error: ValueError('boom')", 1),
