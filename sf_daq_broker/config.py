@@ -66,6 +66,12 @@ class BufferConfig(_Strict):
     imagebuffer_url: str = "http://127.0.0.1:8372"
     archiver_url: str = "http://127.0.0.1:8373"
     jungfrau_root: Path = Path("/gpfs/photonics/swissfel/buffer")
+    #: How long after the time of ``stop`` a worker waits for late data before it reports the
+    #: rest as missing.
+    ingestion_window_s: float = Field(default=60.0, ge=0)
+    #: How many pulses back the api/1 buffers keep; a range starting further back fails at once.
+    databuffer_retention_pulses: int = Field(default=360_000, ge=1)
+    imagebuffer_retention_pulses: int = Field(default=360_000, ge=1)
 
 
 class Settings(_Strict):

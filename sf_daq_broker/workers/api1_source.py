@@ -18,7 +18,6 @@ from typing import ClassVar
 import numpy as np
 
 from sf_daq_broker.buffers.api1 import Api1Client, ChannelData
-from sf_daq_broker.buffers.errors import DataNotYetAvailable
 from sf_daq_broker.buffers.pulse_map import PulseMapClient
 from sf_daq_broker.config import Settings
 from sf_daq_broker.h5.channels import (
@@ -31,6 +30,7 @@ from sf_daq_broker.h5.channels import (
 )
 from sf_daq_broker.jobs import Job, SourceKind
 from sf_daq_broker.workers.loop import Progress, Source
+from sf_daq_broker.workers.readiness import check_retention, range_when_ready
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
 
 READY_TIMEOUT = 120.0  # longest wait for the pulse map to know stop + 1 before a retry
@@ -46,25 +46,17 @@ class Api1Source(Source):
         self,
         buffer_url: str,
         pulse_map_url: str,
+        retention_pulses: int,
         ready_timeout: float = READY_TIMEOUT,
         ingestion_window: float = INGESTION_WINDOW,
         poll_seconds: float = POLL_SECONDS,
     ) -> None:
         self.buffer_url = buffer_url
         self.pulse_map_url = pulse_map_url
+        self.retention_pulses = retention_pulses
         self.ready_timeout = ready_timeout
         self.ingestion_window = ingestion_window
         self.poll_seconds = poll_seconds
-
-    async def _range_when_ready(self, pulse_map: PulseMapClient, job: Job) -> tuple[int, int]:
-        deadline = time.monotonic() + self.ready_timeout
-        while True:
-            try:
-                return await pulse_map.range_ns(job.start_pulse_id, job.stop_pulse_id)
-            except DataNotYetAvailable:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(self.poll_seconds)
 
     def _short(self, data: ChannelData, job: Job) -> bool:
         """True if the channel's events stop before ``stop`` by more than their own spacing."""
@@ -81,7 +73,10 @@ class Api1Source(Source):
             PulseMapClient(self.pulse_map_url) as pulse_map,
             Api1Client(self.buffer_url, name=self.name) as client,
         ):
-            start_ns, end_ns = await self._range_when_ready(pulse_map, job)
+            start_ns, end_ns = await range_when_ready(
+                pulse_map, job, self.ready_timeout, self.poll_seconds
+            )
+            await check_retention(pulse_map, job, self.retention_pulses, self.name)
             decompress = not self.keep_compressed
             result = await client.fetch(job.names, start_ns, end_ns, decompress=decompress)
             channels = dict(result.channels)
@@ -134,7 +129,13 @@ class DataBufferSource(Api1Source):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DataBufferSource:
-        return cls(settings.buffers.databuffer_url, settings.buffers.databuffer_url)
+        buffers = settings.buffers
+        return cls(
+            buffers.databuffer_url,
+            buffers.databuffer_url,
+            buffers.databuffer_retention_pulses,
+            ingestion_window=buffers.ingestion_window_s,
+        )
 
 
 class ImageBufferSource(Api1Source):
@@ -144,4 +145,10 @@ class ImageBufferSource(Api1Source):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ImageBufferSource:
-        return cls(settings.buffers.imagebuffer_url, settings.buffers.databuffer_url)
+        buffers = settings.buffers
+        return cls(
+            buffers.imagebuffer_url,
+            buffers.databuffer_url,
+            buffers.imagebuffer_retention_pulses,
+            ingestion_window=buffers.ingestion_window_s,
+        )

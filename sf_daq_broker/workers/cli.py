@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 SOURCE_CLASSES: dict[SourceKind, str] = {
     SourceKind.DATABUFFER: "sf_daq_broker.workers.api1_source:DataBufferSource",
     SourceKind.IMAGEBUFFER: "sf_daq_broker.workers.api1_source:ImageBufferSource",
+    SourceKind.ARCHIVER: "sf_daq_broker.workers.archiver_source:ArchiverSource",
 }
 
 

@@ -219,6 +219,8 @@ class Worker:
     async def _fail(self, delivery: JobDelivery, job_log: logging.Logger, reason: str) -> None:
         job = delivery.job
         temporary_path(job).unlink(missing_ok=True)
+        # which range and what happened; the reason names the buffer
+        reason = f"pulses {job.start_pulse_id}-{job.stop_pulse_id}: {reason}"
         job_log.error("failed, no file written: %s", reason)
         await self.transport.publish_status(StatusEvent.for_job(Action.WRITE_REJECTED, job, reason))
         await delivery.reject()

@@ -33,6 +33,8 @@ class NameReport:
     missing_pulse_ids: list[int]
     duplicates_removed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: What is counted: beam pulses, or values for a PV (which changes rarely, not per pulse).
+    unit: str = "beam pulses"
 
     @classmethod
     def judge(
@@ -56,7 +58,7 @@ class NameReport:
         )
 
     def line(self) -> str:
-        text = f"{self.name}: {self.found} of {self.expected} beam pulses"
+        text = f"{self.name}: {self.found} of {self.expected} {self.unit}"
         if self.missing:
             shown = ", ".join(map(str, self.missing_pulse_ids))
             more = " …" if self.missing > len(self.missing_pulse_ids) else ""

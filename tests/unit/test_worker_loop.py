@@ -140,6 +140,7 @@ async def test_success_publishes_file_then_acks(transport: Transport, raw_dir: P
         "missing_pulse_ids": [108, 110],
         "duplicates_removed": 0,
         "extra": {},
+        "unit": "beam pulses",
     }
     assert finished.details["report"]["absent"] == ["C:D"]
     assert Path(job.output_file).read_bytes() == b"complete file"
@@ -179,20 +180,20 @@ async def test_transient_errors_are_retried(transport: Transport, raw_dir: Path)
     [
         (
             [BufferServerError("data buffer at http://x: HTTP 500", 500)] * 3,
-            "data buffer at http://x: HTTP 500 (gave up after 3 tries)",
+            "pulses 99-111: data buffer at http://x: HTTP 500 (gave up after 3 tries)",
             3,
         ),
         (
-            [DataAgedOut("pulses 99-111 aged out of the data buffer")],
-            "pulses 99-111 aged out of the data buffer",
+            [DataAgedOut("data buffer: aged out")],
+            "pulses 99-111: data buffer: aged out",
             1,
         ),
         (
             [CalibrationError("JF07T32V01: gain file /g.h5 has shape (4, 512, 1024)")],
-            "JF07T32V01: gain file /g.h5 has shape (4, 512, 1024)",
+            "pulses 99-111: JF07T32V01: gain file /g.h5 has shape (4, 512, 1024)",
             1,
         ),
-        ([ValueError("boom")], "unexpected error: ValueError('boom')", 1),
+        ([ValueError("boom")], "pulses 99-111: unexpected error: ValueError('boom')", 1),
     ],
 )
 async def test_failures_dead_letter_and_leave_no_file(
