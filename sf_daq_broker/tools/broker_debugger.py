@@ -68,7 +68,10 @@ async def watch(
     try:
         async with await transport.subscribe_status() as events:
             exchange = transport.topology.status_exchange
-            print(f"listening to {exchange} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+            # The queue's name lets an operator see it is ours, and that it goes when we go.
+            queue = getattr(events, "queue_name", None)
+            through = f" through queue {queue}" if queue else ""
+            print(f"listening to {exchange}{through} (Ctrl-C to stop)", file=sys.stderr, flush=True)
             while True:
                 try:
                     event = await events.__anext__()

@@ -145,7 +145,7 @@ class BrokerClient:
         try:
             with tqdm(
                 total=stop - start,
-                bar_format=f"[{{bar:20}}] {{percentage:3.0f}}% Run: {self._next_run_number()}",
+                bar_format=f"[{{bar:20}}] {{percentage:.0f}}% Run: {self._next_run_number()}",
                 ascii="-#",
                 file=sys.stderr,
             ) as bar:

@@ -11,7 +11,9 @@ Problems are worded as the facility's original check.py worded them (users grep 
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +37,10 @@ FUTURE_SLACK_NS = 86_400 * 10**9
 DETECTOR_DATASETS = ("pulse_id", "data", "is_good_frame", "frame_index", "daq_rec")
 PV_DATASETS = ("data", "pulse_id", "timestamp", "changed_in_interval")
 CHANNEL_DATASETS = ("data", "pulse_id", "timestamp")
+
+
+#: Where the pgroups are, for a run file that does not lie in its pgroup's ``run_info``.
+DATA_ROOT_ENVIRONMENT = "SF_DAQ_DATA_ROOT"
 
 
 class RunFileError(Exception):
@@ -75,8 +81,10 @@ class Expected:
 
 
 def read_run_record(run_file: Path) -> dict[str, Any]:
-    if not run_file.is_file():
+    if not run_file.exists():
         raise RunFileError(f"{run_file} does not exist")
+    if not run_file.is_file():
+        raise RunFileError(f"{run_file} is not a file")
     try:
         record = json.loads(run_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -87,11 +95,43 @@ def read_run_record(run_file: Path) -> dict[str, Any]:
     for key in ("pgroup", "run_number", "start_pulseid", "stop_pulseid"):
         if key not in record:
             raise RunFileError(f"{run_file} is not a run file: {key} is missing")
-    for key in ("run_number", "start_pulseid", "stop_pulseid", "rate_multiplicator"):
+    for key, least in (
+        ("run_number", 0),
+        ("start_pulseid", 0),
+        ("stop_pulseid", record["start_pulseid"]),
+        ("rate_multiplicator", 1),
+    ):
         value = record.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise RunFileError(f"{run_file} is not a run file: {key} is {value!r}")
+    for key in ("pgroup", "beamline", "directory_name"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise RunFileError(f"{run_file} is not a run file: {key} is {record[key]!r}")
+    for key in ("channels_list", "camera_list", "pv_list"):
+        names = record.get(key) or []
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise RunFileError(f"{run_file} is not a run file: {key} is not a list of names")
+    if not isinstance(record.get("detectors") or {}, dict):
+        raise RunFileError(f"{run_file} is not a run file: detectors is not an object")
     return record
+
+
+def raw_directory(run_file: Path, record: dict[str, Any]) -> Path:
+    """The pgroup's raw directory: where the run file lies (``raw/run_info/000000/``), so any
+    copy of the data tree can be checked; for a run file kept elsewhere, the facility's place
+    ``{data_root}/{beamline}/data/{pgroup}/raw`` (``$SF_DAQ_DATA_ROOT``, else ``/sf``)."""
+    folder = run_file.absolute().parent  # also for ``-r run_000001.json`` inside the folder
+    if folder.parent.name == "run_info":
+        return folder.parent.parent
+    data_root = Path(os.environ.get(DATA_ROOT_ENVIRONMENT) or "/sf")
+    return data_root / str(record.get("beamline", "")) / "data" / str(record["pgroup"]) / "raw"
+
+
+def is_being_written(path: Path) -> bool:
+    """A temporary file beside ``path``: the worker's fixed one, or a uniquely named one."""
+    if partial_path(path).exists():
+        return True
+    return any(path.parent.glob(f".{glob.escape(path.name)}.*.partial"))
 
 
 def check_run(run_file: Path, rate_multiplicator: int = 0) -> CheckResult:
@@ -112,9 +152,9 @@ def check_run(run_file: Path, rate_multiplicator: int = 0) -> CheckResult:
         result.problems.append(
             f"jobs of run {record['run_number']} were not all queued: {handover.get('message', '')}"
         )
-    # raw/run_info/000000/run_000001.json: raw is two levels above the JSON's folder.
-    raw = run_file.parent.parents[1]
-    dirs = PgroupDirs(str(record.get("beamline", "")), str(record["pgroup"]), raw)
+    dirs = PgroupDirs(
+        str(record.get("beamline", "")), str(record["pgroup"]), raw_directory(run_file, record)
+    )
     run_number = int(record["run_number"])
 
     for suffix, names, check in _sources(record):
@@ -155,7 +195,7 @@ def _check_file(
 ) -> list[str]:
     """Open the file (or say why not) and run the source's checks on it."""
     what = "detector" if suffix not in FILE_SUFFIX.values() else suffix
-    being_written = partial_path(path).exists()
+    being_written = is_being_written(path)
     if not path.exists():
         if being_written:
             return [f"{what} file {path} is still being written"]
@@ -340,7 +380,14 @@ def _changed_in_interval(
 def _check_detector(
     file: h5py.File, names: list[str], expected: Expected, details: dict[str, Any]
 ) -> list[str]:
-    """A Jungfrau file (SPEC §5.4): one good frame per beam pulse of the range, nothing else."""
+    """A Jungfrau file (SPEC §5.4): one row per beam pulse of the range, bad frames flagged.
+
+    As in the facility's check, the pulse ids in the file are counted against the beam pulses
+    and the rows not flagged good are counted apart. A row whose frame never came whole keeps
+    its place with ``pulse_id`` 0 (the detector worker writes ``requested_pulse_id`` beside it):
+    it is a bad frame *and* a pulse without data, as the worker's own report says; order and
+    range are judged on the pulse ids that are there.
+    """
     (detector,) = names
     group = file.get(f"data/{detector}")
     if not isinstance(group, h5py.Group):
@@ -348,18 +395,28 @@ def _check_detector(
     problems = _missing_datasets(group, detector, DETECTOR_DATASETS)
     if problems:
         return problems
+    requested = "requested_pulse_id" in group
+    columns = [*DETECTOR_DATASETS[1:], *(["requested_pulse_id"] if requested else [])]
     pulse_ids = _column(group, "pulse_id")
-    lengths = [ds for ds in DETECTOR_DATASETS[1:] if len(group[ds]) != pulse_ids.size]
+    lengths = [ds for ds in columns if len(group[ds]) != pulse_ids.size]
     if lengths:
-        problems.append(f"{detector} length of {','.join(lengths)} is not consistent with pulse_id")
-    problems += _order(detector, pulse_ids)
-    problems += _count(detector, pulse_ids, expected, details)
-    foreign = int(np.count_nonzero(~np.isin(pulse_ids, expected.pulses)))
+        return [f"{detector} length of {','.join(lengths)} is not consistent with pulse_id"]
+    present = pulse_ids != 0
+    found = pulse_ids[present]
+    problems += _order(detector, found)
+    problems += _count(detector, found, expected, details)
+    foreign = int(np.count_nonzero(~np.isin(found, expected.pulses)))
     if foreign:
         problems.append(f"{detector} has {foreign} frames outside the requested beam pulses")
-    good = np.asarray(group["is_good_frame"][()]).ravel()
-    bad = int(np.count_nonzero(good != 1))
-    details[detector].update(frames=int(pulse_ids.size), bad_frames=bad)
+    if requested:
+        other = int(np.count_nonzero(present & (pulse_ids != _column(group, "requested_pulse_id"))))
+        if other:
+            problems.append(f"{detector} {other} frames are not of the pulse their row is for")
+    good = np.asarray(group["is_good_frame"][()]).ravel() == 1
+    bad = int(np.count_nonzero(~good))
+    details[detector].update(
+        frames=int(pulse_ids.size), bad_frames=bad, frames_without_pulse_id=int((~present).sum())
+    )
     if bad:
         problems.append(f"{detector} there are bad frames : {bad} out of {pulse_ids.size}")
     data = group["data"]

@@ -118,6 +118,7 @@ class _AmqpSubscription(StatusSubscription):
     def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
         self._channel = channel
         self._iterator = queue.iterator()
+        self.queue_name = queue.name  # a private queue gets a generated name: tools show it
 
     async def __anext__(self) -> StatusEvent:
         message = await self._iterator.__anext__()

@@ -74,7 +74,11 @@ async def start_debugger(
         processes.append(process)
         assert process.stderr is not None
         # Its queue is bound once it says so: events published from now on reach it.
-        await read_until(process.stderr, f"listening to {amqp_prefix}.status (Ctrl-C to stop)\n")
+        said = await read_until(process.stderr, " (Ctrl-C to stop)\n")
+        assert re.fullmatch(
+            rf"listening to {amqp_prefix}\.status through queue \S+ \(Ctrl-C to stop\)\n",
+            said,
+        )
         return process
 
     yield start

@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import pytest
 
+from sf_daq_broker.h5.atomic import temporary_name
 from sf_daq_broker.h5.channels import ChannelRows, CompressedImages, provenance, write_channels
 from sf_daq_broker.jobs import Job, SourceKind
 from sf_daq_broker.tools.check import main
@@ -354,10 +355,52 @@ async def test_reduced_rate(
     )
 
 
+async def test_a_run_file_kept_elsewhere_is_checked_where_its_pgroup_is(
+    make_run: Callable[..., Awaitable[Run]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    data_root: Path,
+) -> None:
+    """A copy of run_000001.json in a user's folder: the files are looked for in
+    {data_root}/{beamline}/data/{pgroup}/raw, data_root from $SF_DAQ_DATA_ROOT (else /sf)."""
+    run = await make_run()
+    write_all(run, skip={"CAMERAS"})
+    copy = tmp_path / "mine" / "run_000001.json"
+    copy.parent.mkdir()
+    copy.write_bytes(run.run_file.read_bytes())
+    monkeypatch.setenv("SF_DAQ_DATA_ROOT", str(data_root))
+    copied = Run(copy, run.jobs)
+    assert check(copied, capsys) == (
+        1,
+        failed(f"CAMERAS file {run.file('CAMERAS')} does not exist"),
+    )
+    monkeypatch.delenv("SF_DAQ_DATA_ROOT")
+    status, lines = check(copied, capsys)
+    assert status == 1
+    assert lines[1] == (
+        "    Reason : BSDATA file /sf/bernina/data/p12345/raw/check/test/run_000001.BSDATA.h5 "
+        "does not exist"
+    )
+
+
+async def test_a_temporary_file_of_any_writer_means_being_written(
+    make_run: Callable[..., Awaitable[Run]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The worker loop's fixed temporary name and ``atomic_output``'s unique one alike."""
+    run = await make_run()
+    write_all(run, skip={DETECTOR})
+    detector = run.file(DETECTOR)
+    temporary_name(detector).write_bytes(b"\x89HDF")  # what atomic_output writes into
+    assert check(run, capsys) == (1, failed(f"detector file {detector} is still being written"))
+
+
 def test_run_file_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "run_000001.json"
     assert main(["-r", str(missing)]) == 1
     assert capsys.readouterr().out.splitlines() == failed(f"{missing} does not exist")
+    assert main(["-r", str(tmp_path)]) == 1
+    assert capsys.readouterr().out.splitlines() == failed(f"{tmp_path} is not a file")
     not_json = tmp_path / "run_000002.json"
     not_json.write_text("{")
     assert main(["-r", str(not_json)]) == 1
@@ -378,6 +421,20 @@ def test_run_file_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert capsys.readouterr().out.splitlines() == failed(
         f"{not_a_run} is not a run file: start_pulseid is '1'"
     )
+    good = {"pgroup": "p12345", "run_number": 3, "start_pulseid": 5, "stop_pulseid": 9}
+    for key, value, shown in [
+        ("rate_multiplicator", 0, "rate_multiplicator is 0"),
+        ("stop_pulseid", 4, "stop_pulseid is 4"),
+        ("directory_name", 7, "directory_name is 7"),
+        ("channels_list", "SAR-CVME-TIFALL5:EvtSet", "channels_list is not a list of names"),
+        ("pv_list", [""], "pv_list is not a list of names"),
+        ("detectors", ["JF13T01V01"], "detectors is not an object"),
+    ]:
+        not_a_run.write_text(json.dumps({**good, key: value}))
+        assert main(["-r", str(not_a_run)]) == 1
+        assert capsys.readouterr().out.splitlines() == failed(
+            f"{not_a_run} is not a run file: {shown}"
+        )
     with pytest.raises(SystemExit) as usage:
         main([])
     assert usage.value.code == 2
