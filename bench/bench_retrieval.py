@@ -59,7 +59,12 @@ def channel_specs(camera_shape: tuple[int, int]) -> dict[str, list[dict[str, Any
     ]
     channels.append({"name": "BENCH:WAVE-F32", "type": "float32", "shape": [2048]})
     channels.append(
-        {"name": "BENCH:WAVE-U16", "type": "uint16", "shape": [512], "compression": "bitshuffle_lz4"}
+        {
+            "name": "BENCH:WAVE-U16",
+            "type": "uint16",
+            "shape": [512],
+            "compression": "bitshuffle_lz4",
+        }
     )
     camera = {
         "name": "BENCH-CAM:FPICTURE",
@@ -161,12 +166,12 @@ async def retrieval(args: argparse.Namespace, urls: list[str], spec: dict[str, A
     }
     times: dict[str, dict[str, float]] = {}
     begin = time.perf_counter()
-    async with ClientSession() as session:
-        async with session.post(
-            f"http://127.0.0.1:{port}/retrieve_from_buffers", json=request
-        ) as response:
-            reply = await response.json()
-            assert response.status == 200, reply
+    async with (
+        ClientSession() as session,
+        session.post(f"http://127.0.0.1:{port}/retrieve_from_buffers", json=request) as response,
+    ):
+        reply = await response.json()
+        assert response.status == 200, reply
     replied = time.perf_counter() - begin
     async with asyncio.timeout(600):
         while sum("finished" in t for t in times.values()) < 3:
