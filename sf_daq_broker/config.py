@@ -66,6 +66,10 @@ class BufferConfig(_Strict):
     imagebuffer_url: str = "http://127.0.0.1:8372"
     archiver_url: str = "http://127.0.0.1:8373"
     jungfrau_root: Path = Path("/gpfs/photonics/swissfel/buffer")
+    #: Control endpoint of a simulated Jungfrau buffer in lazy mode (``sf-daq-broker simulate``):
+    #: the detector worker asks it to write the records it is about to read. Empty in
+    #: production, where the detectors write the buffer themselves.
+    jungfrau_control_url: str = ""
     #: How long after the time of ``stop`` a worker waits for late data before it reports the
     #: rest as missing.
     ingestion_window_s: float = Field(default=60.0, ge=0)

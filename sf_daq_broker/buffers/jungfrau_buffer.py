@@ -68,6 +68,9 @@ class DetectorFrames:
         return np.asarray(self.complete().all(axis=1) & agree)
 
 
+#: What ``read`` does about records that are not there (see the module docstring).
+Missing = Literal["raise", "zeros", "flag"]
+
 #: Called with (detector, pulse ids) before they are read; see ``JungfrauBufferReader``.
 BeforeRead = Callable[[str, np.ndarray], None]
 
@@ -130,17 +133,21 @@ class JungfrauBufferReader:
         pulse_ids: Sequence[int] | np.ndarray | range,
         *,
         out: np.ndarray | None = None,
-        missing: Literal["raise", "zeros"] = "raise",
+        missing: Missing = "raise",
+        pixels: bool = True,
     ) -> DetectorFrames:
         """Frames and headers of ``pulse_ids`` (in the order given) for all modules.
 
         ``out``, when given, receives the pixels: uint16 C-contiguous with at least
-        ``len(pulse_ids)`` frames of ``(n_modules*512, 1024)``.
+        ``len(pulse_ids)`` frames of ``(n_modules*512, 1024)``. Without ``pixels`` the frames'
+        ``data`` is empty, ``(N, 0, 1024)``.
         """
         pids = np.asarray(pulse_ids, dtype=np.int64).reshape(-1)
         count, n_mod = len(pids), self.n_modules
         shape = (count, n_mod * fmt.MODULE_ROWS, fmt.MODULE_COLS)
-        if out is None:
+        if not pixels:
+            data = np.empty((count, 0, fmt.MODULE_COLS), dtype=np.uint16)
+        elif out is None:
             data = np.empty(shape, dtype=np.uint16)
         else:
             if out.dtype != np.uint16 or out.shape[1:] != shape[1:] or len(out) < count:
@@ -155,8 +162,20 @@ class JungfrauBufferReader:
             self.before_read(self.detector, pids)
         for module in range(n_mod):
             rows = slice(module * fmt.MODULE_ROWS, (module + 1) * fmt.MODULE_ROWS)
+            # In "flag" mode a file is aged out only if the module closed a newer one.
+            latest = self.latest_pulse_id(module) if missing == "flag" else None
             for positions, first in _group_by_file(pids):
-                self._read_file(module, first, pids, positions, data, rows, headers, missing)
+                aged_out = missing == "raise" or (latest is not None and first <= latest)
+                self._read_file(
+                    module,
+                    first,
+                    pids,
+                    positions,
+                    data if pixels else None,
+                    rows,
+                    headers,
+                    aged_out,
+                )
         return DetectorFrames(pids, data, **headers)
 
     def _check_available(self, pids: np.ndarray) -> None:
@@ -182,10 +201,10 @@ class JungfrauBufferReader:
         first: int,
         pids: np.ndarray,
         positions: np.ndarray,
-        data: np.ndarray,
+        data: np.ndarray | None,
         rows: slice,
         headers: dict[str, np.ndarray],
-        missing: Literal["raise", "zeros"],
+        aged_out: bool,
     ) -> None:
         path = fmt.data_file(self.buffer_root, self.detector, module, first)
         try:
@@ -193,19 +212,23 @@ class JungfrauBufferReader:
                 path, dtype=fmt.RECORD_DTYPE, mode="r", shape=(fmt.PULSES_PER_FILE,)
             )
         except FileNotFoundError:
-            if missing == "raise":
+            if aged_out:
                 raise DataAgedOut(
                     f"{self.detector} module {module}: {path} is gone: pulses {first}.."
                     f"{first + fmt.PULSES_PER_FILE - 1} aged out of the buffer (or were never "
                     "written)"
                 ) from None
-            data[positions, rows] = 0
+            if data is not None:
+                data[positions, rows] = 0
             return
         except ValueError as exc:  # shorter than 1000 records
             raise CorruptStream(f"{self.detector} module {module}: {path}: {exc}") from exc
         slots = pids[positions] - first
         for name in fmt.HEADER_FIELDS:
             headers[name][positions, module] = records[name][slots]
+        if data is None:
+            del records
+            return
         pixels = records["data"]
         step = _even_step(slots)
         if step is not None and _even_step(positions) == 1:

@@ -6,6 +6,14 @@ with ``hdf5plugin.Bitshuffle(nelems=32768, cname="lz4")``, so readers only need
 ``import hdf5plugin``. Compressing ourselves lets a batch be compressed on several threads
 (``compress_lz4`` releases the GIL) instead of inside HDF5's single-threaded filter pipeline.
 
+``compress_chunk_into`` calls the ``bitshuffle`` package's own C function
+(``bshuf_compress_lz4``, the one ``compress_lz4`` wraps, so the bytes are the same) through
+ctypes, straight into a caller's reusable buffer after the 12-byte header. Measured on the
+2-core machine with float32 frames, the Python wrapper's fresh output array plus the copy into
+a chunk with its header cost ~15 % of the compression time (first-touch page faults of new
+9-17 MB arrays, one more pass over the data); where the C symbol is not exported the wrapper is
+used and the result copied.
+
 The dataset must declare the filter with cd_values ``(0, 5, itemsize, 32768, 2)``: bitshuffle
 format 0.5 (the ``bitshuffle`` package that compresses the chunks), element size, block size in
 elements, 2 = LZ4. HDF5 lets a registered filter rewrite cd_values when a dataset is created,
@@ -30,6 +38,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import bitshuffle
+import bitshuffle.ext
 import h5py
 import hdf5plugin
 import numpy as np
@@ -53,15 +62,65 @@ def compress_chunk(frame: npt.NDArray[Any]) -> npt.NDArray[np.uint8]:
     """One HDF5 chunk (header included) holding ``frame`` bitshuffle+LZ4 compressed.
 
     Returned as a uint8 array (``write_direct_chunk`` takes any buffer; ``bytes(chunk)`` for
-    comparisons): one copy of the compressed data, where ``header + tobytes()`` makes two.
+    comparisons). A worker compressing many frames reuses buffers: ``compress_chunk_into``.
     """
     frame = np.ascontiguousarray(frame)
-    compressed = bitshuffle.compress_lz4(frame, BLOCK_ELEMENTS)
-    chunk = np.empty(HEADER.size + compressed.size, dtype=np.uint8)
-    header = HEADER.pack(frame.nbytes, BLOCK_ELEMENTS * frame.itemsize)
-    chunk[: HEADER.size] = np.frombuffer(header, dtype=np.uint8)
-    chunk[HEADER.size :] = compressed
-    return chunk
+    return compress_chunk_into(frame, np.empty(chunk_bound(frame), dtype=np.uint8))
+
+
+def chunk_bound(frame: npt.NDArray[Any]) -> int:
+    """Bytes a chunk of ``frame`` (header included) may need at most."""
+    elements, itemsize = frame.size, frame.itemsize
+    native = _native()
+    if native is not None:
+        return HEADER.size + int(native[1](elements, itemsize, BLOCK_ELEMENTS))
+    # LZ4's worst case per block plus bitshuffle's 4-byte block headers, generously.
+    blocks = -(-elements // BLOCK_ELEMENTS)
+    return HEADER.size + frame.nbytes + blocks * (4 + BLOCK_ELEMENTS * itemsize // 255 + 16) + 64
+
+
+def compress_chunk_into(
+    frame: npt.NDArray[Any], buffer: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.uint8]:
+    """Compress ``frame`` (C-contiguous) into ``buffer`` (at least ``chunk_bound(frame)``
+    bytes); returns the chunk, a view of ``buffer``."""
+    if not frame.flags.c_contiguous:
+        raise ValueError("frame must be C-contiguous")
+    if buffer.size < chunk_bound(frame):
+        raise ValueError(f"buffer of {buffer.size} bytes is smaller than the chunk bound")
+    HEADER.pack_into(buffer.data, 0, frame.nbytes, BLOCK_ELEMENTS * frame.itemsize)
+    native = _native()
+    if native is None:
+        compressed = bitshuffle.compress_lz4(frame, BLOCK_ELEMENTS)
+        buffer[HEADER.size : HEADER.size + compressed.size] = compressed
+        return buffer[: HEADER.size + compressed.size]
+    written = native[0](
+        frame.ctypes.data,
+        buffer.ctypes.data + HEADER.size,
+        frame.size,
+        frame.itemsize,
+        BLOCK_ELEMENTS,
+    )
+    if written < 0:
+        raise RuntimeError(f"bitshuffle+LZ4 compression failed (error {written})")
+    return buffer[: HEADER.size + written]
+
+
+@functools.cache
+def _native() -> tuple[Any, Any] | None:
+    """``bshuf_compress_lz4`` and ``bshuf_compress_lz4_bound`` of the bitshuffle package."""
+    try:
+        library = ctypes.CDLL(bitshuffle.ext.__file__)
+        compress = library.bshuf_compress_lz4
+        bound = library.bshuf_compress_lz4_bound
+    except (OSError, AttributeError) as exc:
+        log.warning("bitshuffle's C functions are not reachable (%s): using its wrapper", exc)
+        return None
+    compress.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_size_t] * 3
+    compress.restype = ctypes.c_int64
+    bound.argtypes = [ctypes.c_size_t] * 3
+    bound.restype = ctypes.c_size_t
+    return compress, bound
 
 
 def create_dataset(

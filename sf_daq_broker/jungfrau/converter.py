@@ -20,7 +20,7 @@ from sf_daq_broker.jungfrau.calibration import Calibration, check_modules, load_
 from sf_daq_broker.jungfrau.detectors import DetectorName, parse_detector_name
 from sf_daq_broker.jungfrau.errors import ConversionError, DetectorError
 from sf_daq_broker.jungfrau.geometry import GeometryTable, default_geometry_table
-from sf_daq_broker.jungfrau.kernel import DRIVERS, place
+from sf_daq_broker.jungfrau.kernel import convert, place
 from sf_daq_broker.jungfrau.layout import Layout, build_layout
 from sf_daq_broker.jungfrau.options import ConversionOptions
 from sf_daq_broker.jungfrau.plan import Plan, build_plan
@@ -142,7 +142,7 @@ class Converter:
         if not out.flags.c_contiguous:
             raise ConversionError("output must be C-contiguous")
         if raw.shape[0]:
-            DRIVERS[self.dtype](
+            convert(
                 np.ascontiguousarray(raw).reshape(raw.shape[0], -1),
                 out.reshape(out.shape[0], -1),
                 self._plan.records,

@@ -10,11 +10,16 @@ over three contiguous loads rather than a gather, which lets LLVM vectorise the 
 (a band of output rows, see ``plan.py``) runs through all frames of the batch while its
 constants stay in cache; indices are cast to unsigned so numba adds no negative-index checks.
 
-There is one driver per output dtype (float32; int32 with ``factor``; uint16 copies without
-``adc_to_energy``), identical but for the pixel function. The helpers are inlined by numba
-(``inline="always"``): calls to separately compiled functions are not inlined by LLVM, and a call
-per pixel is 50 times slower. A factory producing the drivers from one template would be
-shorter, but numba never reuses cached closures, so every process would recompile them.
+One driver, ``convert``, serves the three output dtypes (float32; int32 with ``factor``; uint16
+copies without ``adc_to_energy``): the per-pixel function ``_pixel`` is a numba ``overload``
+chosen by the output's dtype when numba compiles the driver for it, so each dtype gets its own
+machine code (and cache entry) from one source, without a runtime branch per pixel. A factory
+of closures would do the same, but numba never reuses cached closures, so every process would
+recompile them. The ``njit`` helpers are inlined by numba (``inline="always"``): calls to
+separately compiled ``njit`` functions are not inlined by LLVM, and a call per pixel is 50
+times slower. The two overloads are not (numba's IR inliner trips its own scope check on the
+nested inline helpers); their code is compiled into the driver's LLVM module, which inlines
+it: measured the same speed as the former per-dtype drivers (bench/bench_conversion.py).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from sf_daq_broker.jungfrau.plan import COUNT, LENGTH, OUT, OUT_STEP, SRC, SRC_STEP, STRIDE
 
@@ -96,11 +102,70 @@ def _zero(o: Any, record: Any) -> None:
         o[first + i] = 0
 
 
+def _pixel(v: Any, j: Any, p0: Any, p1: Any, p2: Any, g0: Any, g1: Any, g2: Any, o: Any) -> Any:
+    """The output value of raw value ``v`` at output index ``j`` for an output row ``o``.
+
+    A stub: numba picks the implementation by ``o``'s dtype (``_pixel_for``) when it compiles
+    the driver for that dtype, so the three output kinds share one driver.
+    """
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+def _empty(o: Any) -> Any:
+    """The value of a pixel that is not computed (masked, gap, empty space): 0 of o's dtype."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+# numba checks that an implementation's parameters equal the typing function's, annotations
+# included: hence the annotated inner functions rather than lambdas.
+@overload(_pixel)
+def _pixel_for(v: Any, j: Any, p0: Any, p1: Any, p2: Any, g0: Any, g1: Any, g2: Any, o: Any) -> Any:
+    if o.dtype == types.float32:
+
+        def energy(
+            v: Any, j: Any, p0: Any, p1: Any, p2: Any, g0: Any, g1: Any, g2: Any, o: Any
+        ) -> Any:
+            return _energy(v, j, p0, p1, p2, g0, g1, g2)
+
+        return energy
+    if o.dtype == types.int32:
+
+        def rounded(
+            v: Any, j: Any, p0: Any, p1: Any, p2: Any, g0: Any, g1: Any, g2: Any, o: Any
+        ) -> Any:
+            return _to_int32(_energy(v, j, p0, p1, p2, g0, g1, g2))
+
+        return rounded
+    if o.dtype == types.uint16:
+
+        def copied(
+            v: Any, j: Any, p0: Any, p1: Any, p2: Any, g0: Any, g1: Any, g2: Any, o: Any
+        ) -> Any:
+            return v  # adc_to_energy false: the raw value, gain bits included
+
+        return copied
+    return None
+
+
+@overload(_empty)
+def _empty_for(o: Any) -> Any:
+    zeros = {types.float32: np.float32(0), types.int32: np.int32(0), types.uint16: np.uint16(0)}
+    zero = zeros.get(o.dtype)
+    if zero is None:
+        return None
+
+    def empty(o: Any) -> Any:
+        return zero
+
+    return empty
+
+
 @njit(parallel=True, **_JIT)
-def convert_float32(
+def convert(
     raw: Any, out: Any, records: Any, task_start: Any, p: Table, g: Table, good: Any, scratch: int
 ) -> None:
-    """raw (N, raw pixels) uint16 -> out (N, output pixels) float32 keV."""
+    """raw (N, raw pixels) uint16 -> out (N, output pixels): float32 keV, int32 (keV / factor,
+    rounded) or uint16 (values copied), by ``out``'s dtype (one compiled version each)."""
     last_p, last_g = p.shape[0] - 1, g.shape[0] - 1
     p0, p1, p2 = p[0], p[min(1, last_p)], p[min(2, last_p)]
     g0, g1, g2 = g[0], g[min(1, last_g)], g[min(2, last_g)]
@@ -109,6 +174,7 @@ def convert_float32(
         for frame in range(raw.shape[0]):
             r = raw[frame]
             o = out[frame]
+            nothing = _empty(o)
             for q in range(task_start[task], task_start[task + 1]):
                 record = records[q]
                 if record[SRC] < 0:
@@ -118,8 +184,8 @@ def convert_float32(
                     base = np.uint64(record[SRC])
                     for i in range(np.uint64(record[LENGTH])):
                         j = first + i
-                        value = _energy(r[base + i], j, p0, p1, p2, g0, g1, g2)
-                        o[j] = value if good[j] else np.float32(0)
+                        value = _pixel(r[base + i], j, p0, p1, p2, g0, g1, g2, o)
+                        o[j] = value if good[j] else nothing
                 else:
                     _gather(r, record, buffer)
                     length = record[LENGTH]
@@ -128,83 +194,8 @@ def convert_float32(
                         at = np.uint64(k * length)
                         for i in range(np.uint64(length)):
                             j = first + i
-                            value = _energy(buffer[at + i], j, p0, p1, p2, g0, g1, g2)
-                            o[j] = value if good[j] else np.float32(0)
-
-
-@njit(parallel=True, **_JIT)
-def convert_int32(
-    raw: Any, out: Any, records: Any, task_start: Any, p: Table, g: Table, good: Any, scratch: int
-) -> None:
-    """raw (N, raw pixels) uint16 -> out (N, output pixels) int32 (keV / factor, rounded)."""
-    last_p, last_g = p.shape[0] - 1, g.shape[0] - 1
-    p0, p1, p2 = p[0], p[min(1, last_p)], p[min(2, last_p)]
-    g0, g1, g2 = g[0], g[min(1, last_g)], g[min(2, last_g)]
-    for task in prange(task_start.size - 1):
-        buffer = np.empty(scratch, dtype=np.uint16)
-        for frame in range(raw.shape[0]):
-            r = raw[frame]
-            o = out[frame]
-            for q in range(task_start[task], task_start[task + 1]):
-                record = records[q]
-                if record[SRC] < 0:
-                    _zero(o, record)
-                elif _is_plain(record):
-                    first = np.uint64(record[OUT])
-                    base = np.uint64(record[SRC])
-                    for i in range(np.uint64(record[LENGTH])):
-                        j = first + i
-                        value = _to_int32(_energy(r[base + i], j, p0, p1, p2, g0, g1, g2))
-                        o[j] = value if good[j] else np.int32(0)
-                else:
-                    _gather(r, record, buffer)
-                    length = record[LENGTH]
-                    for k in range(record[COUNT]):
-                        first = np.uint64(record[OUT] + k * record[OUT_STEP])
-                        at = np.uint64(k * length)
-                        for i in range(np.uint64(length)):
-                            j = first + i
-                            value = _to_int32(_energy(buffer[at + i], j, p0, p1, p2, g0, g1, g2))
-                            o[j] = value if good[j] else np.int32(0)
-
-
-@njit(parallel=True, **_JIT)
-def convert_uint16(
-    raw: Any, out: Any, records: Any, task_start: Any, p: Table, g: Table, good: Any, scratch: int
-) -> None:
-    """raw (N, raw pixels) uint16 -> out (N, output pixels) uint16: values copied, not converted."""
-    for task in prange(task_start.size - 1):
-        buffer = np.empty(scratch, dtype=np.uint16)
-        for frame in range(raw.shape[0]):
-            r = raw[frame]
-            o = out[frame]
-            for q in range(task_start[task], task_start[task + 1]):
-                record = records[q]
-                if record[SRC] < 0:
-                    _zero(o, record)
-                elif _is_plain(record):
-                    first = np.uint64(record[OUT])
-                    base = np.uint64(record[SRC])
-                    for i in range(np.uint64(record[LENGTH])):
-                        j = first + i
-                        o[j] = r[base + i] if good[j] else np.uint16(0)
-                else:
-                    _gather(r, record, buffer)
-                    length = record[LENGTH]
-                    for k in range(record[COUNT]):
-                        first = np.uint64(record[OUT] + k * record[OUT_STEP])
-                        at = np.uint64(k * length)
-                        for i in range(np.uint64(length)):
-                            j = first + i
-                            o[j] = buffer[at + i] if good[j] else np.uint16(0)
-
-
-#: The driver for each output dtype.
-DRIVERS = {
-    np.dtype(np.float32): convert_float32,
-    np.dtype(np.int32): convert_int32,
-    np.dtype(np.uint16): convert_uint16,
-}
+                            value = _pixel(buffer[at + i], j, p0, p1, p2, g0, g1, g2, o)
+                            o[j] = value if good[j] else nothing
 
 
 @njit(parallel=True, **_JIT)

@@ -16,12 +16,13 @@ from sf_daq_broker.workers.loop import Source, Worker
 
 log = logging.getLogger(__name__)
 
-#: Where each source kind's implementation lives (imported only when that worker runs).
-#: The archiver and detector workers are not written yet.
+#: Where each source kind's implementation lives (imported only when that worker runs, so a
+#: channel worker never loads numba and h5py's detector code).
 SOURCE_CLASSES: dict[SourceKind, str] = {
     SourceKind.DATABUFFER: "sf_daq_broker.workers.api1_source:DataBufferSource",
     SourceKind.IMAGEBUFFER: "sf_daq_broker.workers.api1_source:ImageBufferSource",
     SourceKind.ARCHIVER: "sf_daq_broker.workers.archiver_source:ArchiverSource",
+    SourceKind.DETECTOR: "sf_daq_broker.workers.detector_source:DetectorSource",
 }
 
 

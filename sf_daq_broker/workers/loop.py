@@ -11,20 +11,64 @@ A source only knows how to fetch its data and write a file at the path it is giv
 - writes a human-readable log of every job into the run's log file;
 - leaves a job it was stopped in the middle of unsettled, so the queue gives it to another
   worker (which rewrites the same file, as the job id and file name are the same).
+
+Jobs longer than RabbitMQ's delivery timeout (a job lease)
+----------------------------------------------------------
+RabbitMQ closes a consumer's channel when a delivery stays unacknowledged longer than the
+server's ``consumer_timeout`` (30 min by default; per queue only from RabbitMQ 3.12 on, and
+this installation runs 3.10), and gives the job to a consumer again — possibly the same
+process, whose robust channel re-opens at once. A large detector job can take longer than
+that. Raising the server-wide timeout would also hide workers that really hang, so instead the
+loop keeps the job's state in a *lease* file beside the output, on the file system every worker
+shares: ``.{output name}.lease``, JSON ``{job_id, owner, state, reason}``.
+
+- The worker that starts a job creates the lease (atomically, refusing to replace one:
+  ``create_atomic``) with state ``running`` and touches its mtime every ``heartbeat`` seconds
+  while the job runs (a task on the event loop; the heavy work runs in threads).
+- A delivery that finds a fresh ``running`` lease of another owner is the same job delivered
+  again while its first worker still runs: it neither writes status events nor touches the
+  file, it waits (polling) for the lease to change.
+- When the first worker finishes it publishes the file, writes state ``finished`` (or
+  ``failed`` with the reason), publishes its status event on its own status channel (the
+  consumer channel that the timeout closed is not needed for that) and then tries to settle
+  its delivery. If that succeeds the lease is removed — so a lease disappears only once its
+  job is acknowledged, and a delivery that was waiting and sees it gone is a duplicate and
+  acknowledges itself. If the timeout closed the channel the ack fails; the lease stays, and
+  whichever delivery holds the job now sees ``finished`` and acknowledges it (or ``failed``
+  and dead-letters it), then removes the lease.
+- A ``running`` lease whose mtime is older than ``stale_after`` belongs to a worker that died
+  (a killed process cannot clean up): the waiting delivery takes it over (rename the stale
+  file away, check it was the stale one, create a new lease) and runs the job. The owner is
+  ``host:pid:process start:token``, so a lease of a process of the same host that is gone
+  (SIGKILL, a crash) is taken over at once, without waiting for it to go stale.
+- A worker stopped in the middle (SIGTERM) marks its lease ``released``, so the job's next
+  delivery takes it over at once instead of waiting for it to go stale.
+- A worker that finds its lease taken over (its heartbeat could not run for ``stale_after``)
+  stops the job without writing or settling anything: the new owner rewrites the file.
+
+So a job is run once, a waiting duplicate costs a poll every ``poll`` seconds, and nothing is
+lost: until a delivery is settled the job stays in RabbitMQ. The consumer loop also starts
+consuming again if its queue iterator ends because the channel was closed.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
+import json
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from sf_daq_broker.bookkeeping.atomic import partial_path, publish_file
+from sf_daq_broker.bookkeeping.atomic import create_atomic, partial_path, publish_file, write_atomic
 from sf_daq_broker.buffers.errors import BufferClientError
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.jungfrau.errors import ConversionError
@@ -44,6 +88,21 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """Pause after the ``attempt``-th failure (1-based)."""
         return float(min(self.max_delay, self.first_delay * self.factor ** (attempt - 1)))
+
+
+@dataclass(frozen=True)
+class LeasePolicy:
+    """Timing of job leases (see the module docstring).
+
+    ``stale_after`` must cover the longest time a live worker may fail to touch its lease (an
+    overloaded file system), many heartbeats; ``poll`` is how often a waiting delivery looks.
+    """
+
+    heartbeat: float = 5.0
+    stale_after: float = 30.0
+    poll: float = 1.0
+    #: Pause before consuming again when a queue's consumer ended (its channel was closed).
+    reconsume_delay: float = 1.0
 
 
 class Progress:
@@ -101,6 +160,141 @@ def temporary_path(job: Job) -> Path:
     return partial_path(Path(job.output_file))
 
 
+def lease_path(job: Job) -> Path:
+    """The job's lease, beside its output (hidden, never matched by ``run_*.h5``)."""
+    output = Path(job.output_file)
+    return output.with_name(f".{output.name}.lease")
+
+
+class LeaseState(StrEnum):
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    RELEASED = "released"  # its worker was stopped: the next delivery runs the job at once
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    job_id: str
+    owner: str
+    state: LeaseState
+    reason: str = ""
+    age: float = 0.0  # seconds since the owner last touched it
+
+    def encode(self) -> bytes:
+        document = {
+            "job_id": self.job_id,
+            "owner": self.owner,
+            "state": self.state.value,
+            "reason": self.reason,
+        }
+        return json.dumps(document).encode()
+
+
+class LeaseLost(Exception):
+    """Another delivery of the job took the lease over: this one must stop."""
+
+
+class JobLease:
+    """The lease file of one job held, or awaited, by one delivery (see the module docstring)."""
+
+    def __init__(self, job: Job, policy: LeasePolicy) -> None:
+        self.job = job
+        self.policy = policy
+        self.path = lease_path(job)
+        pid = os.getpid()
+        self.owner = f"{socket.gethostname()}:{pid}:{_process_start(pid)}:{uuid.uuid4().hex[:8]}"
+
+    def read(self) -> LeaseRecord | None:
+        """The lease as it is on disk, None if there is none (or it is being replaced)."""
+        try:
+            data = self.path.read_bytes()
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        try:
+            document: dict[str, Any] = json.loads(data)
+            return LeaseRecord(
+                job_id=str(document["job_id"]),
+                owner=str(document["owner"]),
+                state=LeaseState(document["state"]),
+                reason=str(document.get("reason", "")),
+                age=age,
+            )
+        except (ValueError, KeyError, TypeError):
+            # Unreadable (a foreign or torn file): only its age can tell whether it is alive.
+            return LeaseRecord(self.job.job_id, "?", LeaseState.RUNNING, age=age)
+
+    @staticmethod
+    def owner_is_gone(owner: str) -> bool:
+        """True if the owner is a process of this host that no longer runs (killed: it could
+        not release its lease). Owners on other hosts are judged by the lease's age only."""
+        parts = owner.split(":")
+        if len(parts) != 4 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+            return False
+        # The start time guards against a new process that got the same pid.
+        started = _process_start(int(parts[1]))
+        return not started or started != parts[2]
+
+    def _record(self, state: LeaseState, reason: str = "") -> LeaseRecord:
+        return LeaseRecord(self.job.job_id, self.owner, state, reason)
+
+    def try_create(self) -> bool:
+        """Take a free lease; False if one exists already."""
+        try:
+            create_atomic(self.path, self._record(LeaseState.RUNNING).encode())
+        except FileExistsError:
+            return False
+        return True
+
+    def try_take_over(self, stale: LeaseRecord) -> bool:
+        """Replace the ``stale`` lease with ours; False if another delivery was quicker."""
+        tomb = self.path.with_name(f"{self.path.name}.{self.owner.rsplit(':', 1)[-1]}.stale")
+        try:
+            os.rename(self.path, tomb)  # only one delivery can move the stale file away
+        except FileNotFoundError:
+            return False
+        moved = None
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            moved = json.loads(tomb.read_bytes()).get("owner")
+        if moved is not None and moved != stale.owner:
+            # We moved a lease that someone created since we read the stale one: put it back.
+            with contextlib.suppress(FileExistsError):
+                os.link(tomb, self.path)
+            tomb.unlink(missing_ok=True)
+            return False
+        tomb.unlink(missing_ok=True)
+        return self.try_create()
+
+    def owned(self) -> bool:
+        record = self.read()
+        return record is not None and record.owner == self.owner
+
+    def touch(self) -> None:
+        """Heartbeat; ``LeaseLost`` if the lease is no longer ours."""
+        if not self.owned():
+            raise LeaseLost(f"the lease {self.path} was taken over by another delivery")
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path)
+
+    def settle(self, state: LeaseState, reason: str = "") -> None:
+        """Record the outcome for a later delivery of the same job."""
+        write_atomic(self.path, self._record(state, reason).encode())
+
+    def remove_settled(self) -> None:
+        """Drop a settled lease, whoever wrote it (its job is acknowledged now)."""
+        self.path.unlink(missing_ok=True)
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, from /proc), "" if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
 class _JobLog:
     """A logger writing to the run's log file of this source while the job runs."""
 
@@ -130,11 +324,13 @@ class Worker:
         sources: Sequence[Source],
         retry: RetryPolicy | None = None,
         prefetch: int = 1,
+        lease: LeasePolicy | None = None,
     ) -> None:
         self.transport = transport
         self.sources = list(sources)
         self.retry = retry or RetryPolicy()
         self.prefetch = prefetch
+        self.lease = lease or LeasePolicy()
 
     async def run(self) -> None:
         """Consume the queue of every source until cancelled."""
@@ -142,8 +338,13 @@ class Worker:
 
     async def _consume(self, source: Source) -> None:
         log.info("worker for %s jobs waiting on the %s transport", source.kind, self.transport.name)
-        async for delivery in self.transport.consume_jobs(source.kind, self.prefetch):
-            await self.handle(source, delivery)
+        while True:
+            async for delivery in self.transport.consume_jobs(source.kind, self.prefetch):
+                await self.handle(source, delivery)
+            # The consumer's channel was closed (e.g. by RabbitMQ's delivery timeout while a
+            # long job ran): its unsettled jobs went back to the queue; consume again.
+            log.warning("the %s consumer ended; consuming again", source.kind)
+            await asyncio.sleep(self.lease.reconsume_delay)
 
     async def handle(self, source: Source, delivery: JobDelivery) -> None:
         job = delivery.job
@@ -155,8 +356,6 @@ class Worker:
 
     async def _handle(self, source: Source, delivery: JobDelivery, job_log: logging.Logger) -> None:
         job = delivery.job
-        total = expected_total(job)
-        target = temporary_path(job)
         job_log.info(
             "%s of run %d (%s): %d names, pulses %d-%d (requested %d-%d, rate 1/%d)%s",
             job.source,
@@ -170,6 +369,100 @@ class Worker:
             job.rate_multiplicator,
             ", delivered again" if delivery.redelivered else "",
         )
+        lease = JobLease(job, self.lease)
+        settled = await self._acquire(lease, delivery, job_log)
+        if settled:
+            return
+        # The job runs in its own task so that the heartbeat can stop it alone (lease lost).
+        job_task = asyncio.create_task(self._run(source, delivery, lease, job_log))
+        heartbeat = asyncio.create_task(self._heartbeat(lease, job_task, job_log))
+        try:
+            await job_task
+        except LeaseLost as exc:
+            job_log.error("%s: stopped, the other delivery writes the file", exc)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # the worker is being stopped
+            job_log.error("lease lost: stopped, the other delivery writes the file")
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _acquire(
+        self, lease: JobLease, delivery: JobDelivery, job_log: logging.Logger
+    ) -> bool:
+        """Take the job's lease, waiting while another delivery of it runs.
+
+        Returns True if the job turned out to be settled by that other delivery (this one was
+        acknowledged or dead-lettered accordingly), False when the lease is ours to run.
+        """
+        waiting = False
+        while True:
+            record = await asyncio.to_thread(lease.read)
+            if record is None and waiting:
+                # A lease goes only once its job is acknowledged (a stopped worker releases
+                # it instead): the delivery we waited for finished, this one is a duplicate.
+                job_log.info("written and acknowledged by the other delivery: acknowledged")
+                await self._settle(delivery, lease, job_log, ack=True, remove=False)
+                return True
+            if record is None:
+                if await asyncio.to_thread(lease.try_create):
+                    return False
+                continue  # created by another delivery in between: look at it
+            if record.state is LeaseState.FINISHED and Path(lease.job.output_file).exists():
+                job_log.info("already written by an earlier delivery: acknowledged")
+                await self._settle(delivery, lease, job_log, ack=True, remove=True)
+                return True
+            if record.state is LeaseState.FAILED:
+                job_log.info("failed in an earlier delivery (%s): rejected", record.reason)
+                await self._settle(delivery, lease, job_log, ack=False, remove=True)
+                return True
+            if (
+                record.state is LeaseState.RUNNING
+                and record.age < self.lease.stale_after
+                and not JobLease.owner_is_gone(record.owner)
+            ):
+                if not waiting:
+                    job_log.info(
+                        "running in another delivery (%s); waiting for it to finish", record.owner
+                    )
+                    waiting = True
+                await asyncio.sleep(self.lease.poll)
+                continue
+            # Released by a stopped worker, stale (its worker died), or finished but the file
+            # is gone.
+            job_log.log(
+                logging.INFO if record.state is LeaseState.RELEASED else logging.WARNING,
+                "taking over the job from %s (lease %s, %.0f s old)",
+                record.owner,
+                record.state,
+                record.age,
+            )
+            if await asyncio.to_thread(lease.try_take_over, record):
+                return False
+
+    async def _heartbeat(
+        self, lease: JobLease, job_task: asyncio.Task[None], job_log: logging.Logger
+    ) -> None:
+        while True:
+            await asyncio.sleep(self.lease.heartbeat)
+            try:
+                await asyncio.to_thread(lease.touch)
+            except LeaseLost as exc:
+                job_log.error("%s", exc)
+                job_task.cancel(msg="lease lost")
+                return
+            except OSError as exc:  # a file system hiccup: the next beat may succeed
+                job_log.warning("lease heartbeat failed: %s", exc)
+
+    async def _run(
+        self, source: Source, delivery: JobDelivery, lease: JobLease, job_log: logging.Logger
+    ) -> None:
+        job = delivery.job
+        total = expected_total(job)
+        target = temporary_path(job)
         await self.transport.publish_status(
             StatusEvent.for_job(Action.WRITE_START, job, "started", total=total)
         )
@@ -181,31 +474,40 @@ class Worker:
                 try:
                     target.unlink(missing_ok=True)
                     report = await source.retrieve(job, target, progress, job_log)
+                    if not await asyncio.to_thread(lease.owned):
+                        raise LeaseLost(f"the lease {lease.path} was taken over")
                     await asyncio.to_thread(publish_file, target, Path(job.output_file))
                     break
                 except BufferClientError as exc:
                     if not exc.transient:
-                        await self._fail(delivery, job_log, str(exc))
+                        await self._fail(delivery, lease, job_log, str(exc))
                         return
                     if attempt >= self.retry.attempts:
                         await self._fail(
-                            delivery, job_log, f"{exc} (gave up after {attempt} tries)"
+                            delivery, lease, job_log, f"{exc} (gave up after {attempt} tries)"
                         )
                         return
                     pause = self.retry.delay(attempt)
                     job_log.warning("try %d failed: %s; next try in %.1f s", attempt, exc, pause)
                     await asyncio.sleep(pause)
                 except ConversionError as exc:
-                    await self._fail(delivery, job_log, str(exc))
+                    await self._fail(delivery, lease, job_log, str(exc))
                     return
+                except LeaseLost:
+                    raise
                 except Exception as exc:
                     job_log.exception("unexpected error")
-                    await self._fail(delivery, job_log, f"unexpected error: {exc!r}")
+                    await self._fail(delivery, lease, job_log, f"unexpected error: {exc!r}")
                     return
         except asyncio.CancelledError:
-            target.unlink(missing_ok=True)
-            job_log.warning("worker stopped in the middle: the job goes back to the queue")
+            # Stopped (SIGTERM) or the lease was lost. Only the lease's owner may touch the
+            # temporary file: after a take-over it is the new owner's.
+            if await asyncio.to_thread(lease.owned):
+                target.unlink(missing_ok=True)
+                await asyncio.to_thread(lease.settle, LeaseState.RELEASED)
+                job_log.warning("worker stopped in the middle: the job goes back to the queue")
             raise
+        await asyncio.to_thread(lease.settle, LeaseState.FINISHED)
         for line in report.lines():
             job_log.info("  %s", line)
         job_log.info("written %s: %s", job.output_file, report.summary())
@@ -214,13 +516,46 @@ class Worker:
                 Action.WRITE_FINISHED, job, report.summary(), total=total, report=report.to_json()
             )
         )
-        await delivery.ack()
+        # Shielded: a stop signal now must not leave the job acknowledged with its lease.
+        await asyncio.shield(self._settle(delivery, lease, job_log, ack=True, remove=True))
 
-    async def _fail(self, delivery: JobDelivery, job_log: logging.Logger, reason: str) -> None:
+    async def _fail(
+        self, delivery: JobDelivery, lease: JobLease, job_log: logging.Logger, reason: str
+    ) -> None:
         job = delivery.job
         temporary_path(job).unlink(missing_ok=True)
         # which range and what happened; the reason names the buffer
         reason = f"pulses {job.start_pulse_id}-{job.stop_pulse_id}: {reason}"
+        await asyncio.to_thread(lease.settle, LeaseState.FAILED, reason)
         job_log.error("failed, no file written: %s", reason)
         await self.transport.publish_status(StatusEvent.for_job(Action.WRITE_REJECTED, job, reason))
-        await delivery.reject()
+        await asyncio.shield(self._settle(delivery, lease, job_log, ack=False, remove=True))
+
+    async def _settle(
+        self,
+        delivery: JobDelivery,
+        lease: JobLease,
+        job_log: logging.Logger,
+        *,
+        ack: bool,
+        remove: bool,
+    ) -> None:
+        """Ack or reject, then (``remove``) drop the settled lease. If the delivery is dead
+        (channel closed by the delivery timeout) the lease stays, so that the job's next
+        delivery settles the job the same way."""
+        try:
+            if ack:
+                await delivery.ack()
+            else:
+                await delivery.reject()
+        except Exception as exc:
+            job_log.warning(
+                "this delivery can no longer be settled (%s: %s), probably closed by the "
+                "queue's delivery timeout; the job's next delivery will be %s from the lease",
+                type(exc).__name__,
+                exc,
+                "acknowledged" if ack else "rejected",
+            )
+            return
+        if remove:
+            await asyncio.to_thread(lease.remove_settled)

@@ -8,20 +8,38 @@ events, job logs and the return of an interrupted job to the queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import pytest
+from aio_pika.exceptions import ChannelInvalidStateError
 
 from sf_daq_broker.buffers.errors import BufferServerError, DataAgedOut, StreamCut
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent, job_id_for
 from sf_daq_broker.jungfrau.errors import CalibrationError
-from sf_daq_broker.transport import StatusSubscription, Transport
+from sf_daq_broker.transport import JobDelivery, StatusSubscription, Transport
 from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.transport.embedded import EmbeddedTransport
-from sf_daq_broker.workers.loop import Progress, RetryPolicy, Source, Worker, temporary_path
+from sf_daq_broker.workers.loop import (
+    LeasePolicy,
+    Progress,
+    RetryPolicy,
+    Source,
+    Worker,
+    lease_path,
+    temporary_path,
+)
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
 from tests.support import async_wait_until
 
@@ -152,12 +170,7 @@ async def test_success_publishes_file_then_acks(transport: Transport, raw_dir: P
     assert "A:B: 4 of 6 beam pulses, 2 missing (108, 110)" in log_text
     assert "C:D: no data at all" in log_text
     # Acknowledged: a new worker gets nothing, and nothing was dead-lettered.
-    assert await transport.take_dead_letters() == []
-    consumer = transport.consume_jobs(SourceKind.DATABUFFER)
-    with pytest.raises(TimeoutError):
-        async with asyncio.timeout(0.3):
-            await consumer.__anext__()
-    await consumer.aclose()
+    await settled_and_queue_empty(transport, job)
     await events.close()
 
 
@@ -249,3 +262,260 @@ def test_beam_pulses_are_the_multiples_of_the_rate() -> None:
     assert beam_pulses(100, 110, 2).tolist() == [100, 102, 104, 106, 108, 110]
     assert beam_pulses(101, 109, 4).tolist() == [104, 108]
     assert beam_pulses(101, 103, 4).tolist() == []
+
+
+# --- Job leases: a job delivered again while it runs is not run twice (see loop.py) ---------
+
+LEASES = LeasePolicy(heartbeat=0.05, stale_after=5, poll=0.02, reconsume_delay=0.05)
+
+
+async def log_says(job: Job, *texts: str) -> None:
+    """Wait until the job log holds one of ``texts``."""
+
+    def found() -> bool:
+        log_file = Path(job.log_file)
+        return log_file.is_file() and any(text in log_file.read_text() for text in texts)
+
+    await async_wait_until(found, timeout=20, what=f"one of {texts} in the job log")
+
+
+#: What the waiting delivery logs when it acknowledges itself: the lease says finished (the
+#: other's ack failed or is still to come) or is gone (the other's ack went through).
+DUPLICATE_ACKED = (
+    "already written by an earlier delivery: acknowledged",
+    "written and acknowledged by the other delivery: acknowledged",
+)
+
+
+async def settled_and_queue_empty(transport: Transport, job: Job) -> None:
+    """The lease is gone (a delivery was settled), nothing waits in the queue or the DLQ."""
+    await async_wait_until(lambda: not lease_path(job).exists(), timeout=20, what="lease gone")
+    assert await transport.take_dead_letters() == []
+    consumer = transport.consume_jobs(SourceKind.DATABUFFER)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await consumer.__anext__()
+    await consumer.aclose()
+
+
+async def stop_all_and_check_ran_once(
+    workers: list[asyncio.Task[Any]], source: ScriptedSource, seen: list[StatusEvent]
+) -> None:
+    """Stop the workers; the source ran once and the job's status events were sent once."""
+    for task in workers:
+        await stop(task)
+    assert source.calls == 1
+    assert [e.action for e in seen] == [
+        Action.WRITE_START,
+        Action.WRITE_PROGRESS,
+        Action.WRITE_FINISHED,
+    ]
+
+
+async def test_a_second_delivery_waits_for_the_running_one(
+    transport: Transport, raw_dir: Path
+) -> None:
+    """Two deliveries of one job at once (what a delivery timeout produces): one runs, the
+    other waits for it and is acknowledged without touching the file or sending status."""
+    job = make_job(raw_dir)
+    source = ScriptedSource()
+    source.hold = asyncio.Event()
+    events = await transport.subscribe_status()
+    await transport.publish_jobs([job, job])
+    workers = [
+        asyncio.create_task(Worker(transport, [source], retry=FAST, lease=LEASES).run())
+        for _ in range(2)
+    ]
+    await asyncio.wait_for(source.started.wait(), 10)
+    await log_says(job, "running in another delivery")
+    assert json.loads(lease_path(job).read_bytes())["state"] == "running"
+    source.hold.set()
+    seen = await collect_until(events, Action.WRITE_FINISHED)
+    await log_says(job, *DUPLICATE_ACKED)
+    await settled_and_queue_empty(transport, job)
+    await stop_all_and_check_ran_once(workers, source, seen)
+    with pytest.raises(TimeoutError):  # the waiting delivery sends nothing
+        async with asyncio.timeout(0.3):
+            await events.__anext__()
+    assert Path(job.output_file).read_bytes() == b"complete file"
+    await events.close()
+
+
+async def test_a_stale_lease_is_taken_over(raw_dir: Path) -> None:
+    """The worker that held the job died (its lease is no longer touched): the job runs."""
+    transport = EmbeddedTransport()
+    job = make_job(raw_dir)
+    dead = {"job_id": job.job_id, "owner": "gone:1:dead", "state": "running", "reason": ""}
+    lease_path(job).write_text(json.dumps(dead))
+    os.utime(lease_path(job), (time.time() - 60, time.time() - 60))
+    source = ScriptedSource()
+    task, events = await run_worker_with(transport, source, job)
+    await collect_until(events, Action.WRITE_FINISHED)
+    await async_wait_until(lambda: not lease_path(job).exists(), what="lease gone")
+    await stop(task)
+    assert source.calls == 1
+    assert (
+        "taking over the job from gone:1:dead (lease running, 60 s old)"
+        in Path(job.log_file).read_text()
+    )
+    await events.close()
+
+
+async def test_a_job_that_failed_before_is_dead_lettered_again(raw_dir: Path) -> None:
+    """The first delivery failed but could not reject (its channel was gone): the next one
+    rejects it from the lease, without trying again."""
+    transport = EmbeddedTransport()
+    job = make_job(raw_dir)
+    failed = {"job_id": job.job_id, "owner": "a:1:b", "state": "failed", "reason": "aged out"}
+    lease_path(job).write_text(json.dumps(failed))
+    source = ScriptedSource()
+    task, events = await run_worker_with(transport, source, job)
+    await async_wait_until(lambda: not lease_path(job).exists(), what="lease gone")
+    await stop(task)
+    assert source.calls == 0
+    assert await transport.take_dead_letters() == [job]
+    assert "failed in an earlier delivery (aged out): rejected" in Path(job.log_file).read_text()
+    await events.close()
+
+
+async def run_worker_with(
+    transport: Transport, source: Source, job: Job
+) -> tuple[asyncio.Task[Any], StatusSubscription]:
+    events = await transport.subscribe_status()
+    await transport.publish_jobs([job])
+    task = asyncio.create_task(Worker(transport, [source], retry=FAST, lease=LEASES).run())
+    return task, events
+
+
+def _rabbitmqctl(expression: str) -> str:
+    done = subprocess.run(
+        ["rabbitmqctl", "eval", expression], capture_output=True, text=True, timeout=60
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl eval {expression!r}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+@contextlib.contextmanager
+def short_delivery_timeout(amqp_url: str, timeout_ms: int) -> Iterator[None]:
+    """RabbitMQ's server-wide ``consumer_timeout`` set to ``timeout_ms`` for the block.
+
+    RabbitMQ 3.10 has no per-queue or per-consumer timeout (3.12+), so the test changes the
+    server's setting at run time and restores it in any case. The timeout is checked on each
+    channel's tick (60 s by default), so the tick is shortened too; channels read it when they
+    open, so only channels opened inside the block see it.
+    """
+    reason = ""
+    if shutil.which("rabbitmqctl") is None:
+        reason = "rabbitmqctl is not installed: the delivery timeout cannot be shortened"
+    elif urlparse(amqp_url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        reason = f"RabbitMQ at {amqp_url} is not the local node rabbitmqctl controls"
+    if reason:
+        if os.environ.get("SF_DAQ_REQUIRE_RABBITMQ"):
+            pytest.fail(f"{reason}, but SF_DAQ_REQUIRE_RABBITMQ is set")
+        pytest.skip(reason)
+    keys = ("consumer_timeout", "channel_tick_interval")
+    # One rabbitmqctl call per step (each takes ~1 s): the server-wide change, which other
+    # tests on the same server also see, lasts as short as possible.
+    previous = _rabbitmqctl(
+        "{" + ", ".join(f"application:get_env(rabbit, {key})" for key in keys) + "}."
+    )
+    values = dict(zip(keys, re.findall(r"\{ok,(\d+)\}|undefined", previous), strict=True))
+    restore = ", ".join(
+        f"application:set_env(rabbit, {key}, {value})"
+        if value
+        else f"application:unset_env(rabbit, {key})"
+        for key, value in values.items()
+    )
+    try:
+        _rabbitmqctl(
+            f"application:set_env(rabbit, consumer_timeout, {timeout_ms}), "
+            f"application:set_env(rabbit, channel_tick_interval, {timeout_ms // 2})."
+        )
+        yield
+    finally:
+        _rabbitmqctl(restore + ".")
+
+
+def delivery_channel_closed(delivery: JobDelivery) -> bool:
+    """Whether RabbitMQ closed the channel of this delivery (aio-pika internals: a test-only
+    probe, the loop itself only learns it when its ack fails)."""
+    message = getattr(delivery, "_message")  # noqa: B009 - private by design
+    try:
+        channel = message.channel  # raises once the channel is closed
+    except ChannelInvalidStateError:
+        return True
+    return bool(channel.is_closed)
+
+
+async def test_a_job_longer_than_the_delivery_timeout_runs_once(
+    amqp_url: str, amqp_prefix: str, raw_dir: Path
+) -> None:
+    """Real RabbitMQ, real timeout: the job outlives its delivery; the first worker still
+    writes the file and sends its status, the job's next delivery is acknowledged from the
+    lease, and the job is neither run twice nor lost."""
+    job = make_job(raw_dir)
+    source = ScriptedSource()
+    source.hold = asyncio.Event()
+    deliveries: list[JobDelivery] = []
+
+    class RecordingWorker(Worker):
+        async def handle(self, source: Source, delivery: JobDelivery) -> None:
+            deliveries.append(delivery)
+            await super().handle(source, delivery)
+
+    transports = [AmqpTransport(amqp_url, prefix=amqp_prefix) for _ in range(3)]
+    publisher, first, second = transports
+    with short_delivery_timeout(amqp_url, timeout_ms=1000):
+        events = await publisher.subscribe_status()
+        await publisher.publish_jobs([job])
+        workers = [
+            asyncio.create_task(RecordingWorker(t, [source], retry=FAST, lease=LEASES).run())
+            for t in (first, second)
+        ]
+        await asyncio.wait_for(source.started.wait(), 10)
+        await async_wait_until(
+            lambda: delivery_channel_closed(deliveries[0]),
+            timeout=20,
+            what="RabbitMQ to close the channel of the delivery (consumer_timeout)",
+        )
+        source.hold.set()  # the job ends after its delivery timed out
+        seen = await collect_until(events, Action.WRITE_FINISHED, timeout=20)
+        await async_wait_until(lambda: not lease_path(job).exists(), timeout=20, what="ack")
+    await stop_all_and_check_ran_once(workers, source, seen)
+    assert Path(job.output_file).read_bytes() == b"complete file"
+    log_text = Path(job.log_file).read_text()
+    assert "this delivery can no longer be settled" in log_text
+    assert "delivered again" in log_text
+    assert any(text in log_text for text in DUPLICATE_ACKED)
+    assert len(deliveries) >= 2 and deliveries[1].redelivered
+    await settled_and_queue_empty(publisher, job)
+    await events.close()
+    for transport in transports:
+        await transport.close()
+
+
+async def test_a_fresh_lease_of_a_killed_process_is_taken_over_at_once(raw_dir: Path) -> None:
+    """A worker of this host killed with SIGKILL left a fresh ``running`` lease: its process
+    is gone, so the next delivery does not wait for the lease to go stale."""
+    transport = EmbeddedTransport()
+    job = make_job(raw_dir)
+    child = subprocess.Popen(["true"])
+    child.wait()  # a pid that no longer runs
+    owner = f"{socket.gethostname()}:{child.pid}:12345:dead"
+    killed = {"job_id": job.job_id, "owner": owner, "state": "running", "reason": ""}
+    lease_path(job).write_text(json.dumps(killed))
+    source = ScriptedSource()
+    patient = LeasePolicy(heartbeat=0.05, stale_after=3600, poll=0.02)
+    events = await transport.subscribe_status()
+    await transport.publish_jobs([job])
+    task = asyncio.create_task(Worker(transport, [source], retry=FAST, lease=patient).run())
+    await collect_until(events, Action.WRITE_FINISHED)
+    await async_wait_until(lambda: not lease_path(job).exists(), what="lease gone")
+    await stop(task)
+    assert source.calls == 1
+    assert (
+        f"taking over the job from {owner} (lease running, 0 s old)"
+        in Path(job.log_file).read_text()
+    )
+    await events.close()

@@ -1,0 +1,440 @@
+"""Jungfrau detector source: buffer files → conversion → bitshuffle+LZ4 chunks, in one pass.
+
+A detector run is large (a 32-module detector makes 6.4 GB of raw frames per second of beam),
+so the job never holds the run: it streams bounded batches through a two-stage pipeline,
+
+    stage 1 (a thread):   read batch k+1 from the buffer files (numpy memmap, one copy) and
+                          convert it (numba kernel, nogil, on numba's threads);
+    stage 2 (a thread):   compress batch k (bitshuffle+LZ4 on the writer's threads, which
+                          release the GIL) and write each frame as one HDF5 chunk directly,
+
+with two sets of batch buffers that the stages swap, so memory is two batches plus the
+calibration, whatever the run's length, and both cores stay busy. The event loop only
+coordinates, publishes progress and keeps the job's lease alive.
+
+Readiness (BUFFERS.md §4): the job waits until every module's ``LATEST`` has passed ``stop``.
+A module without a buffer at all is missing: it is not waited for, its rows read as zeros and
+every frame is flagged (``is_good_frame`` 0), never dropped. A module that stopped writing is
+waited for until the ingestion window after the time of ``stop`` closes (the time of a pulse is
+estimated from the freshest module's ``LATEST``: its mtime is when the file ending at its
+newest pulse closed); what it never wrote is then flagged. Files older than the module's newest
+closed file that are gone have aged out of the buffer's retention: the job fails at once with
+that reason (``DataAgedOut``), also when it happens while streaming.
+
+Rows follow BUFFERS.md §4: one per beam pulse of the detector range; ``is_good_frame`` only if
+every module's record is complete and all agree on pulse id and frame index; ``pulse_id``,
+``frame_index`` and ``daq_rec`` from the first complete module (0 if none is);
+``requested_pulse_id`` always. High-gain mode is bit 0 of ``daq_rec`` of the first good frame,
+found from the record headers before anything is converted.
+
+With ``adc_to_energy`` false the file is the raw layout: the buffer's bytes, all modules, and
+the conversion options are ignored (SPEC §5.4). ``keep_raw`` writes that raw file as well, in
+the same pass, under ``raw/RAW_DATA/{directory_name}/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import urllib.error
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from sf_daq_broker.buffers import jungfrau_format as fmt
+from sf_daq_broker.buffers.errors import BufferUnavailable, DataAgedOut, ModuleMissing
+from sf_daq_broker.buffers.jungfrau_buffer import BeforeRead, DetectorFrames, JungfrauBufferReader
+from sf_daq_broker.config import Settings
+from sf_daq_broker.h5.atomic import atomic_output
+from sf_daq_broker.h5.channels import provenance
+from sf_daq_broker.h5.detector import DetectorFileWriter, FrameColumns
+from sf_daq_broker.jobs import Job, SourceKind
+from sf_daq_broker.jungfrau.converter import Converter
+from sf_daq_broker.jungfrau.errors import CalibrationError
+from sf_daq_broker.jungfrau.options import ConversionOptions
+from sf_daq_broker.retrieval import DetectorOptions
+from sf_daq_broker.workers.loop import Progress, Source
+from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
+
+#: Raw bytes per batch: 8 frames of an 8-module detector. Two batches are in flight, each with
+#: its converted copy (up to 2x) and compressed chunks: ~0.5 GB for 8 modules.
+BATCH_BYTES = 64 * 1024 * 1024
+INGESTION_WINDOW = 60.0  # seconds after the time of stop during which late frames are awaited
+POLL_SECONDS = 0.5
+PULSE_RATE_HZ = 100.0
+RAW_DATA = "RAW_DATA"
+
+
+@dataclass(frozen=True)
+class CalibrationFiles:
+    gain_file: Path | None
+    pedestal_file: Path | None
+
+
+@dataclass
+class _Batch:
+    """One batch on its way through the pipeline."""
+
+    count: int
+    raw: npt.NDArray[np.uint16]  # (count, n*512, 1024), a view of a reused buffer
+    converted: npt.NDArray[Any]  # what goes into the file (``raw`` itself if not converting)
+    columns: FrameColumns
+    incomplete: npt.NDArray[np.int64]  # (n_modules,) records not complete in this batch
+
+
+class DetectorSource(Source):
+    kind = SourceKind.DETECTOR
+
+    def __init__(
+        self,
+        buffer_root: Path | str,
+        calibration: Mapping[str, CalibrationFiles],
+        *,
+        before_read: BeforeRead | None = None,
+        ingestion_window: float = INGESTION_WINDOW,
+        poll_seconds: float = POLL_SECONDS,
+        batch_bytes: int = BATCH_BYTES,
+        config_source: str = "the configuration",
+    ) -> None:
+        self.buffer_root = Path(buffer_root)
+        self.calibration = dict(calibration)
+        self.before_read = before_read
+        self.ingestion_window = ingestion_window
+        self.poll_seconds = poll_seconds
+        self.batch_bytes = batch_bytes
+        self.config_source = config_source
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DetectorSource:
+        buffers = settings.buffers
+        before_read = None
+        if buffers.jungfrau_control_url:
+            from sf_daq_broker.simulation.control import http_materialiser
+
+            before_read = http_materialiser(buffers.jungfrau_control_url)
+        return cls(
+            buffers.jungfrau_root,
+            {
+                name: CalibrationFiles(detector.gain_file, detector.pedestal_file)
+                for name, detector in settings.detectors.items()
+            },
+            before_read=before_read,
+            ingestion_window=buffers.ingestion_window_s,
+            config_source=settings.source,
+        )
+
+    async def retrieve(
+        self, job: Job, target: Path, progress: Progress, job_log: logging.Logger
+    ) -> CompletenessReport:
+        detector = job.source
+        options = DetectorOptions.from_json(job.options)
+        reader = JungfrauBufferReader(self.buffer_root, detector, before_read=self._hook)
+        # The detector range starts and stops on beam pulses (SPEC §3).
+        pulse_ids = np.arange(
+            job.start_pulse_id, job.stop_pulse_id + 1, job.rate_multiplicator, dtype=np.int64
+        )
+        missing_modules = await self._wait_until_ready(reader, job, job_log)
+        if missing_modules:
+            job_log.warning(
+                "%s: modules %s have no buffer (no LATEST in %s): their rows are zeros and "
+                "every frame is flagged not good",
+                detector,
+                ", ".join(map(str, missing_modules)),
+                self.buffer_root / detector,
+            )
+        await asyncio.to_thread(self._check_retention, reader, job, missing_modules)
+        converter = None
+        if options.adc_to_energy:
+            converter = await asyncio.to_thread(self._converter, reader, pulse_ids, options)
+            job_log.info(
+                "%s: converting to %s %s%s, %s",
+                detector,
+                converter.dtype,
+                converter.frame_shape,
+                ", high-gain mode" if converter.highgain else "",
+                "bitshuffle+LZ4" if options.compression else "uncompressed",
+            )
+        keep_raw = options.keep_raw and converter is not None
+        if options.keep_raw and converter is None:
+            job_log.info("keep_raw: the file is the raw file already (adc_to_energy false)")
+        raw_final = raw_data_file(job) if keep_raw else None
+        started = time.monotonic()
+        with contextlib.ExitStack() as files:
+            raw_target = None
+            if raw_final is not None:
+                raw_final.parent.mkdir(parents=True, exist_ok=True)
+                raw_target = files.enter_context(atomic_output(raw_final))
+            incomplete, good = await self._stream(
+                reader, job, options, converter, pulse_ids, target, raw_target, progress
+            )
+        elapsed = time.monotonic() - started
+        raw_bytes = pulse_ids.size * reader.n_modules * fmt.MODULE_ROWS * fmt.MODULE_COLS * 2
+        job_log.info(
+            "%s: %d frames in %.1f s (%.0f frames/s, %.2f GB/s of raw frames)%s",
+            detector,
+            pulse_ids.size,
+            elapsed,
+            pulse_ids.size / max(elapsed, 1e-9),
+            raw_bytes / max(elapsed, 1e-9) / 1e9,
+            f", raw file kept as {raw_final}" if raw_final is not None else "",
+        )
+        expected = beam_pulses(job.requested_start, job.requested_stop, job.rate_multiplicator)
+        report = NameReport.judge(
+            detector,
+            expected,
+            pulse_ids[good],
+            frames_written=int(pulse_ids.size),
+            bad_frames=int(pulse_ids.size - np.count_nonzero(good)),
+            bad_frames_per_module=[int(n) for n in incomplete],
+            missing_modules=missing_modules,
+        )
+        return CompletenessReport(names=[report])
+
+    def _hook(self, detector: str, pulse_ids: np.ndarray) -> None:
+        """The configured ``before_read``, with its failures as transient buffer errors."""
+        if self.before_read is None:
+            return
+        try:
+            self.before_read(detector, pulse_ids)
+        except (urllib.error.URLError, OSError) as exc:
+            raise BufferUnavailable(
+                f"{detector}: the simulated Jungfrau buffer did not write pulses "
+                f"{int(pulse_ids[0])}..{int(pulse_ids[-1])}: {exc}"
+            ) from exc
+
+    async def _wait_until_ready(
+        self, reader: JungfrauBufferReader, job: Job, job_log: logging.Logger
+    ) -> list[int]:
+        """Wait until every module with a buffer has passed ``stop`` or the ingestion window
+        closed; returns the modules without a buffer."""
+        stop = job.stop_pulse_id
+        announced = False
+        while True:
+            state = await asyncio.to_thread(_module_state, reader)
+            missing = [m for m, (latest, _) in enumerate(state) if latest is None]
+            present = [
+                (m, latest, mtime) for m, (latest, mtime) in enumerate(state) if latest is not None
+            ]
+            if not present:
+                raise ModuleMissing(
+                    f"{job.source}: no module has a buffer in {self.buffer_root / job.source} "
+                    "(no LATEST file): is the detector running?"
+                )
+            behind = [m for m, latest, _ in present if latest < stop]
+            if not behind:
+                return missing
+            # When stop happened, by the freshest module's clock.
+            time_of_stop = max(
+                mtime + (stop - latest) / PULSE_RATE_HZ for _, latest, mtime in present
+            )
+            if time.time() > time_of_stop + self.ingestion_window:
+                job_log.warning(
+                    "%s: modules %s did not reach pulse %d within the ingestion window of %.0f s;"
+                    " the frames they did not write are flagged",
+                    job.source,
+                    ", ".join(map(str, behind)),
+                    stop,
+                    self.ingestion_window,
+                )
+                return missing
+            if not announced:
+                job_log.info(
+                    "%s: waiting for modules %s to pass pulse %d",
+                    job.source,
+                    ", ".join(map(str, behind)),
+                    stop,
+                )
+                announced = True
+            await asyncio.sleep(self.poll_seconds)
+
+    def _check_retention(
+        self, reader: JungfrauBufferReader, job: Job, missing_modules: list[int]
+    ) -> None:
+        """Fail at once if the first pulse's files are gone although newer ones exist."""
+        start = job.start_pulse_id
+        for module in range(reader.n_modules):
+            if module in missing_modules:
+                continue
+            latest = reader.latest_pulse_id(module)
+            path = reader.data_file(module, start)
+            if latest is not None and start <= latest and not path.exists():
+                raise DataAgedOut(
+                    f"{job.source}: pulses {start}-{job.stop_pulse_id} aged out of the Jungfrau "
+                    f"buffer: module {module}'s file {path} is gone (the buffer keeps only its "
+                    "newest files); retrieve sooner after the run"
+                )
+
+    def _converter(
+        self,
+        reader: JungfrauBufferReader,
+        pulse_ids: npt.NDArray[np.int64],
+        options: DetectorOptions,
+    ) -> Converter:
+        detector = reader.detector
+        files = self.calibration.get(detector)
+        if files is None or files.gain_file is None or files.pedestal_file is None:
+            raise CalibrationError(
+                f"{detector}: no gain_file and pedestal_file configured in {self.config_source} "
+                "(detectors section): cannot convert; ask for adc_to_energy false to get raw data"
+            )
+        conversion = ConversionOptions.from_mapping(options.to_json())
+        return Converter.from_files(
+            detector,
+            files.gain_file,
+            files.pedestal_file,
+            conversion,
+            highgain=self._highgain(reader, pulse_ids),
+        )
+
+    def _highgain(self, reader: JungfrauBufferReader, pulse_ids: npt.NDArray[np.int64]) -> bool:
+        """Bit 0 of ``daq_rec`` of the first good frame (headers only; False if none is)."""
+        step = max(1, self.batch_bytes // _raw_frame_bytes(reader))
+        for first in range(0, pulse_ids.size, step):
+            headers = reader.read(pulse_ids[first : first + step], missing="flag", pixels=False)
+            good = np.flatnonzero(headers.is_good_frame())
+            if good.size:
+                return bool(int(headers.daq_rec[good[0], 0]) & 1)
+        return False
+
+    async def _stream(
+        self,
+        reader: JungfrauBufferReader,
+        job: Job,
+        options: DetectorOptions,
+        converter: Converter | None,
+        pulse_ids: npt.NDArray[np.int64],
+        target: Path,
+        raw_target: Path | None,
+        progress: Progress,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """The pipeline; returns incomplete records per module and the good-frame mask."""
+        count = int(pulse_ids.size)
+        raw_shape = (reader.n_modules * fmt.MODULE_ROWS, fmt.MODULE_COLS)
+        batch = max(1, min(count, self.batch_bytes // _raw_frame_bytes(reader)))
+        raw_buffers = [np.empty((batch, *raw_shape), dtype=np.uint16) for _ in range(2)]
+        out_buffers = [converter.empty_output(batch) for _ in range(2)] if converter else []
+        incomplete = np.zeros(reader.n_modules, dtype=np.int64)
+        good = np.zeros(count, dtype=bool)
+        attributes = provenance(job)
+
+        def prepare(index: int) -> _Batch:
+            first = index * batch
+            pids = pulse_ids[first : first + batch]
+            frames = reader.read(pids, out=raw_buffers[index % 2], missing="flag")
+            raw = frames.data
+            converted = raw
+            if converter is not None:
+                converted = converter.convert(raw, out_buffers[index % 2][: len(pids)])
+            complete = frames.complete()
+            good[first : first + len(pids)] = frames.is_good_frame()
+            return _Batch(len(pids), raw, converted, frame_columns(frames), (~complete).sum(axis=0))
+
+        writers: list[DetectorFileWriter] = []
+        with contextlib.ExitStack() as stack:
+            writer = stack.enter_context(
+                DetectorFileWriter(
+                    target,
+                    job.source,
+                    count,
+                    converter.frame_shape if converter else raw_shape,
+                    converter.dtype if converter else np.uint16,
+                    compression=options.compression,
+                    attributes=attributes,
+                    pixel_mask=converter.pixel_mask if converter else None,
+                    conversion_factor=converter.conversion_factor if converter else None,
+                )
+            )
+            writers.append(writer)
+            raw_writer = None
+            if raw_target is not None:
+                raw_writer = stack.enter_context(
+                    DetectorFileWriter(
+                        raw_target,
+                        job.source,
+                        count,
+                        raw_shape,
+                        np.uint16,
+                        compression=options.compression,
+                        attributes=attributes,
+                    )
+                )
+
+            def write(item: _Batch) -> None:
+                writer.write(item.converted, item.columns)
+                if raw_writer is not None:
+                    raw_writer.write(item.raw, item.columns)
+
+            n_batches = -(-count // batch)
+            pending: asyncio.Future[_Batch] | None = asyncio.ensure_future(
+                asyncio.to_thread(prepare, 0)
+            )
+            done = 0
+            try:
+                for index in range(n_batches):
+                    assert pending is not None
+                    item = await pending
+                    pending = None
+                    if index + 1 < n_batches:
+                        pending = asyncio.ensure_future(asyncio.to_thread(prepare, index + 1))
+                    await asyncio.to_thread(write, item)
+                    incomplete += item.incomplete
+                    done += item.count
+                    await progress.update(done)
+            finally:
+                if pending is not None:  # let the reading thread finish before the buffers go
+                    with contextlib.suppress(BaseException):
+                        await asyncio.shield(pending)
+        return incomplete, good
+
+
+def frame_columns(frames: DetectorFrames) -> FrameColumns:
+    """The rows of BUFFERS.md §4: values of the first complete module, 0 if none is."""
+    complete = frames.complete()
+    some = complete.any(axis=1)
+    first = complete.argmax(axis=1)
+    rows = np.arange(len(frames))
+
+    def pick(values: np.ndarray) -> np.ndarray:
+        return np.where(some, values[rows, first], 0)
+
+    return FrameColumns.from_arrays(
+        pulse_id=pick(frames.pulse_id),
+        frame_index=pick(frames.frame_index),
+        daq_rec=pick(frames.daq_rec),
+        is_good_frame=frames.is_good_frame(),
+        requested_pulse_id=frames.requested_pulse_id,
+    )
+
+
+def raw_data_file(job: Job) -> Path:
+    """``raw/RAW_DATA/{directory_name}/run_NNNNNN.{DET}.h5`` (SPEC §5.4 ``keep_raw``).
+
+    The raw directory is the one above ``run_info`` (the job's bookkeeping JSON lives in
+    ``raw/run_info/NNN000/``), ``directory_name`` the output file's place below it.
+    """
+    raw_dir = Path(job.run_info_file).parents[2]
+    relative = Path(job.output_file).relative_to(raw_dir)
+    return raw_dir / RAW_DATA / relative
+
+
+def _raw_frame_bytes(reader: JungfrauBufferReader) -> int:
+    return reader.n_modules * fmt.MODULE_ROWS * fmt.MODULE_COLS * 2
+
+
+def _module_state(reader: JungfrauBufferReader) -> list[tuple[int | None, float]]:
+    """Per module: the newest pulse of its closed files (None: no buffer) and LATEST's mtime."""
+    state: list[tuple[int | None, float]] = []
+    for module in range(reader.n_modules):
+        latest = reader.latest_pulse_id(module)
+        try:
+            mtime = fmt.latest_file(reader.buffer_root, reader.detector, module).stat().st_mtime
+        except FileNotFoundError:
+            latest, mtime = None, 0.0
+        state.append((latest, mtime))
+    return state
