@@ -12,43 +12,9 @@ A source only knows how to fetch its data and write a file at the path it is giv
 - leaves a job it was stopped in the middle of unsettled, so the queue gives it to another
   worker (which rewrites the same file, as the job id and file name are the same).
 
-Jobs longer than RabbitMQ's delivery timeout (a job lease)
-----------------------------------------------------------
-RabbitMQ closes a consumer's channel when a delivery stays unacknowledged longer than the
-server's ``consumer_timeout`` (30 min by default; per queue only from RabbitMQ 3.12 on, and
-this installation runs 3.10), and gives the job to a consumer again — possibly the same
-process, whose robust channel re-opens at once. A large detector job can take longer than
-that. Raising the server-wide timeout would also hide workers that really hang, so instead the
-loop keeps the job's state in a *lease* file beside the output, on the file system every worker
-shares: ``.{output name}.lease``, JSON ``{job_id, owner, state, reason}``.
-
-- The worker that starts a job creates the lease (atomically, refusing to replace one:
-  ``create_atomic``) with state ``running`` and touches its mtime every ``heartbeat`` seconds
-  while the job runs (a task on the event loop; the heavy work runs in threads).
-- A delivery that finds a fresh ``running`` lease of another owner is the same job delivered
-  again while its first worker still runs: it neither writes status events nor touches the
-  file, it waits (polling) for the lease to change.
-- When the first worker finishes it publishes the file, writes state ``finished`` (or
-  ``failed`` with the reason), publishes its status event on its own status channel (the
-  consumer channel that the timeout closed is not needed for that) and then tries to settle
-  its delivery. If that succeeds the lease is removed — so a lease disappears only once its
-  job is acknowledged, and a delivery that was waiting and sees it gone is a duplicate and
-  acknowledges itself. If the timeout closed the channel the ack fails; the lease stays, and
-  whichever delivery holds the job now sees ``finished`` and acknowledges it (or ``failed``
-  and dead-letters it), then removes the lease.
-- A ``running`` lease whose mtime is older than ``stale_after`` belongs to a worker that died
-  (a killed process cannot clean up): the waiting delivery takes it over (rename the stale
-  file away, check it was the stale one, create a new lease) and runs the job. The owner is
-  ``host:pid:process start:token``, so a lease of a process of the same host that is gone
-  (SIGKILL, a crash) is taken over at once, without waiting for it to go stale.
-- A worker stopped in the middle (SIGTERM) marks its lease ``released``, so the job's next
-  delivery takes it over at once instead of waiting for it to go stale.
-- A worker that finds its lease taken over (its heartbeat could not run for ``stale_after``)
-  stops the job without writing or settling anything: the new owner rewrites the file.
-
-So a job is run once, a waiting duplicate costs a poll every ``poll`` seconds, and nothing is
-lost: until a delivery is settled the job stays in RabbitMQ. The consumer loop also starts
-consuming again if its queue iterator ends because the channel was closed.
+Jobs longer than RabbitMQ's delivery timeout are run once thanks to a job lease beside the
+output file: see ``lease.py``. The consumer loop starts consuming again if its queue iterator
+ends because the channel was closed (the delivery timeout closes it).
 """
 
 from __future__ import annotations
@@ -56,23 +22,19 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import socket
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-from sf_daq_broker.bookkeeping.atomic import create_atomic, partial_path, publish_file, write_atomic
+from sf_daq_broker.bookkeeping.atomic import partial_path, publish_file
 from sf_daq_broker.buffers.errors import BufferClientError
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.jungfrau.errors import ConversionError
 from sf_daq_broker.transport import JobDelivery, Transport
+from sf_daq_broker.workers.lease import JobLease, LeaseLost, LeasePolicy, LeaseState
 from sf_daq_broker.workers.report import CompletenessReport, beam_pulses
 
 log = logging.getLogger(__name__)
@@ -88,21 +50,6 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         """Pause after the ``attempt``-th failure (1-based)."""
         return float(min(self.max_delay, self.first_delay * self.factor ** (attempt - 1)))
-
-
-@dataclass(frozen=True)
-class LeasePolicy:
-    """Timing of job leases (see the module docstring).
-
-    ``stale_after`` must cover the longest time a live worker may fail to touch its lease (an
-    overloaded file system), many heartbeats; ``poll`` is how often a waiting delivery looks.
-    """
-
-    heartbeat: float = 5.0
-    stale_after: float = 30.0
-    poll: float = 1.0
-    #: Pause before consuming again when a queue's consumer ended (its channel was closed).
-    reconsume_delay: float = 1.0
 
 
 class Progress:
@@ -158,141 +105,6 @@ def expected_total(job: Job) -> int:
 
 def temporary_path(job: Job) -> Path:
     return partial_path(Path(job.output_file))
-
-
-def lease_path(job: Job) -> Path:
-    """The job's lease, beside its output (hidden, never matched by ``run_*.h5``)."""
-    output = Path(job.output_file)
-    return output.with_name(f".{output.name}.lease")
-
-
-class LeaseState(StrEnum):
-    RUNNING = "running"
-    FINISHED = "finished"
-    FAILED = "failed"
-    RELEASED = "released"  # its worker was stopped: the next delivery runs the job at once
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    job_id: str
-    owner: str
-    state: LeaseState
-    reason: str = ""
-    age: float = 0.0  # seconds since the owner last touched it
-
-    def encode(self) -> bytes:
-        document = {
-            "job_id": self.job_id,
-            "owner": self.owner,
-            "state": self.state.value,
-            "reason": self.reason,
-        }
-        return json.dumps(document).encode()
-
-
-class LeaseLost(Exception):
-    """Another delivery of the job took the lease over: this one must stop."""
-
-
-class JobLease:
-    """The lease file of one job held, or awaited, by one delivery (see the module docstring)."""
-
-    def __init__(self, job: Job, policy: LeasePolicy) -> None:
-        self.job = job
-        self.policy = policy
-        self.path = lease_path(job)
-        pid = os.getpid()
-        self.owner = f"{socket.gethostname()}:{pid}:{_process_start(pid)}:{uuid.uuid4().hex[:8]}"
-
-    def read(self) -> LeaseRecord | None:
-        """The lease as it is on disk, None if there is none (or it is being replaced)."""
-        try:
-            data = self.path.read_bytes()
-            age = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return None
-        try:
-            document: dict[str, Any] = json.loads(data)
-            return LeaseRecord(
-                job_id=str(document["job_id"]),
-                owner=str(document["owner"]),
-                state=LeaseState(document["state"]),
-                reason=str(document.get("reason", "")),
-                age=age,
-            )
-        except (ValueError, KeyError, TypeError):
-            # Unreadable (a foreign or torn file): only its age can tell whether it is alive.
-            return LeaseRecord(self.job.job_id, "?", LeaseState.RUNNING, age=age)
-
-    @staticmethod
-    def owner_is_gone(owner: str) -> bool:
-        """True if the owner is a process of this host that no longer runs (killed: it could
-        not release its lease). Owners on other hosts are judged by the lease's age only."""
-        parts = owner.split(":")
-        if len(parts) != 4 or parts[0] != socket.gethostname() or not parts[1].isdigit():
-            return False
-        # The start time guards against a new process that got the same pid.
-        started = _process_start(int(parts[1]))
-        return not started or started != parts[2]
-
-    def _record(self, state: LeaseState, reason: str = "") -> LeaseRecord:
-        return LeaseRecord(self.job.job_id, self.owner, state, reason)
-
-    def try_create(self) -> bool:
-        """Take a free lease; False if one exists already."""
-        try:
-            create_atomic(self.path, self._record(LeaseState.RUNNING).encode())
-        except FileExistsError:
-            return False
-        return True
-
-    def try_take_over(self, stale: LeaseRecord) -> bool:
-        """Replace the ``stale`` lease with ours; False if another delivery was quicker."""
-        tomb = self.path.with_name(f"{self.path.name}.{self.owner.rsplit(':', 1)[-1]}.stale")
-        try:
-            os.rename(self.path, tomb)  # only one delivery can move the stale file away
-        except FileNotFoundError:
-            return False
-        moved = None
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            moved = json.loads(tomb.read_bytes()).get("owner")
-        if moved is not None and moved != stale.owner:
-            # We moved a lease that someone created since we read the stale one: put it back.
-            with contextlib.suppress(FileExistsError):
-                os.link(tomb, self.path)
-            tomb.unlink(missing_ok=True)
-            return False
-        tomb.unlink(missing_ok=True)
-        return self.try_create()
-
-    def owned(self) -> bool:
-        record = self.read()
-        return record is not None and record.owner == self.owner
-
-    def touch(self) -> None:
-        """Heartbeat; ``LeaseLost`` if the lease is no longer ours."""
-        if not self.owned():
-            raise LeaseLost(f"the lease {self.path} was taken over by another delivery")
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(self.path)
-
-    def settle(self, state: LeaseState, reason: str = "") -> None:
-        """Record the outcome for a later delivery of the same job."""
-        write_atomic(self.path, self._record(state, reason).encode())
-
-    def remove_settled(self) -> None:
-        """Drop a settled lease, whoever wrote it (its job is acknowledged now)."""
-        self.path.unlink(missing_ok=True)
-
-
-def _process_start(pid: int) -> str:
-    """When process ``pid`` started (clock ticks since boot, from /proc), "" if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[-1].split()[19]
 
 
 class _JobLog:

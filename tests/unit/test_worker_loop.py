@@ -31,15 +31,8 @@ from sf_daq_broker.jungfrau.errors import CalibrationError
 from sf_daq_broker.transport import JobDelivery, StatusSubscription, Transport
 from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.transport.embedded import EmbeddedTransport
-from sf_daq_broker.workers.loop import (
-    LeasePolicy,
-    Progress,
-    RetryPolicy,
-    Source,
-    Worker,
-    lease_path,
-    temporary_path,
-)
+from sf_daq_broker.workers.lease import LeasePolicy, lease_path
+from sf_daq_broker.workers.loop import Progress, RetryPolicy, Source, Worker, temporary_path
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
 from tests.support import async_wait_until
 
@@ -264,7 +257,7 @@ def test_beam_pulses_are_the_multiples_of_the_rate() -> None:
     assert beam_pulses(101, 103, 4).tolist() == []
 
 
-# --- Job leases: a job delivered again while it runs is not run twice (see loop.py) ---------
+# --- Job leases: a job delivered again while it runs is not run twice (see lease.py) ---------
 
 LEASES = LeasePolicy(heartbeat=0.05, stale_after=5, poll=0.02, reconsume_delay=0.05)
 

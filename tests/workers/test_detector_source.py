@@ -38,7 +38,8 @@ from sf_daq_broker.simulation.runner import Simulation
 from sf_daq_broker.transport import StatusSubscription
 from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.workers.detector_source import DetectorSource
-from sf_daq_broker.workers.loop import LeasePolicy, RetryPolicy, Worker
+from sf_daq_broker.workers.lease import LeasePolicy
+from sf_daq_broker.workers.loop import RetryPolicy, Worker
 from tests.support import async_wait_until
 
 START = 15_000_000_000  # a file boundary: pulses START..START+999 are one buffer file
