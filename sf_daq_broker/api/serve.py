@@ -105,6 +105,7 @@ def workers_in_process(
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         sources = [make_source(kind, app[SETTINGS]) for kind in kinds]
         task = asyncio.create_task(Worker(app[TRANSPORT], sources).run())
+        task.add_done_callback(_report_stopped_workers)
         log.info("workers for %s run in the broker's process", ", ".join(kinds))
         yield
         task.cancel()
@@ -112,3 +113,12 @@ def workers_in_process(
             await task
 
     return lifetime
+
+
+def _report_stopped_workers(task: asyncio.Task[None]) -> None:
+    """The workers must never stop on their own: say so loudly if they did."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical(
+            "the in-process workers stopped: %r; jobs wait until the broker is restarted",
+            task.exception(),
+        )

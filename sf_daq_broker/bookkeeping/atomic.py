@@ -7,6 +7,7 @@ durable. Readers therefore see either the old content or the new one, never a to
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import uuid
@@ -65,13 +66,20 @@ def create_atomic(path: Path, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
-def partial_path(final: Path) -> Path:
-    """The fixed temporary name a worker writes ``final`` under before publishing it.
+def partial_path(final: Path, owner: str = "") -> Path:
+    """The temporary name a worker writes ``final`` under before publishing it.
 
-    Fixed (not unique) so that a job delivered again overwrites what a dead worker left, and
-    so that tools can tell a file that is still being written.
+    Hidden beside ``final`` so that tools can tell a file that is still being written
+    (``.{name}.partial`` or ``.{name}.{owner}.partial``). With ``owner`` (a job lease's token)
+    two deliveries of one job can never write into, publish or delete each other's file.
     """
-    return final.with_name(f".{final.name}.partial")
+    return final.with_name(f".{final.name}.{owner}.partial" if owner else f".{final.name}.partial")
+
+
+def partial_files(final: Path) -> list[Path]:
+    """Every temporary file of ``final``, whoever writes it."""
+    pattern = f".{glob.escape(final.name)}*.partial"
+    return sorted(final.parent.glob(pattern))
 
 
 def publish_file(temp: Path, final: Path) -> None:

@@ -11,7 +11,6 @@ Problems are worded as the facility's original check.py worded them (users grep 
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import time
@@ -25,7 +24,7 @@ import hdf5plugin  # noqa: F401 - registers the bitshuffle filter camera and det
 import numpy as np
 import numpy.typing as npt
 
-from sf_daq_broker.bookkeeping.atomic import partial_path
+from sf_daq_broker.bookkeeping.atomic import partial_files
 from sf_daq_broker.bookkeeping.paths import PgroupDirs
 from sf_daq_broker.jobs import FILE_SUFFIX, SourceKind
 from sf_daq_broker.workers.report import NameReport, beam_pulses
@@ -128,10 +127,8 @@ def raw_directory(run_file: Path, record: dict[str, Any]) -> Path:
 
 
 def is_being_written(path: Path) -> bool:
-    """A temporary file beside ``path``: the worker's fixed one, or a uniquely named one."""
-    if partial_path(path).exists():
-        return True
-    return any(path.parent.glob(f".{glob.escape(path.name)}.*.partial"))
+    """A worker's temporary file beside ``path``."""
+    return bool(partial_files(path))
 
 
 def check_run(run_file: Path, rate_multiplicator: int = 0) -> CheckResult:

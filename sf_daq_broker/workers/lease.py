@@ -112,7 +112,8 @@ class JobLease:
         self.policy = policy
         self.path = lease_path(job)
         pid = os.getpid()
-        self.owner = f"{socket.gethostname()}:{pid}:{_process_start(pid)}:{uuid.uuid4().hex[:8]}"
+        self.token = uuid.uuid4().hex[:8]
+        self.owner = f"{socket.gethostname()}:{pid}:{_process_start(pid)}:{self.token}"
 
     def read(self) -> LeaseRecord | None:
         """The lease as it is on disk, None if there is none (or it is being replaced)."""
@@ -158,7 +159,7 @@ class JobLease:
 
     def try_take_over(self, stale: LeaseRecord) -> bool:
         """Replace the ``stale`` lease with ours; False if another delivery was quicker."""
-        tomb = self.path.with_name(f"{self.path.name}.{self.owner.rsplit(':', 1)[-1]}.stale")
+        tomb = self.path.with_name(f"{self.path.name}.{self.token}.stale")
         try:
             os.rename(self.path, tomb)  # only one delivery can move the stale file away
         except FileNotFoundError:

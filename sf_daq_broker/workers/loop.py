@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from sf_daq_broker.bookkeeping.atomic import partial_path, publish_file
+from sf_daq_broker.bookkeeping.atomic import partial_files, partial_path, publish_file
 from sf_daq_broker.buffers.errors import BufferClientError
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.jungfrau.errors import ConversionError
@@ -103,8 +103,10 @@ def expected_total(job: Job) -> int:
     return int(beam_pulses(job.requested_start, job.requested_stop, job.rate_multiplicator).size)
 
 
-def temporary_path(job: Job) -> Path:
-    return partial_path(Path(job.output_file))
+def temporary_path(job: Job, lease: JobLease) -> Path:
+    """Where this delivery writes the job's file before publishing it: its own name, so that
+    two deliveries of one job (a take-over) never touch each other's file."""
+    return partial_path(Path(job.output_file), lease.token)
 
 
 class _JobLog:
@@ -163,6 +165,12 @@ class Worker:
         job_log = _JobLog(job)
         try:
             await self._handle(source, delivery, job_log.logger)
+        except Exception as exc:
+            # Around the job itself (e.g. its lease cannot be created: the output directory is
+            # gone or not writable). The worker must go on with the next job, and this one
+            # must not wait unsettled at the head of the queue.
+            job_log.logger.exception("cannot work on this job")
+            await self._reject_unrunnable(delivery, job_log.logger, f"{exc}")
         finally:
             job_log.close()
 
@@ -274,7 +282,10 @@ class Worker:
     ) -> None:
         job = delivery.job
         total = expected_total(job)
-        target = temporary_path(job)
+        target = temporary_path(job, lease)
+        for leftover in await asyncio.to_thread(partial_files, Path(job.output_file)):
+            if leftover != target:  # written by a delivery that died or lost the lease
+                leftover.unlink(missing_ok=True)
         await self.transport.publish_status(
             StatusEvent.for_job(Action.WRITE_START, job, "started", total=total)
         )
@@ -308,17 +319,24 @@ class Worker:
                 except LeaseLost:
                     raise
                 except Exception as exc:
+                    if not await asyncio.to_thread(lease.owned):
+                        raise LeaseLost(f"the lease {lease.path} was taken over") from exc
                     job_log.exception("unexpected error")
                     await self._fail(delivery, lease, job_log, f"unexpected error: {exc!r}")
                     return
+        except LeaseLost:
+            target.unlink(missing_ok=True)  # ours alone; the new owner writes its own
+            raise
         except asyncio.CancelledError:
             # Stopped (SIGTERM) or the lease was lost. Only the lease's owner may touch the
             # temporary file: after a take-over it is the new owner's.
+            target.unlink(missing_ok=True)  # ours alone, whoever owns the lease now
             if await asyncio.to_thread(lease.owned):
-                target.unlink(missing_ok=True)
                 await asyncio.to_thread(lease.settle, LeaseState.RELEASED)
                 job_log.warning("worker stopped in the middle: the job goes back to the queue")
             raise
+        if not await asyncio.to_thread(lease.owned):
+            raise LeaseLost(f"the lease {lease.path} was taken over while the file was published")
         await asyncio.to_thread(lease.settle, LeaseState.FINISHED)
         for line in report.lines():
             job_log.info("  %s", line)
@@ -335,13 +353,30 @@ class Worker:
         self, delivery: JobDelivery, lease: JobLease, job_log: logging.Logger, reason: str
     ) -> None:
         job = delivery.job
-        temporary_path(job).unlink(missing_ok=True)
+        temporary_path(job, lease).unlink(missing_ok=True)
+        if not await asyncio.to_thread(lease.owned):
+            # Taken over: the job is the new owner's now, its outcome is not ours to record.
+            raise LeaseLost(f"the lease {lease.path} was taken over")
         # which range and what happened; the reason names the buffer
         reason = f"pulses {job.start_pulse_id}-{job.stop_pulse_id}: {reason}"
         await asyncio.to_thread(lease.settle, LeaseState.FAILED, reason)
         job_log.error("failed, no file written: %s", reason)
         await self.transport.publish_status(StatusEvent.for_job(Action.WRITE_REJECTED, job, reason))
         await asyncio.shield(self._settle(delivery, lease, job_log, ack=False, remove=True))
+
+    async def _reject_unrunnable(
+        self, delivery: JobDelivery, job_log: logging.Logger, problem: str
+    ) -> None:
+        """Dead-letter a job that cannot even be started here, saying why."""
+        job = delivery.job
+        reason = f"pulses {job.start_pulse_id}-{job.stop_pulse_id}: cannot work on it: {problem}"
+        job_log.error("failed, no file written: %s", reason)
+        with contextlib.suppress(Exception):
+            await self.transport.publish_status(
+                StatusEvent.for_job(Action.WRITE_REJECTED, job, reason)
+            )
+        with contextlib.suppress(Exception):
+            await delivery.reject()
 
     async def _settle(
         self,

@@ -21,11 +21,11 @@ import h5py
 import numpy as np
 import pytest
 
+from sf_daq_broker.bookkeeping.atomic import partial_path
 from sf_daq_broker.h5.atomic import temporary_name
 from sf_daq_broker.h5.channels import ChannelRows, CompressedImages, provenance, write_channels
 from sf_daq_broker.jobs import Job, SourceKind
 from sf_daq_broker.tools.check import main
-from sf_daq_broker.workers.loop import temporary_path
 from tests.tools.support import REPO, LiveBroker, take_job
 
 START, STOP = 11884948800, 11884948899  # 100 pulses
@@ -254,7 +254,9 @@ async def test_missing_file_and_file_still_being_written(
     run = await make_run()
     write_all(run, skip={"CAMERAS", DETECTOR})
     cameras = run.file("CAMERAS")
-    temporary_path(run.jobs[DETECTOR]).write_bytes(b"\x89HDF half")  # a worker is at it
+    partial_path(Path(run.jobs[DETECTOR].output_file)).write_bytes(
+        b"\x89HDF half"
+    )  # a worker is at it
     assert check(run, capsys) == (
         1,
         failed(
@@ -278,7 +280,7 @@ async def test_unreadable_file(
     assert lines[1].startswith(f"    Reason : Can not read from PVCHANNELS file {pvs} : ")
     assert "file signature not found" in lines[1]
     # The same bytes while a worker rewrites the file (a redelivered job): being written.
-    temporary_path(run.jobs["PVCHANNELS"]).write_bytes(b"")
+    partial_path(Path(run.jobs["PVCHANNELS"].output_file)).write_bytes(b"")
     assert check(run, capsys) == (1, failed(f"PVCHANNELS file {pvs} is still being written"))
 
 

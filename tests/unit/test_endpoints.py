@@ -461,9 +461,7 @@ async def test_current_pulse_id_from_the_pulse_map(
     assert (await call(client, "GET", "/current_pulse_id"))[1]["pulse_id"] == 15_000_001_234
 
 
-async def test_current_pulse_id_without_pulse_map(
-    aiohttp_client: Any, make_settings: Any
-) -> None:
+async def test_current_pulse_id_without_pulse_map(aiohttp_client: Any, make_settings: Any) -> None:
     settings = make_settings(buffers={"databuffer_url": "http://127.0.0.1:1"})
     client = await aiohttp_client(create_app(settings, EmbeddedTransport()))
     status, reply = await call(client, "GET", "/current_pulse_id")

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -25,6 +26,7 @@ from urllib.parse import urlparse
 import pytest
 from aio_pika.exceptions import ChannelInvalidStateError
 
+from sf_daq_broker.bookkeeping.atomic import partial_files
 from sf_daq_broker.buffers.errors import BufferServerError, DataAgedOut, StreamCut
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent, job_id_for
 from sf_daq_broker.jungfrau.errors import CalibrationError
@@ -32,7 +34,7 @@ from sf_daq_broker.transport import JobDelivery, StatusSubscription, Transport
 from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers.lease import LeasePolicy, lease_path
-from sf_daq_broker.workers.loop import Progress, RetryPolicy, Source, Worker, temporary_path
+from sf_daq_broker.workers.loop import Progress, RetryPolicy, Source, Worker
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
 from tests.support import async_wait_until
 
@@ -155,7 +157,7 @@ async def test_success_publishes_file_then_acks(transport: Transport, raw_dir: P
     }
     assert finished.details["report"]["absent"] == ["C:D"]
     assert Path(job.output_file).read_bytes() == b"complete file"
-    assert not temporary_path(job).exists()
+    assert partial_files(Path(job.output_file)) == []
     log_text = Path(job.log_file).read_text()
     assert (
         "BSDATA of run 1 (p12345): 2 names, pulses 99-111 (requested 100-110, rate 1/2)" in log_text
@@ -213,7 +215,7 @@ async def test_failures_dead_letter_and_leave_no_file(
     assert seen[-1].message == reason
     assert source.calls == calls
     assert not Path(job.output_file).exists()
-    assert not temporary_path(job).exists()
+    assert partial_files(Path(job.output_file)) == []
     assert f"failed, no file written: {reason}" in Path(job.log_file).read_text()
     dead: list[Job] = []
 
@@ -226,6 +228,64 @@ async def test_failures_dead_letter_and_leave_no_file(
     await events.close()
 
 
+async def test_a_job_that_cannot_be_started_is_rejected_and_the_worker_goes_on(
+    transport: Transport, raw_dir: Path
+) -> None:
+    """Its output directory is gone (the lease cannot be created): the job is dead-lettered
+    with the reason and the next job is done, instead of the worker dying."""
+    broken = replace(make_job(raw_dir), output_file=str(raw_dir / "gone" / "run_000001.BSDATA.h5"))
+    good = make_job(raw_dir, run=2)
+    source = ScriptedSource()
+    task, events = await run_worker(transport, source, broken, good)
+    seen = await collect_until(events, Action.WRITE_FINISHED)
+    await stop(task)
+    rejected = [e for e in seen if e.action is Action.WRITE_REJECTED]
+    assert [e.run_number for e in rejected] == [1]
+    assert rejected[0].message.startswith("pulses 99-111: cannot work on it: [Errno 2] ")
+    assert str(raw_dir / "gone") in rejected[0].message
+    assert seen[-1].run_number == 2
+    assert Path(good.output_file).read_bytes() == b"complete file"
+    assert source.calls == 1
+    dead: list[Job] = []
+
+    async def dead_lettered() -> bool:
+        dead.extend(await transport.take_dead_letters())
+        return bool(dead)
+
+    await async_wait_until(dead_lettered, what="the broken job in the dead-letter queue")
+    assert dead == [broken]
+    await events.close()
+
+
+async def test_a_delivery_that_lost_its_lease_leaves_the_new_owners_file_alone(
+    raw_dir: Path,
+) -> None:
+    """The lease was taken over while the first delivery still wrote: the first one neither
+    publishes, nor deletes the new owner's temporary file, nor records an outcome."""
+    transport = EmbeddedTransport()
+    job = make_job(raw_dir)
+    source = ScriptedSource([BufferServerError("data buffer: HTTP 503", 503)])
+    source.hold = asyncio.Event()
+    task, events = await run_worker(transport, source, job)
+    await asyncio.wait_for(source.started.wait(), 10)
+    # Another delivery takes the job over: its lease and its own temporary file.
+    other_partial = Path(job.output_file).with_name(f".{Path(job.output_file).name}.other.partial")
+    other_partial.write_bytes(b"the new owner's half file")
+    taken = {"job_id": job.job_id, "owner": "elsewhere:1:1:other", "state": "running"}
+    lease_path(job).write_text(json.dumps(taken))
+    source.hold.set()  # the first delivery wakes up, fails transiently, then finds out
+    await async_wait_until(
+        lambda: "the other delivery writes the file" in Path(job.log_file).read_text(),
+        what="the first delivery to give up the job",
+    )
+    await stop(task)
+    assert other_partial.read_bytes() == b"the new owner's half file"
+    assert json.loads(lease_path(job).read_bytes()) == taken
+    assert not Path(job.output_file).exists()
+    assert partial_files(Path(job.output_file)) == [other_partial]
+    await events.close()
+
+
 async def test_interrupted_job_returns_to_queue_and_is_rewritten(
     transport: Transport, raw_dir: Path
 ) -> None:
@@ -235,9 +295,10 @@ async def test_interrupted_job_returns_to_queue_and_is_rewritten(
     first.hold = asyncio.Event()  # never released: the worker is stopped mid-job
     task, events = await run_worker(transport, first, job)
     await asyncio.wait_for(first.started.wait(), 10)
-    assert temporary_path(job).read_bytes() == b"partial"
+    (partial,) = partial_files(Path(job.output_file))  # the worker's own temporary name
+    assert partial.read_bytes() == b"partial"
     await stop(task)
-    assert not temporary_path(job).exists()
+    assert partial_files(Path(job.output_file)) == []
     assert Path(job.output_file).read_bytes() == b"old file from an earlier delivery"
 
     second = ScriptedSource()
