@@ -18,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 
 from sf_daq_broker.buffers.api1 import Api1Client, ChannelData
+from sf_daq_broker.buffers.errors import DataAgedOut
 from sf_daq_broker.buffers.pulse_map import PulseMapClient
 from sf_daq_broker.config import Settings
 from sf_daq_broker.h5.channels import (
@@ -30,7 +31,7 @@ from sf_daq_broker.h5.channels import (
 )
 from sf_daq_broker.jobs import Job, SourceKind
 from sf_daq_broker.workers.loop import Progress, Source
-from sf_daq_broker.workers.readiness import check_retention, range_when_ready
+from sf_daq_broker.workers.readiness import beyond_retention, range_when_ready
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
 
 READY_TIMEOUT = 120.0  # longest wait for the pulse map to know stop + 1 before a retry
@@ -76,10 +77,14 @@ class Api1Source(Source):
             start_ns, end_ns = await range_when_ready(
                 pulse_map, job, self.ready_timeout, self.poll_seconds
             )
-            await check_retention(pulse_map, job, self.retention_pulses, self.name)
+            aged_out = await beyond_retention(pulse_map, job, self.retention_pulses, self.name)
             decompress = not self.keep_compressed
             result = await client.fetch(job.names, start_ns, end_ns, decompress=decompress)
             channels = dict(result.channels)
+            if aged_out:
+                if not any(len(data) for data in channels.values()):
+                    raise DataAgedOut(aged_out)
+                job_log.warning("%s, but it still has data: keeping what there is", aged_out)
             window_closes = end_ns / 1e9 + self.ingestion_window
             while (late := [n for n, d in channels.items() if self._short(d, job)]) and (
                 time.time() < window_closes

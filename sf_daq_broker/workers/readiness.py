@@ -4,8 +4,8 @@ Readiness instead of a fixed delay: a buffer's pulse map knows a pulse once the 
 ingested it, so a job waits until the map knows ``stop + 1`` and then reads — no sooner (data
 would be missing) and no later (the user waits). Retention: the api/1 buffers cannot be asked
 for their oldest pulse, but the newest one can be found, and a buffer keeps a known number of
-pulses; a range starting further back than that has aged out and fails at once, with that
-reason, instead of coming back empty.
+pulses; a range starting further back than that, for which the buffer indeed returns nothing,
+has aged out and fails at once, with that reason, instead of being retried or written empty.
 """
 
 from __future__ import annotations
@@ -23,26 +23,39 @@ async def range_when_ready(
 ) -> tuple[int, int]:
     """``[ts(start), ts(stop + 1))`` of the job's range once the map knows ``stop + 1``.
 
-    Raises DataNotYetAvailable (transient: the loop retries) after ``timeout`` seconds.
+    Raises DataNotYetAvailable (transient: the loop retries) after ``timeout`` seconds, and
+    DataAgedOut at once when the map knows ``stop + 1`` but no longer ``start``.
     """
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            return await pulse_map.range_ns(job.start_pulse_id, job.stop_pulse_id)
-        except DataNotYetAvailable:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(poll_seconds)
+        end = await pulse_map.timestamp_ns(job.stop_pulse_id + 1)
+        if end is not None:
+            start = await pulse_map.timestamp_ns(job.start_pulse_id)
+            if start is None:
+                raise DataAgedOut(
+                    f"pulse map: pulse {job.start_pulse_id} is no longer known: the range has "
+                    "aged out"
+                )
+            return start, end
+        if time.monotonic() > deadline:
+            raise DataNotYetAvailable(
+                f"pulse map: pulse {job.stop_pulse_id + 1} is not known yet "
+                f"(waited {timeout:.0f} s)"
+            )
+        await asyncio.sleep(poll_seconds)
 
 
-async def check_retention(
+async def beyond_retention(
     pulse_map: PulseMapClient, job: Job, retention_pulses: int, buffer_name: str
-) -> None:
-    """Raise DataAgedOut if the job's first pulse is older than the buffer keeps."""
+) -> str | None:
+    """Why the job's range is presumably gone from the buffer (its first pulse is older than
+    the configured retention), or None. Only a presumption: the configured figure may be
+    lower than the buffer's real retention, so the caller confirms it with the data."""
     newest = await pulse_map.newest_pulse_id(job.stop_pulse_id)
     oldest_kept = newest - retention_pulses + 1
-    if job.start_pulse_id < oldest_kept:
-        raise DataAgedOut(
-            f"{buffer_name}: aged out — the buffer keeps {retention_pulses} pulses, the oldest "
-            f"now is {oldest_kept}, so the data of this range is gone"
-        )
+    if job.start_pulse_id >= oldest_kept:
+        return None
+    return (
+        f"{buffer_name}: aged out — the buffer keeps {retention_pulses} pulses, the oldest "
+        f"now is {oldest_kept}, so the data of this range is gone"
+    )

@@ -414,3 +414,21 @@ async def test_a_range_older_than_the_retention_fails_at_once(
     assert "try 1 failed" not in log_text  # no retry: it cannot help
     assert not (raw_dir / "run_000001.BSDATA.h5").exists()
     await events.close()
+
+
+async def test_a_retention_set_too_low_keeps_the_data_the_buffer_still_has(
+    embedded: System, raw_dir: Path
+) -> None:
+    """The configured retention is only a presumption: if the buffer still returns the data,
+    the file is written, and the log says the configuration is off."""
+    events = await embedded.transport.subscribe_status()
+    embedded.sources[0].retention_pulses = 1000  # type: ignore[attr-defined]
+    embedded.clock.advance_to(START + 5000)  # the buffer itself keeps an hour
+    await embedded.request(channels_list=["SAR:F64"])
+    final = await outcome(events)
+    assert final["BSDATA"].action is Action.WRITE_FINISHED
+    assert final["BSDATA"].details["report"]["complete"] is True
+    log_text = (raw_dir / "run_info" / "000000" / "run_000001.BSDATA.log").read_text()
+    assert "data buffer: aged out — the buffer keeps 1000 pulses" in log_text
+    assert "but it still has data: keeping what there is" in log_text
+    await events.close()
