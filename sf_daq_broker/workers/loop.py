@@ -233,10 +233,19 @@ class Worker:
                 continue  # created by another delivery in between: look at it
             if record.state is LeaseState.FINISHED and Path(lease.job.output_file).exists():
                 job_log.info("already written by an earlier delivery: acknowledged")
+                # Again, in case that delivery's own event was lost (the store keeps its report).
+                await self.transport.publish_status(
+                    StatusEvent.for_job(
+                        Action.WRITE_FINISHED, lease.job, "written by an earlier delivery"
+                    )
+                )
                 await self._settle(delivery, lease, job_log, ack=True, remove=True)
                 return True
             if record.state is LeaseState.FAILED:
                 job_log.info("failed in an earlier delivery (%s): rejected", record.reason)
+                await self.transport.publish_status(
+                    StatusEvent.for_job(Action.WRITE_REJECTED, lease.job, record.reason)
+                )
                 await self._settle(delivery, lease, job_log, ack=False, remove=True)
                 return True
             if (

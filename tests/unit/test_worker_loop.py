@@ -429,6 +429,8 @@ async def test_a_job_that_failed_before_is_dead_lettered_again(raw_dir: Path) ->
     assert source.calls == 0
     assert await transport.take_dead_letters() == [job]
     assert "failed in an earlier delivery (aged out): rejected" in Path(job.log_file).read_text()
+    (event,) = await collect_until(events, Action.WRITE_REJECTED)  # said again, for the status
+    assert (event.job_id, event.message) == (job.job_id, "aged out")
     await events.close()
 
 
