@@ -74,3 +74,9 @@ class DataAgedOut(PermanentBufferError):
 
 class ModuleMissing(PermanentBufferError):
     """A module of a Jungfrau detector has no buffer at all (no folder or no LATEST file)."""
+
+
+class StopTooFarAhead(PermanentBufferError):
+    """The range stops so far beyond the buffer's newest pulse that waiting for it would block
+    the worker for longer than any run can still be ahead: surely a mistake (a typo in
+    ``stop_pulseid``)."""

@@ -10,12 +10,23 @@ slice; anything else frame by frame.
 Before reading, the reader makes sure the data can be there: a module without a buffer at all
 is ``ModuleMissing``; a pulse newer than the module's last closed file (``LATEST``) is
 ``DataNotYetAvailable`` (transient: wait and retry); a pulse whose file is gone although newer
-files exist has aged out of the buffer's retention: ``DataAgedOut``. With ``missing="zeros"``
-every missing record reads as zeros instead (marker 0, so the frame is flagged bad).
+files exist has aged out of the buffer's retention (or was never written): ``DataAgedOut``.
+With ``missing="zeros"`` every missing record reads as zeros instead (marker 0, so the frame
+is flagged bad).
+
+``missing="flag"`` (the detector worker's mode) tells the two apart: retention deletes a
+module's oldest files first, so a missing file is aged out (``DataAgedOut``) only if it is
+older than the module's oldest surviving file (``retention_horizon``); a missing file newer
+than that is a gap — the module was stopped or restarted for a while, or has not written it
+(yet) — and its records read as zeros, flagged. The horizon comes from listing the module's
+folders (and the files of the oldest non-empty one), only when a file is missing, and is
+cached: it is listed again at most once per ``read`` and module, when a file newer than the
+cached horizon is missing (retention may have moved on meanwhile).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -94,6 +105,8 @@ class JungfrauBufferReader:
         self.detector = detector
         self.n_modules = fmt.n_modules(detector)
         self.before_read = before_read
+        #: Per module, the last ``retention_horizon`` listed (see ``retention_horizon``).
+        self._horizon: dict[int, int | None] = {}
 
     def data_file(self, module: int, pid: int) -> Path:
         return fmt.data_file(self.buffer_root, self.detector, module, pid)
@@ -127,6 +140,48 @@ class JungfrauBufferReader:
         if any(pid is None for pid in latest):
             return None
         return min(pid for pid in latest if pid is not None)
+
+    def oldest_file_pulse(self, module: int) -> int | None:
+        """First pulse of the module's oldest data file on disk, None if it has none.
+
+        Lists the module's folders and the files of the oldest folder that has any: a few
+        directory entries, however long the buffer.
+        """
+        root = fmt.module_dir(self.buffer_root, self.detector, module)
+        try:
+            with os.scandir(root) as entries:
+                folders = sorted(int(e.name) for e in entries if e.name.isdigit() and e.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        for folder in folders:
+            try:
+                with os.scandir(root / str(folder)) as entries:
+                    firsts = [
+                        int(e.name[: -len(".bin")])
+                        for e in entries
+                        if e.name.endswith(".bin") and e.name[: -len(".bin")].isdigit()
+                    ]
+            except FileNotFoundError:  # retention removed the folder meanwhile
+                continue
+            if firsts:
+                return min(firsts)
+        return None
+
+    def retention_horizon(self, module: int, *, refresh: bool = True) -> int | None:
+        """The first pulse the module's buffer still holds files for: files of older pulses
+        have aged out. That is the first pulse of its oldest surviving file; if none survives
+        although the module closed files (LATEST), the pulse after its last closed file. None
+        for a module without a buffer at all (nothing of it ages out: it was never written).
+
+        Without ``refresh`` the value listed last is returned (listed now if there is none).
+        """
+        if refresh or module not in self._horizon:
+            horizon = self.oldest_file_pulse(module)
+            if horizon is None:
+                latest = self.latest_pulse_id(module)
+                horizon = None if latest is None else latest + 1
+            self._horizon[module] = horizon
+        return self._horizon[module]
 
     def read(
         self,
@@ -162,20 +217,34 @@ class JungfrauBufferReader:
             self.before_read(self.detector, pids)
         for module in range(n_mod):
             rows = slice(module * fmt.MODULE_ROWS, (module + 1) * fmt.MODULE_ROWS)
-            # In "flag" mode a file is aged out only if the module closed a newer one.
-            latest = self.latest_pulse_id(module) if missing == "flag" else None
+            listed = False  # the retention horizon was listed during this read
             for positions, first in _group_by_file(pids):
-                aged_out = missing == "raise" or (latest is not None and first <= latest)
-                self._read_file(
-                    module,
-                    first,
-                    pids,
-                    positions,
-                    data if pixels else None,
-                    rows,
-                    headers,
-                    aged_out,
+                found = self._read_file(
+                    module, first, pids, positions, data if pixels else None, rows, headers
                 )
+                if found or missing == "zeros":
+                    continue
+                path = self.data_file(module, first)
+                span = f"pulses {first}..{first + fmt.PULSES_PER_FILE - 1}"
+                if missing == "raise":
+                    raise DataAgedOut(
+                        f"{self.detector} module {module}: {path} is gone: {span} aged out of "
+                        "the buffer (or were never written)"
+                    )
+                # "flag": aged out only if older than the oldest surviving file. A file newer
+                # than the horizon listed before may have aged out since: list again, once.
+                known = self._horizon.get(module)
+                if not listed and (known is None or first >= known):
+                    self.retention_horizon(module)
+                    listed = True
+                horizon = self._horizon[module]
+                if horizon is not None and first < horizon:
+                    raise DataAgedOut(
+                        f"{self.detector} module {module}: {path} is gone: {span} aged out of "
+                        f"the buffer (its oldest file now starts at pulse {horizon})"
+                    )
+                # A gap (or never written): the records stay zeros (headers are zeros
+                # already, marker 0), so the frames are flagged, never dropped.
         return DetectorFrames(pids, data, **headers)
 
     def _check_available(self, pids: np.ndarray) -> None:
@@ -204,23 +273,17 @@ class JungfrauBufferReader:
         data: np.ndarray | None,
         rows: slice,
         headers: dict[str, np.ndarray],
-        aged_out: bool,
-    ) -> None:
+    ) -> bool:
+        """Copy the records of one file; False (pixels zeroed) if the file does not exist."""
         path = fmt.data_file(self.buffer_root, self.detector, module, first)
         try:
             records = np.memmap(
                 path, dtype=fmt.RECORD_DTYPE, mode="r", shape=(fmt.PULSES_PER_FILE,)
             )
         except FileNotFoundError:
-            if aged_out:
-                raise DataAgedOut(
-                    f"{self.detector} module {module}: {path} is gone: pulses {first}.."
-                    f"{first + fmt.PULSES_PER_FILE - 1} aged out of the buffer (or were never "
-                    "written)"
-                ) from None
             if data is not None:
                 data[positions, rows] = 0
-            return
+            return False
         except ValueError as exc:  # shorter than 1000 records
             raise CorruptStream(f"{self.detector} module {module}: {path}: {exc}") from exc
         slots = pids[positions] - first
@@ -228,7 +291,7 @@ class JungfrauBufferReader:
             headers[name][positions, module] = records[name][slots]
         if data is None:
             del records
-            return
+            return True
         pixels = records["data"]
         step = _even_step(slots)
         if step is not None and _even_step(positions) == 1:
@@ -239,6 +302,7 @@ class JungfrauBufferReader:
             for position, slot in zip(positions.tolist(), slots.tolist(), strict=True):
                 data[position, rows] = pixels[slot]
         del records, pixels  # unmap now rather than at garbage collection
+        return True
 
 
 def _group_by_file(pids: np.ndarray) -> Iterable[tuple[np.ndarray, int]]:

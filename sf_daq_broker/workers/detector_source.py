@@ -17,9 +17,15 @@ A module without a buffer at all is missing: it is not waited for, its rows read
 every frame is flagged (``is_good_frame`` 0), never dropped. A module that stopped writing is
 waited for until the ingestion window after the time of ``stop`` closes (the time of a pulse is
 estimated from the freshest module's ``LATEST``: its mtime is when the file ending at its
-newest pulse closed); what it never wrote is then flagged. Files older than the module's newest
-closed file that are gone have aged out of the buffer's retention: the job fails at once with
-that reason (``DataAgedOut``), also when it happens while streaming.
+newest pulse closed); what it never wrote is then flagged. A stop pulse whose estimated time is
+more than ``max_wait_ahead`` (300 s) in the future is surely a mistake (a typo in
+``stop_pulseid``): the job fails at once (``StopTooFarAhead``) rather than block the worker.
+
+Retention deletes a module's oldest files first, so a missing file older than the module's
+oldest surviving file has aged out: the job fails at once with that reason (``DataAgedOut``),
+also when it happens while streaming. A missing file newer than that is a gap (the module was
+stopped or restarted for a while): its frames are zeros for that module and flagged, never
+dropped, and the completeness report counts them.
 
 Rows follow BUFFERS.md §4: one per beam pulse of the detector range; ``is_good_frame`` only if
 every module's record is complete and all agree on pulse id and frame index; ``pulse_id``,
@@ -48,7 +54,12 @@ import numpy as np
 import numpy.typing as npt
 
 from sf_daq_broker.buffers import jungfrau_format as fmt
-from sf_daq_broker.buffers.errors import BufferUnavailable, DataAgedOut, ModuleMissing
+from sf_daq_broker.buffers.errors import (
+    BufferUnavailable,
+    DataAgedOut,
+    ModuleMissing,
+    StopTooFarAhead,
+)
 from sf_daq_broker.buffers.jungfrau_buffer import BeforeRead, DetectorFrames, JungfrauBufferReader
 from sf_daq_broker.config import Settings
 from sf_daq_broker.h5.atomic import atomic_output
@@ -66,6 +77,8 @@ from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pu
 #: its converted copy (up to 2x) and compressed chunks: ~0.5 GB for 8 modules.
 BATCH_BYTES = 64 * 1024 * 1024
 INGESTION_WINDOW = 60.0  # seconds after the time of stop during which late frames are awaited
+#: A stop pulse estimated further ahead than this (seconds) is a mistake, not a run to wait for.
+MAX_WAIT_AHEAD = 300.0
 POLL_SECONDS = 0.5
 PULSE_RATE_HZ = 100.0
 RAW_DATA = "RAW_DATA"
@@ -98,6 +111,7 @@ class DetectorSource(Source):
         *,
         before_read: BeforeRead | None = None,
         ingestion_window: float = INGESTION_WINDOW,
+        max_wait_ahead: float = MAX_WAIT_AHEAD,
         poll_seconds: float = POLL_SECONDS,
         batch_bytes: int = BATCH_BYTES,
         config_source: str = "the configuration",
@@ -106,6 +120,7 @@ class DetectorSource(Source):
         self.calibration = dict(calibration)
         self.before_read = before_read
         self.ingestion_window = ingestion_window
+        self.max_wait_ahead = max_wait_ahead
         self.poll_seconds = poll_seconds
         self.batch_bytes = batch_bytes
         self.config_source = config_source
@@ -212,7 +227,8 @@ class DetectorSource(Source):
         self, reader: JungfrauBufferReader, job: Job, job_log: logging.Logger
     ) -> list[int]:
         """Wait until every module with a buffer has passed ``stop`` or the ingestion window
-        closed; returns the modules without a buffer."""
+        closed; returns the modules without a buffer. Fails at once if ``stop`` is more than
+        ``max_wait_ahead`` seconds in the future."""
         stop = job.stop_pulse_id
         announced = False
         while True:
@@ -233,7 +249,15 @@ class DetectorSource(Source):
             time_of_stop = max(
                 mtime + (stop - latest) / PULSE_RATE_HZ for _, latest, mtime in present
             )
-            if time.time() > time_of_stop + self.ingestion_window:
+            now = time.time()
+            if time_of_stop - now > self.max_wait_ahead:
+                newest = max(latest for _, latest, _ in present)
+                raise StopTooFarAhead(
+                    f"{job.source}: stop pulse {stop} is about {time_of_stop - now:.0f} s in the "
+                    f"future (newest pulse in the buffer: {newest}); not waiting for it (the "
+                    f"limit is {self.max_wait_ahead:.0f} s: is stop_pulseid a typo?)"
+                )
+            if now > time_of_stop + self.ingestion_window:
                 job_log.warning(
                     "%s: modules %s did not reach pulse %d within the ingestion window of %.0f s;"
                     " the frames they did not write are flagged",
@@ -256,18 +280,25 @@ class DetectorSource(Source):
     def _check_retention(
         self, reader: JungfrauBufferReader, job: Job, missing_modules: list[int]
     ) -> None:
-        """Fail at once if the first pulse's files are gone although newer ones exist."""
+        """Fail at once if the first pulse's file of a module is gone and older than the
+        module's oldest surviving file (retention deletes the oldest files first). A missing
+        file that is newer is a gap, flagged while streaming. The module's files are listed
+        only if the first file is missing."""
         start = job.start_pulse_id
+        first = fmt.file_first_pulse(start)
         for module in range(reader.n_modules):
             if module in missing_modules:
                 continue
-            latest = reader.latest_pulse_id(module)
             path = reader.data_file(module, start)
-            if latest is not None and start <= latest and not path.exists():
+            if path.exists():
+                continue
+            horizon = reader.retention_horizon(module)
+            if horizon is not None and first < horizon:
                 raise DataAgedOut(
                     f"{job.source}: pulses {start}-{job.stop_pulse_id} aged out of the Jungfrau "
-                    f"buffer: module {module}'s file {path} is gone (the buffer keeps only its "
-                    "newest files); retrieve sooner after the run"
+                    f"buffer: module {module}'s file {path} is gone and its oldest file starts "
+                    f"at pulse {horizon} (the buffer keeps only its newest files; or the module "
+                    "was not writing yet); retrieve sooner after the run"
                 )
 
     def _converter(

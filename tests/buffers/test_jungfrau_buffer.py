@@ -157,6 +157,76 @@ def test_reader_readiness_and_retention(
     assert zeros.is_good_frame().tolist() == [False]
 
 
+def test_flag_mode_reads_a_gap_as_flagged_zeros_and_fails_only_what_aged_out(
+    tmp_path: Path, clock: ManualClock
+) -> None:
+    """A missing file is aged out only if it is older than the module's oldest surviving file;
+    one newer than that (a gap: the module stopped for a while; or not written) reads as zeros,
+    flagged."""
+    writer = JungfrauBufferWriter(
+        tmp_path / "b", [DET3], clock, retention_pulses=1_000_000, mode="lazy"
+    )
+    base = 15_000_000_000
+    clock.advance_to(base + 4000)  # files base .. base+3000 closed, base+4000 open
+    writer.catch_up()
+    module1 = fmt.module_dir(writer.buffer_root, DET3, 1)
+    (module1 / "14999900000").mkdir()  # an empty older folder: skipped by the listing
+    (module1 / "notes.txt").write_text("not a folder of the buffer")
+    fmt.data_file(writer.buffer_root, DET3, 1, base + 2000).unlink()  # module 1: a gap
+    reader = JungfrauBufferReader(
+        writer.buffer_root, DET3, before_read=lambda det, pids: writer.materialise(det, pids)
+    )
+    assert [reader.oldest_file_pulse(m) for m in range(3)] == [base] * 3
+    assert reader.retention_horizon(1) == base
+    pids = [base + 1500, base + 2000, base + 2500, base + 3000, base + 5500]
+    frames = reader.read(pids, missing="flag")
+    # base+5500: newer than every file (never written): zeros and flagged as well.
+    assert frames.is_good_frame().tolist() == [True, False, False, True, False]
+    assert frames.marker.tolist() == [
+        [0xBE] * 3,
+        [0xBE, 0, 0xBE],
+        [0xBE, 0, 0xBE],
+        [0xBE] * 3,
+        [0, 0, 0],
+    ]
+    assert frames.pulse_id[:, 1].tolist() == [base + 1500, 0, 0, base + 3000, 0]
+    for i, pid in enumerate(pids):
+        for m in range(3):
+            rows = frames.data[i, m * 512 : (m + 1) * 512]
+            if frames.marker[i, m]:
+                np.testing.assert_array_equal(rows, expected_frame(DET3, m, pid))
+            else:
+                assert not rows.any()
+    # "raise" mode stays strict: a gap is an error there.
+    with pytest.raises(DataAgedOut, match="never written"):
+        reader.read([base + 2000])
+    # Retention deletes the oldest files: base+1500 has aged out now (module 0 first), and
+    # module 1's gap is older than its oldest surviving file (base+3000): aged out as well.
+    writer.age_out(base + 2000)
+    with pytest.raises(DataAgedOut) as gone:
+        reader.read([base + 1500], missing="flag")
+    path = fmt.data_file(writer.buffer_root, DET3, 0, base + 1000)
+    assert str(gone.value) == (
+        f"{DET3} module 0: {path} is gone: pulses {base + 1000}..{base + 1999} aged out of the "
+        f"buffer (its oldest file now starts at pulse {base + 2000})"
+    )
+    assert not gone.value.transient
+    with pytest.raises(DataAgedOut) as gap_gone:
+        reader.read([base + 2000], missing="flag")  # the horizon listed before is refreshed
+    path = fmt.data_file(writer.buffer_root, DET3, 1, base + 2000)
+    assert str(gap_gone.value) == (
+        f"{DET3} module 1: {path} is gone: pulses {base + 2000}..{base + 2999} aged out of the "
+        f"buffer (its oldest file now starts at pulse {base + 3000})"
+    )
+    assert reader.retention_horizon(1, refresh=False) == base + 3000
+    # No file left although the module closed some: everything up to LATEST has aged out.
+    for path in module1.rglob("*.bin"):
+        path.unlink()
+    assert reader.oldest_file_pulse(1) is None
+    assert reader.retention_horizon(1) == base + 4000
+    writer.close()
+
+
 def test_retention_deletes_old_files(tmp_path: Path, clock: ManualClock) -> None:
     writer = JungfrauBufferWriter(tmp_path / "b", [DET1], clock, retention_pulses=1000, mode="lazy")
     clock.advance_to(START + 3005)  # 15_000_004_000

@@ -10,6 +10,7 @@ them with the simulator's calibration files.
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 
 from sf_daq_broker.api.app import create_app
+from sf_daq_broker.buffers import jungfrau_format as fmt
 from sf_daq_broker.jobs import Action, StatusEvent
 from sf_daq_broker.jungfrau import ConversionOptions, Converter
 from sf_daq_broker.simulation.clock import ManualClock
@@ -325,9 +327,87 @@ async def test_aged_out_files_fail_with_that_reason(system: System) -> None:
     run = await system.request({ONE: {}})
     outcome = (await system.outcomes(1))[ONE]
     assert outcome.action is Action.WRITE_REJECTED
-    assert outcome.message.startswith(
+    path = fmt.data_file(system.simulation.jungfrau.buffer_root, ONE, 0, RANGE)
+    assert outcome.message == (
         f"pulses {RANGE + 12}-{RANGE + 28}: {ONE}: pulses {RANGE + 12}-{RANGE + 28} aged out "
-        "of the Jungfrau buffer"
+        f"of the Jungfrau buffer: module 0's file {path} is gone and its oldest file starts at "
+        f"pulse {RANGE + 1000} (the buffer keeps only its newest files; or the module was not "
+        "writing yet); retrieve sooner after the run"
     )
     assert not (system.raw_dir / f"run_{run:06d}.{ONE}.h5").exists()
+    await no_leases_left(system.raw_dir)
+
+
+async def test_a_gap_in_the_buffer_files_is_flagged_not_aged_out(system: System) -> None:
+    """A module stopped for a whole buffer file inside the range (older and newer files
+    exist): the job finishes with every row; the gap's rows are flagged, the others exact."""
+    system.pass_files(RANGE + 2000)  # files START, RANGE, RANGE+1000 closed
+    root = system.simulation.jungfrau.buffer_root
+    gaps = [(ONE, 0), (FOUR, 1)]
+    for detector, module in gaps:
+        fmt.data_file(root, detector, module, RANGE).unlink()
+    # Beam pulses every 100: RANGE-100 (file START), 10 in the gap file, RANGE+1000.
+    run = await system.request(
+        {ONE: {}, FOUR: {}},
+        start_pulseid=RANGE - 100,
+        stop_pulseid=RANGE + 1000,
+        rate_multiplicator=100,
+    )
+    outcomes = await system.outcomes(2)
+    assert {e.action for e in outcomes.values()} == {Action.WRITE_FINISHED}
+    pids = list(range(RANGE - 100, RANGE + 1001, 100))
+    in_gap = [RANGE <= p < RANGE + 1000 for p in pids]
+    good = [0 if gap else 1 for gap in in_gap]
+    assert len(pids) == 12 and good == [1] + [0] * 10 + [1]
+    for detector, module in gaps:
+        raw = raw_frames(system, detector, pids)
+        raw[np.array(in_gap), module * 512 : (module + 1) * 512] = 0  # the gap reads as zeros
+        expected = converted(system, detector).convert(raw)
+        with h5py.File(system.raw_dir / f"run_{run:06d}.{detector}.h5") as file:
+            group = file[f"data/{detector}"]
+            assert group["data"].shape[0] == len(pids)  # every row, none dropped
+            np.testing.assert_array_equal(group["data"][:], expected)
+            assert group["requested_pulse_id"][:, 0].tolist() == pids
+            assert group["is_good_frame"][:, 0].tolist() == good
+            pulse_id = group["pulse_id"][:, 0].tolist()
+            frame_index = group["frame_index"][:, 0].tolist()
+        if detector == ONE:  # no module complete in the gap: pulse id and frame index 0
+            assert pulse_id == [p * g for p, g in zip(pids, good, strict=True)]
+            assert frame_index == [(p - START + 1) * g for p, g in zip(pids, good, strict=True)]
+        else:  # the first complete module (0) still names the pulse
+            assert pulse_id == pids
+            assert frame_index == [p - START + 1 for p in pids]
+        report = outcomes[detector].details["report"]["names"][0]
+        assert (report["expected"], report["found"], report["missing"]) == (12, 2, 10)
+        assert report["missing_pulse_ids"] == pids[1:11]
+        per_module = [0] * int(detector[5:7])
+        per_module[module] = 10
+        assert report["extra"] == {
+            "frames_written": 12,
+            "bad_frames": 10,
+            "bad_frames_per_module": per_module,
+            "missing_modules": [],
+        }
+    await no_leases_left(system.raw_dir)
+
+
+async def test_a_stop_far_in_the_future_is_rejected_at_once(system: System) -> None:
+    """A typo (an extra digit: 10^8 pulses, 11 days ahead) must not block the worker."""
+    start = RANGE + 100_000_000
+    run = await system.request({ONE: {}}, start_pulseid=start, stop_pulseid=start + 20)
+    outcome = (await system.outcomes(1, timeout=10))[ONE]  # no waiting for the stop pulse
+    assert outcome.action is Action.WRITE_REJECTED
+    # Newest pulse RANGE-1, so the stop is (10^8 + 21) / 100 Hz = 1 000 000.21 s after the
+    # time LATEST was written, a moment before the check.
+    match = re.fullmatch(
+        rf"pulses {start}-{start + 20}: {ONE}: stop pulse {start + 20} is about (\d+) s in the "
+        rf"future \(newest pulse in the buffer: {RANGE - 1}\); not waiting for it \(the limit "
+        r"is 300 s: is stop_pulseid a typo\?\)",
+        outcome.message,
+    )
+    assert match is not None, outcome.message
+    assert 999_990 <= int(match.group(1)) <= 1_000_000
+    assert not (system.raw_dir / f"run_{run:06d}.{ONE}.h5").exists()
+    log = (system.raw_dir / "run_info" / "000000" / f"run_{run:06d}.{ONE}.log").read_text()
+    assert "waiting for modules" not in log
     await no_leases_left(system.raw_dir)
