@@ -116,6 +116,12 @@ async def collect_until(
     return seen
 
 
+async def settled(job: Job) -> None:
+    """Wait until the delivery is settled: its lease goes only after the ack or reject, which
+    follow the status event (a worker stopped in between leaves the job to its next delivery)."""
+    await async_wait_until(lambda: not lease_path(job).exists(), what="the delivery settled")
+
+
 async def run_worker(
     transport: Transport, source: Source, *jobs: Job
 ) -> tuple[asyncio.Task[Any], StatusSubscription]:
@@ -136,6 +142,7 @@ async def test_success_publishes_file_then_acks(transport: Transport, raw_dir: P
     source = ScriptedSource()
     task, events = await run_worker(transport, source, job)
     seen = await collect_until(events, Action.WRITE_FINISHED)
+    await settled(job)  # acknowledged or rejected, not only announced
     await stop(task)
     assert [e.action for e in seen] == [
         Action.WRITE_START,
@@ -174,6 +181,7 @@ async def test_transient_errors_are_retried(transport: Transport, raw_dir: Path)
     source = ScriptedSource([BufferServerError("data buffer: HTTP 503", 503), StreamCut("cut")])
     task, events = await run_worker(transport, source, job)
     await collect_until(events, Action.WRITE_FINISHED)
+    await settled(job)  # acknowledged or rejected, not only announced
     await stop(task)
     assert source.calls == 3
     assert Path(job.output_file).read_bytes() == b"complete file"
@@ -211,6 +219,7 @@ async def test_failures_dead_letter_and_leave_no_file(
     source = ScriptedSource(failures)
     task, events = await run_worker(transport, source, job)
     seen = await collect_until(events, Action.WRITE_REJECTED)
+    await settled(job)  # acknowledged or rejected, not only announced
     await stop(task)
     assert seen[-1].message == reason
     assert source.calls == calls
@@ -238,6 +247,7 @@ async def test_a_job_that_cannot_be_started_is_rejected_and_the_worker_goes_on(
     source = ScriptedSource()
     task, events = await run_worker(transport, source, broken, good)
     seen = await collect_until(events, Action.WRITE_FINISHED)
+    await settled(good)  # acknowledged or rejected, not only announced
     await stop(task)
     rejected = [e for e in seen if e.action is Action.WRITE_REJECTED]
     assert [e.run_number for e in rejected] == [1]
@@ -304,6 +314,7 @@ async def test_interrupted_job_returns_to_queue_and_is_rewritten(
     second = ScriptedSource()
     task = asyncio.create_task(Worker(transport, [second], retry=FAST).run())
     seen = await collect_until(events, Action.WRITE_FINISHED)
+    await settled(job)  # acknowledged or rejected, not only announced
     await stop(task)
     assert second.calls == 1
     assert Path(job.output_file).read_bytes() == b"complete file"
