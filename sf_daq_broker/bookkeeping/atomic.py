@@ -66,14 +66,14 @@ def create_atomic(path: Path, data: bytes) -> None:
     fsync_directory(path.parent)
 
 
-def partial_path(final: Path, owner: str = "") -> Path:
-    """The temporary name a worker writes ``final`` under before publishing it.
+def partial_path(final: Path, owner: str) -> Path:
+    """The temporary name ``owner`` writes ``final`` under before publishing it.
 
-    Hidden beside ``final`` so that tools can tell a file that is still being written
-    (``.{name}.partial`` or ``.{name}.{owner}.partial``). With ``owner`` (a job lease's token)
-    two deliveries of one job can never write into, publish or delete each other's file.
+    Hidden beside ``final`` (``.{name}.{owner}.partial``) so that tools can tell a file that is
+    still being written; one per owner (a job lease's token, a random token), so two writers
+    of one file never write into, publish or delete each other's file.
     """
-    return final.with_name(f".{final.name}.{owner}.partial" if owner else f".{final.name}.partial")
+    return final.with_name(f".{final.name}.{owner}.partial")
 
 
 def partial_files(final: Path) -> list[Path]:

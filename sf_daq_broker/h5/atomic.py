@@ -3,8 +3,8 @@
 ``with atomic_output(final) as temp:`` gives a temporary name in the same directory (so the
 final rename never crosses a file system); the caller writes and closes the file there. On a
 normal exit the file is fsynced, renamed over ``final`` and the directory fsynced; on an
-exception the temporary file is removed and ``final`` is left untouched. The worker loop
-publishes its own fixed temporary name the same way (``bookkeeping.atomic.publish_file``).
+exception the temporary file is removed and ``final`` is left untouched. The name follows
+``bookkeeping.atomic.partial_path``, as the worker loop's own temporary files do.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sf_daq_broker.bookkeeping.atomic import publish_file
+from sf_daq_broker.bookkeeping.atomic import partial_path, publish_file
 
 
 def temporary_name(final: Path) -> Path:
     """A hidden, unique name beside ``final``; never matched by ``run_*.h5`` globs."""
-    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.partial")
+    return partial_path(final, uuid.uuid4().hex[:12])
 
 
 @contextmanager

@@ -13,7 +13,7 @@ import logging
 import struct
 import time
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Self
 
 import numpy as np
 
@@ -58,6 +58,18 @@ class Api1Source(Source):
         self.ready_timeout = ready_timeout
         self.ingestion_window = ingestion_window
         self.poll_seconds = poll_seconds
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        """The buffer's ``{kind}_url`` and ``{kind}_retention_pulses``; the pulse map is the
+        data buffer's (BUFFERS.md §1)."""
+        buffers = settings.buffers
+        return cls(
+            getattr(buffers, f"{cls.kind.value}_url"),
+            buffers.databuffer_url,
+            getattr(buffers, f"{cls.kind.value}_retention_pulses"),
+            ingestion_window=buffers.ingestion_window_s,
+        )
 
     def _short(self, data: ChannelData, job: Job) -> bool:
         """True if the channel's events stop before ``stop`` by more than their own spacing."""
@@ -132,28 +144,8 @@ class DataBufferSource(Api1Source):
     name = "data buffer"
     keep_compressed = False
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> DataBufferSource:
-        buffers = settings.buffers
-        return cls(
-            buffers.databuffer_url,
-            buffers.databuffer_url,
-            buffers.databuffer_retention_pulses,
-            ingestion_window=buffers.ingestion_window_s,
-        )
-
 
 class ImageBufferSource(Api1Source):
     kind = SourceKind.IMAGEBUFFER
     name = "image buffer"
     keep_compressed = True  # images go into the file as the buffer's blobs: no decompression
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ImageBufferSource:
-        buffers = settings.buffers
-        return cls(
-            buffers.imagebuffer_url,
-            buffers.databuffer_url,
-            buffers.imagebuffer_retention_pulses,
-            ingestion_window=buffers.ingestion_window_s,
-        )

@@ -75,6 +75,13 @@ class PulseFinder:
             if after is None or after > ns:
                 return pid
             pid += 1
+        log.warning(
+            "pulse map: no pulse found at or before %d ns within %d steps of the estimate; "
+            "keeping pulse %d",
+            ns,
+            MAX_STEPS,
+            pid,
+        )
         return pid
 
 
@@ -122,20 +129,23 @@ class ArchiverSource(Source):
             # end exclusive: a change at ts(stop + 1) belongs to the next run
             found = await archiver.query(job.names, start_ns, end_ns, end_inclusive=False)
             finder = PulseFinder(pulse_map, job, start_ns, end_ns)
+            await progress.update(progress.total)  # all fetched; the rest is local work
             rows: list[ChannelRows] = []
             reports: list[NameReport] = []
+            absent: list[str] = []
             for name in job.names:
                 data = found.get(name)
                 if data is None or len(data) == 0:
+                    absent.append(name)
                     continue
                 order = np.argsort(data.timestamps, kind="stable")
-                data = _reordered(data, order)
-                inside = (data.timestamps >= start_ns) & (data.timestamps < end_ns)
+                times = data.timestamps[order]
+                inside = (times >= start_ns) & (times < end_ns)
                 keep = inside.copy()
-                before = np.flatnonzero(data.timestamps < start_ns)
+                before = np.flatnonzero(times < start_ns)
                 if before.size:
                     keep[before[-1]] = True  # the value in force at the start
-                data = _reordered(data, np.flatnonzero(keep))
+                data = _reordered(data, order[keep])
                 inside = inside[keep]
                 pulse_ids = np.array(
                     [await finder.pulse_at_or_before(int(t)) for t in data.timestamps],
@@ -162,11 +172,8 @@ class ArchiverSource(Source):
                         unit="values",
                     )
                 )
-                await progress.update(len(rows), len(job.names))
-        absent = [name for name in job.names if name not in found or len(found[name]) == 0]
         if absent:
             job_log.warning("the archiver has no value for %s", ", ".join(absent))
-        await progress.update(len(job.names), len(job.names))
         await asyncio.to_thread(write_channels, target, provenance(job), rows)
         return CompletenessReport(names=reports, absent=absent)
 

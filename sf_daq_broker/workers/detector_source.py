@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from sf_daq_broker.bookkeeping.atomic import publish_file
 from sf_daq_broker.buffers import jungfrau_format as fmt
 from sf_daq_broker.buffers.errors import (
     BufferUnavailable,
@@ -62,7 +63,7 @@ from sf_daq_broker.buffers.errors import (
 )
 from sf_daq_broker.buffers.jungfrau_buffer import BeforeRead, DetectorFrames, JungfrauBufferReader
 from sf_daq_broker.config import Settings
-from sf_daq_broker.h5.atomic import atomic_output
+from sf_daq_broker.h5.atomic import temporary_name
 from sf_daq_broker.h5.channels import provenance
 from sf_daq_broker.h5.detector import DetectorFileWriter, FrameColumns
 from sf_daq_broker.jobs import Job, SourceKind
@@ -180,14 +181,21 @@ class DetectorSource(Source):
             job_log.info("keep_raw: the file is the raw file already (adc_to_energy false)")
         raw_final = raw_data_file(job) if keep_raw else None
         started = time.monotonic()
-        with contextlib.ExitStack() as files:
-            raw_target = None
-            if raw_final is not None:
-                raw_final.parent.mkdir(parents=True, exist_ok=True)
-                raw_target = files.enter_context(atomic_output(raw_final))
+        raw_target = None
+        if raw_final is not None:
+            await asyncio.to_thread(raw_final.parent.mkdir, parents=True, exist_ok=True)
+            raw_target = temporary_name(raw_final)
+        try:
             incomplete, good = await self._stream(
                 reader, job, options, converter, pulse_ids, target, raw_target, progress
             )
+            if raw_final is not None and raw_target is not None:
+                # fsync of gigabytes and a rename: not on the event loop
+                await asyncio.to_thread(publish_file, raw_target, raw_final)
+        except BaseException:
+            if raw_target is not None:
+                raw_target.unlink(missing_ok=True)
+            raise
         elapsed = time.monotonic() - started
         raw_bytes = pulse_ids.size * reader.n_modules * fmt.MODULE_ROWS * fmt.MODULE_COLS * 2
         job_log.info(

@@ -103,6 +103,11 @@ def expected_total(job: Job) -> int:
     return int(beam_pulses(job.requested_start, job.requested_stop, job.rate_multiplicator).size)
 
 
+def rejection_reason(job: Job, problem: str) -> str:
+    """Which range and what happened (the problem names the buffer)."""
+    return f"pulses {job.start_pulse_id}-{job.stop_pulse_id}: {problem}"
+
+
 def temporary_path(job: Job, lease: JobLease) -> Path:
     """Where this delivery writes the job's file before publishing it: its own name, so that
     two deliveries of one job (a take-over) never touch each other's file."""
@@ -234,18 +239,14 @@ class Worker:
             if record.state is LeaseState.FINISHED and Path(lease.job.output_file).exists():
                 job_log.info("already written by an earlier delivery: acknowledged")
                 # Again, in case that delivery's own event was lost (the store keeps its report).
-                await self.transport.publish_status(
-                    StatusEvent.for_job(
-                        Action.WRITE_FINISHED, lease.job, "written by an earlier delivery"
-                    )
+                await self._announce_again(
+                    Action.WRITE_FINISHED, lease.job, "written by an earlier delivery", job_log
                 )
                 await self._settle(delivery, lease, job_log, ack=True, remove=True)
                 return True
             if record.state is LeaseState.FAILED:
                 job_log.info("failed in an earlier delivery (%s): rejected", record.reason)
-                await self.transport.publish_status(
-                    StatusEvent.for_job(Action.WRITE_REJECTED, lease.job, record.reason)
-                )
+                await self._announce_again(Action.WRITE_REJECTED, lease.job, record.reason, job_log)
                 await self._settle(delivery, lease, job_log, ack=False, remove=True)
                 return True
             if (
@@ -366,19 +367,27 @@ class Worker:
         if not await asyncio.to_thread(lease.owned):
             # Taken over: the job is the new owner's now, its outcome is not ours to record.
             raise LeaseLost(f"the lease {lease.path} was taken over")
-        # which range and what happened; the reason names the buffer
-        reason = f"pulses {job.start_pulse_id}-{job.stop_pulse_id}: {reason}"
+        reason = rejection_reason(job, reason)
         await asyncio.to_thread(lease.settle, LeaseState.FAILED, reason)
         job_log.error("failed, no file written: %s", reason)
         await self.transport.publish_status(StatusEvent.for_job(Action.WRITE_REJECTED, job, reason))
         await asyncio.shield(self._settle(delivery, lease, job_log, ack=False, remove=True))
+
+    async def _announce_again(
+        self, action: Action, job: Job, message: str, job_log: logging.Logger
+    ) -> None:
+        """Best effort: the job's outcome is settled already, a lost event must not undo it."""
+        try:
+            await self.transport.publish_status(StatusEvent.for_job(action, job, message))
+        except Exception as exc:
+            job_log.warning("the %s event could not be published again: %r", action, exc)
 
     async def _reject_unrunnable(
         self, delivery: JobDelivery, job_log: logging.Logger, problem: str
     ) -> None:
         """Dead-letter a job that cannot even be started here, saying why."""
         job = delivery.job
-        reason = f"pulses {job.start_pulse_id}-{job.stop_pulse_id}: cannot work on it: {problem}"
+        reason = rejection_reason(job, f"cannot work on it: {problem}")
         job_log.error("failed, no file written: %s", reason)
         with contextlib.suppress(Exception):
             await self.transport.publish_status(

@@ -254,7 +254,7 @@ async def test_missing_file_and_file_still_being_written(
     run = await make_run()
     write_all(run, skip={"CAMERAS", DETECTOR})
     cameras = run.file("CAMERAS")
-    partial_path(Path(run.jobs[DETECTOR].output_file)).write_bytes(
+    partial_path(Path(run.jobs[DETECTOR].output_file), "worker").write_bytes(
         b"\x89HDF half"
     )  # a worker is at it
     assert check(run, capsys) == (
@@ -280,7 +280,7 @@ async def test_unreadable_file(
     assert lines[1].startswith(f"    Reason : Can not read from PVCHANNELS file {pvs} : ")
     assert "file signature not found" in lines[1]
     # The same bytes while a worker rewrites the file (a redelivered job): being written.
-    partial_path(Path(run.jobs["PVCHANNELS"].output_file)).write_bytes(b"")
+    partial_path(Path(run.jobs["PVCHANNELS"].output_file), "worker").write_bytes(b"")
     assert check(run, capsys) == (1, failed(f"PVCHANNELS file {pvs} is still being written"))
 
 
