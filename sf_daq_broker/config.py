@@ -87,6 +87,9 @@ class Settings(_Strict):
     trusted_proxies: list[IPNetwork] = []
     max_pulse_range: int = Field(default=60000, ge=0)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    #: Free space a pgroup's raw/ must have for a request to be accepted (bytes); below it the
+    #: broker answers 507 before a run number is spent, and /health reports the data root.
+    min_free_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
     detector_stale_seconds: float = Field(default=30.0, gt=0)
     #: The broker's own state (the job status store); survives restarts.
     state_dir: Path = Field(default=Path("~/.local/state/sf-daq-broker"), validate_default=True)

@@ -90,7 +90,7 @@ async def retrieve_from_buffers(request: web.Request) -> web.Response:
         max_pulse_range=settings.max_pulse_range,
     )
     dirs = await asyncio.to_thread(open_pgroup, settings.data_root, beamline, parsed.pgroup)
-    accepted = await asyncio.to_thread(accept_request, parsed, dirs)
+    accepted = await asyncio.to_thread(accept_request, parsed, dirs, settings.min_free_bytes)
     run = accepted.run_number
     await asyncio.to_thread(store.record_queued, accepted.jobs)
     try:
