@@ -357,6 +357,12 @@ class ConfinedFile:
         held = os.fstat(self.fd)
         return entry is not None and (entry.st_dev, entry.st_ino) == (held.st_dev, held.st_ino)
 
+    def check(self) -> None:
+        """``OutsideRaw`` if the temporary name no longer is this file (replaced, e.g. by a
+        symlink): explains why a library could not open or write it."""
+        if not self._still_ours():
+            raise OutsideRaw(f"{self.shown_path} was replaced by something else while written")
+
     def publish(self, final_name: str) -> None:
         """fsync the file, check its directory still lies where it was found and that the
         temporary name still is this file, rename it to ``final_name``, fsync the directory."""
@@ -365,17 +371,17 @@ class ConfinedFile:
                 raise ValueError(f"{self.shown_path} was discarded")
             os.fsync(self.fd)
             self.directory.verify()
-            if not self._still_ours():
-                raise OutsideRaw(f"{self.shown_path} was replaced by something else while written")
+            self.check()
             self.directory.rename(self.name, final_name)
             self.directory.fsync()
             self.published = True
             self._close()
 
     def discard(self) -> None:
-        """Remove the temporary file (only if the name still is this file)."""
+        """Remove the temporary file's name (this writer's own name, whatever it holds now:
+        also a symlink planted there, never its target)."""
         with self._lock:
-            if not self.published and self.fd >= 0 and self._still_ours():
+            if not self.published and self.fd >= 0:
                 self.directory.unlink(self.name)
             self._close()
 

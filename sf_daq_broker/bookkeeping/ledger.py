@@ -20,11 +20,13 @@ from typing import Any
 from sf_daq_broker.bookkeeping.atomic import dump_json
 from sf_daq_broker.bookkeeping.confined import ConfinedDir
 from sf_daq_broker.bookkeeping.paths import PgroupDirs, check_directory_name, clean_relative_path
-from sf_daq_broker.bookkeeping.runs import check_open, next_run_number, pgroup_lock, read_last_run
+from sf_daq_broker.bookkeeping.runs import check_open, pgroup_lock, read_last_run, write_last_run
 from sf_daq_broker.errors import BadRequest, Conflict, InsufficientStorage
 from sf_daq_broker.jobs import Job, build_jobs
 from sf_daq_broker.retrieval import RetrieveRequest
 
+#: Where ``keep_raw`` detector files go, below raw/ (SPEC §5.4).
+RAW_DATA = "RAW_DATA"
 #: scan_info keys that change with every step; the others are the scan's fixed parameters.
 SCAN_STEP_KEYS = ("scan_values", "scan_readbacks", "scan_readbacks_raw", "scan_step_info")
 
@@ -67,13 +69,20 @@ def accept_request(
         scan_name = clean_relative_path(request.scan_name, "scan_info.scan_name")
         scan_file = dirs.scan_json(scan_name)
         dirs.check_reachable(scan_file.parent, what_scan)
+    keep_raw = [
+        name for name, opts in request.detectors.items() if opts.keep_raw and opts.adc_to_energy
+    ]
+    if keep_raw:
+        dirs.check_reachable(
+            dirs.raw / RAW_DATA / (directory_name or ""), f"detectors.{keep_raw[0]}.keep_raw"
+        )
     # Room for the run JSON and the scan step (each about the size of the request), with margin.
     check_free_space(dirs, min_free_bytes + 4 * len(dump_json(request.record)))
 
     with pgroup_lock(dirs) as run_info:
         check_open(dirs, run_info)
         scan_document = _read_scan(scan_file, dirs, what_scan) if scan_file else None
-        run_number = _take_run_number(request, dirs, run_info)
+        run_number = _choose_run_number(request, dirs, run_info)
         request_id = str(uuid.uuid4())
         request_time = request_time_now()
         jobs = build_jobs(request, dirs, run_number, request_id, request_time, directory_name)
@@ -87,7 +96,14 @@ def accept_request(
             request_time=request_time,
         )
         run_json = dirs.run_json(run_number)
-        with dirs.open_dir(run_json.parent, "run_info", create=True) as info_dir:
+        # The directories are opened (created) before the number is spent: one that a symlink
+        # leads out of raw/, or a file blocks, refuses the request with its number unspent.
+        with (
+            dirs.open_dir(run_json.parent, "run_info", create=True) as info_dir,
+            dirs.open_dir(dirs.output_dir(directory_name), "directory_name", create=True),
+        ):
+            if request.run_number is None:
+                write_last_run(dirs, run_info, run_number)
             try:
                 info_dir.create_atomic(run_json.name, dump_json(record))
             except FileExistsError:
@@ -100,15 +116,14 @@ def accept_request(
             _add_scan_step(scan_document, request, jobs)
             with dirs.open_dir(scan_file.parent, what_scan, create=True) as scan_dir:
                 scan_dir.write_atomic(scan_file.name, dump_json(scan_document))
-
-    dirs.open_dir(dirs.output_dir(directory_name), "directory_name", create=True).close()
     return AcceptedRun(run_number, request_id, request_time, jobs, record)
 
 
-def _take_run_number(request: RetrieveRequest, dirs: PgroupDirs, run_info: ConfinedDir) -> int:
-    if request.run_number is None:
-        return next_run_number(dirs, run_info)
+def _choose_run_number(request: RetrieveRequest, dirs: PgroupDirs, run_info: ConfinedDir) -> int:
+    """The request's run number; a new one is only written to LAST_RUN by the caller."""
     last = read_last_run(dirs, run_info)
+    if request.run_number is None:
+        return last + 1
     if request.run_number > last:
         raise BadRequest(
             f"run_number {request.run_number} has not been given out yet in {dirs.pgroup} "

@@ -41,7 +41,13 @@ def pgroup_lock(dirs: PgroupDirs) -> Iterator[ConfinedDir]:
     """Hold the pgroup's bookkeeping lock (threads of this process and other processes);
     yields the confined handle on ``run_info/`` that every bookkeeping write goes through."""
     with dirs.open_dir(dirs.run_info, "run_info", create=True) as run_info, _thread_lock(dirs):
-        fd = run_info.open_fd(dirs.lock_file.name, os.O_RDWR | os.O_CREAT)
+        try:
+            fd = run_info.open_fd(dirs.lock_file.name, os.O_RDWR | os.O_CREAT)
+        except OSError as exc:  # a symlink planted at .lock (ELOOP): never locked through
+            raise Conflict(
+                f"the lock file {dirs.lock_file} cannot be opened ({exc.strerror}): "
+                "a person must look at it"
+            ) from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX)
             try:
@@ -63,7 +69,9 @@ def read_last_run(dirs: PgroupDirs, run_info: ConfinedDir | None = None) -> int:
     except FileNotFoundError:
         return 0
     except OSError as exc:  # a symlink at LAST_RUN (ELOOP): never read through it
-        raise CorruptBookkeeping(f"{dirs.last_run_file} cannot be read: {exc.strerror}") from None
+        raise Conflict(
+            f"{dirs.last_run_file} cannot be read ({exc.strerror}): a person must look at it"
+        ) from None
     text = data.decode("utf-8", "replace")
     try:
         value = int(text.strip())
@@ -79,9 +87,14 @@ def read_last_run(dirs: PgroupDirs, run_info: ConfinedDir | None = None) -> int:
 def next_run_number(dirs: PgroupDirs, run_info: ConfinedDir) -> int:
     """Give out the next run number. The caller must hold :func:`pgroup_lock` (``run_info``)."""
     run_number = read_last_run(dirs, run_info) + 1
+    write_last_run(dirs, run_info, run_number)
+    return run_number
+
+
+def write_last_run(dirs: PgroupDirs, run_info: ConfinedDir, run_number: int) -> None:
+    """Record ``run_number`` as given out (durably). The caller holds :func:`pgroup_lock`."""
     name = dirs.last_run_file.name
     run_info.write_atomic(name, f"{run_number}\n".encode(), temp_name=f".{name}.tmp")
-    return run_number
 
 
 def check_open(dirs: PgroupDirs, run_info: ConfinedDir) -> None:

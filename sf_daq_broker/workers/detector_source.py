@@ -56,6 +56,7 @@ import numpy.typing as npt
 
 from sf_daq_broker.bookkeeping.atomic import partial_name
 from sf_daq_broker.bookkeeping.confined import ConfinedDir, ConfinedFile
+from sf_daq_broker.bookkeeping.ledger import RAW_DATA
 from sf_daq_broker.buffers import jungfrau_format as fmt
 from sf_daq_broker.buffers.errors import (
     BufferUnavailable,
@@ -84,7 +85,6 @@ INGESTION_WINDOW = 60.0  # seconds after the time of stop during which late fram
 MAX_WAIT_AHEAD = 300.0
 POLL_SECONDS = 0.5
 PULSE_RATE_HZ = 100.0
-RAW_DATA = "RAW_DATA"
 
 
 @dataclass(frozen=True)

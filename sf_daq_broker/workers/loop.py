@@ -343,7 +343,12 @@ class Worker:
                 attempt += 1
                 try:
                     with await asyncio.to_thread(directory.new_file, temp_name) as temp:
-                        report = await source.retrieve(job, temp.path, progress, job_log)
+                        try:
+                            report = await source.retrieve(job, temp.path, progress, job_log)
+                        except Exception:
+                            # A temporary file replaced under the source explains its failure.
+                            await asyncio.to_thread(temp.check)
+                            raise
                         if not await asyncio.to_thread(lease.owned):
                             raise LeaseLost(f"the lease {lease.path} was taken over")
                         await asyncio.to_thread(temp.publish, final_name)
