@@ -115,8 +115,12 @@ class _Walk:
                         errno.ENOENT, os.strerror(errno.ENOENT), shown
                     ) from None
                 # Created here (never through a symlink: mkdirat does not follow one).
-                with suppress(FileExistsError):  # created meanwhile, maybe as a symlink: look again
+                try:
                     os.mkdir(name, dir_fd=dir_fd)
+                except FileExistsError:
+                    pass  # created meanwhile, maybe as a symlink: look again
+                except OSError as exc:  # e.g. a full disk: name the whole path
+                    raise OSError(exc.errno, exc.strerror, shown) from None
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
@@ -239,7 +243,10 @@ class ConfinedDir:
 
     def open_fd(self, name: str, flags: int, mode: int = 0o644) -> int:
         """``os.open`` of ``name`` in this directory, never following a symlink."""
-        return os.open(_name(name), flags | _FILE_FLAGS, mode, dir_fd=self.fd)
+        try:
+            return os.open(_name(name), flags | _FILE_FLAGS, mode, dir_fd=self.fd)
+        except OSError as exc:  # name the whole path, for messages
+            raise type(exc)(exc.errno, exc.strerror, str(self.path / name)) from None
 
     def open_append(self, name: str) -> IO[str]:
         """A text file opened for appending (a job's log), created if missing."""
