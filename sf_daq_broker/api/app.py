@@ -42,6 +42,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/current_pulse_id", handlers.current_pulse_id),
     ("GET", "/health", handlers.health),
     ("GET", "/metrics", handlers.metrics),
+    ("GET", "/openapi.json", handlers.openapi),
 ]
 
 

@@ -19,6 +19,8 @@ from aiohttp import web
 from sf_daq_broker import __version__
 from sf_daq_broker.api.caller import beamline_of, client_address
 from sf_daq_broker.api.json_input import check_document, parse_json
+from sf_daq_broker.api.models import MAX_RUN_NUMBER
+from sf_daq_broker.api.openapi import openapi_document
 from sf_daq_broker.api.state import METRICS, PULSE_SEARCH, SETTINGS, STATUS, TRANSPORT
 from sf_daq_broker.bookkeeping.ledger import accept_request, close_pgroup, record_handover_failure
 from sf_daq_broker.bookkeeping.paths import PgroupDirs, open_pgroup
@@ -32,9 +34,6 @@ from sf_daq_broker.status.store import JobState, run_state
 from sf_daq_broker.transport import HandoverError
 
 log = logging.getLogger(__name__)
-
-#: Run numbers are stored as signed 64-bit integers (SQLite, the run JSON's readers).
-MAX_RUN_NUMBER = 2**63 - 1
 
 
 def reply(message: str, status: int = 200, **fields: Any) -> web.Response:
@@ -271,6 +270,18 @@ async def run_status(request: web.Request) -> web.Response:
         run_state=state,
         sources={job["source"]: job for job in jobs},
     )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI document of this broker's endpoints (generated from the request models)."""
+    settings = request.app[SETTINGS]
+    routes = tuple(
+        (route.method, route.resource.canonical)
+        for route in request.app.router.routes()
+        if route.resource is not None and route.method != "HEAD"
+    )
+    document = openapi_document(routes, (settings.min_pulse_id, settings.max_pulse_id))
+    return web.json_response(document)
 
 
 async def current_pulse_id(request: web.Request) -> web.Response:
