@@ -52,3 +52,12 @@ def open_job_dir(job: Job, directory: Path | str, *, create: bool = False) -> Co
 def open_output_dir(job: Job) -> ConfinedDir:
     """The directory of the job's output file (the broker created it)."""
     return open_job_dir(job, Path(job.output_file).parent)
+
+
+def write_job_file(job: Job, path: Path | str, data: bytes) -> None:
+    """Write a small file below the job's ``raw/`` in one call (a list for another tool, a
+    copy of a user file): its directories are created, the file replaced atomically, nothing
+    followed out of ``raw/`` (``OutsideRaw`` instead)."""
+    path = Path(path)
+    with open_job_dir(job, path.parent, create=True) as directory:
+        directory.write_atomic(path.name, data)

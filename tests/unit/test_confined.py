@@ -102,3 +102,39 @@ def test_file_names_are_never_followed(raw: Path) -> None:
     assert (raw / "real" / "link").read_bytes() == b"new"
     with open_below(raw, "real") as directory, pytest.raises(ValueError, match="not a file name"):
         directory.write_atomic("a/b", b"")
+
+
+def test_write_job_file_creates_directories_and_refuses_escapes(tmp_path: Path) -> None:
+    from sf_daq_broker.jobs import Job, SourceKind
+    from sf_daq_broker.workers.job_files import write_job_file
+
+    raw = tmp_path / "raw"
+    (raw / "run_info" / "000000").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    job = Job(
+        job_id="j",
+        request_id="r",
+        kind=SourceKind.DETECTOR,
+        source="JF01T03V01",
+        names=("JF01T03V01",),
+        start_pulse_id=1,
+        stop_pulse_id=2,
+        requested_start=1,
+        requested_stop=2,
+        rate_multiplicator=1,
+        pgroup="p12345",
+        beamline="bernina",
+        run_number=1,
+        output_file=str(raw / "d" / "run_000001.JF01T03V01.h5"),
+        log_file=str(raw / "run_info" / "000000" / "run_000001.JF01T03V01.log"),
+        run_info_file=str(raw / "run_info" / "000000" / "run_000001.json"),
+        request_time="t",
+    )
+    write_job_file(job, raw / "d" / "lists" / "run_000001.lst", b"a\n")
+    assert (raw / "d" / "lists" / "run_000001.lst").read_bytes() == b"a\n"
+    os.symlink(tmp_path / "outside", raw / "JF_pedestals")
+    with pytest.raises(OutsideRaw, match="is a symlink to"):
+        write_job_file(job, "JF_pedestals/p.h5", b"x")
+    with pytest.raises(OutsideRaw, match="is not below"):
+        write_job_file(job, tmp_path / "outside" / "x", b"x")
+    assert list((tmp_path / "outside").iterdir()) == []
