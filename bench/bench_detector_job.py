@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -251,7 +252,7 @@ def main() -> None:
             print(
                 f"{'job':<22} {'frames/s':>9} {'GB/s raw':>9} "
                 f"{'compress alone':>15} {'ratio':>6} {'copyto GB/s':>12} "
-                f"{'by name GB/s':>13} {'confined/by name':>17}"
+                f"{'by name GB/s':>13} {'confined/by name':>17} {'same, CPU s':>13}"
             )
             for label, options in [
                 ("default (float32)", {}),
@@ -259,13 +260,20 @@ def main() -> None:
             ]:
                 run_job(root, out_dir, args.detector, min(args.frames, 16), options)  # warm up
                 # Interleaved, best of each: the worker's confined file against one by name.
+                # Alternating which goes first, so that neither always follows the other's
+                # writeback.
+                # CPU seconds of the whole process too: unlike wall time, hardly moved by the
+                # other work on the machine.
                 by_name, confined = [], []
-                for _ in range(args.repeat):
-                    by_name.append(
-                        run_job(root, out_dir, args.detector, args.frames, options, False)
-                    )
-                    confined.append(run_job(root, out_dir, args.detector, args.frames, options))
+                cpu: dict[bool, list[float]] = {False: [], True: []}
+                for repeat in range(args.repeat):
+                    for way in (False, True) if repeat % 2 else (True, False):
+                        cpu_start = time.process_time()
+                        seconds = run_job(root, out_dir, args.detector, args.frames, options, way)
+                        cpu[way].append(time.process_time() - cpu_start)
+                        (confined if way else by_name).append(seconds)
                 job, named = min(confined), min(by_name)
+                cpu_ratio = statistics.median(cpu[False]) / statistics.median(cpu[True])
                 alone = min(
                     compression_alone(root, args.detector, options, args.frames)
                     for _ in range(args.repeat)
@@ -275,7 +283,7 @@ def main() -> None:
                     f"{label:<22} {args.frames / job:9.0f} {raw_bytes / job / 1e9:9.2f} "
                     f"{raw_bytes / alone / 1e9:11.2f} GB/s {alone / job:6.2f} "
                     f"{raw_bytes / copy / 1e9:12.2f} {raw_bytes / named / 1e9:13.2f} "
-                    f"{named / job:17.2f}"
+                    f"{named / job:17.2f} {cpu_ratio:13.2f}"
                 )
             print(f"load average {os.getloadavg()[0]:.2f}")
         if not args.no_memory:
