@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sf_daq_broker.bookkeeping.paths import check_pgroup_name
-from sf_daq_broker.config import DETECTOR_NAME
+from sf_daq_broker.config import DETECTOR_NAME, PULSE_ID_LIMIT
 from sf_daq_broker.errors import BadRequest, Forbidden
 
 RATE_MULTIPLICATORS = (1, 2, 4, 8, 10, 20, 40, 50, 100)
@@ -107,17 +107,34 @@ def parse_integer(value: Any, key: str) -> int:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
     if isinstance(value, str) and _INTEGER_STRING.match(value):
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # more digits than Python converts (4300)
+            pass
     raise BadRequest(f"{key} must be an integer, got {_show(value)}")
 
 
+def check_pulse_id(value: int, key: str, bounds: tuple[int, int]) -> None:
+    """A pulse id within the configured sanity bounds (at most what the buffers can hold)."""
+    low, high = bounds
+    if value > high:
+        raise BadRequest(
+            f"{key} must be at most {high} (the largest pulse id accepted), got {value}"
+        )
+    if value < low:
+        raise BadRequest(
+            f"{key} must be at least {low} (the smallest pulse id accepted), got {value}"
+        )
+
+
 def _show(value: Any) -> str:
-    """A value as the client wrote it in JSON, for messages."""
+    """A value as the client wrote it in JSON, for messages (a long one shortened)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _parse_name_list(body: dict[str, Any], key: str) -> list[str]:
@@ -235,6 +252,7 @@ def parse_retrieve_request(
     beamline: str,
     allowed_detectors: list[str],
     max_pulse_range: int,
+    pulse_id_bounds: tuple[int, int] = (0, PULSE_ID_LIMIT),
 ) -> RetrieveRequest:
     """Check a ``/retrieve_from_buffers`` body against every rule that needs no file system.
 
@@ -253,6 +271,8 @@ def parse_retrieve_request(
     stop = parse_integer(body["stop_pulseid"], "stop_pulseid")
     if start < 0:
         raise BadRequest(f"start_pulseid must not be negative, got {start}")
+    check_pulse_id(start, "start_pulseid", pulse_id_bounds)
+    check_pulse_id(stop, "stop_pulseid", pulse_id_bounds)
     if stop < start:
         raise BadRequest(f"stop_pulseid {stop} is before start_pulseid {start}")
     if stop - start > max_pulse_range:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,9 @@ from aiohttp import web
 
 from sf_daq_broker import __version__
 from sf_daq_broker.api.caller import beamline_of, client_address
+from sf_daq_broker.api.json_input import check_document, parse_json
+from sf_daq_broker.api.models import MAX_RUN_NUMBER
+from sf_daq_broker.api.openapi import openapi_document
 from sf_daq_broker.api.state import METRICS, PULSE_SEARCH, SETTINGS, STATUS, TRANSPORT
 from sf_daq_broker.bookkeeping.ledger import accept_request, close_pgroup, record_handover_failure
 from sf_daq_broker.bookkeeping.paths import PgroupDirs, open_pgroup
@@ -47,15 +50,13 @@ async def read_json_body(request: web.Request) -> Any:
     raw = await request.read()  # raises 413 beyond the application's client_max_size
     if not raw.strip():
         return None
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    return parse_json(raw)
 
 
 async def read_params(request: web.Request) -> dict[str, Any]:
     """Parameters from the query string and/or a JSON object body (existing clients use both)."""
     params: dict[str, Any] = dict(request.query)
+    check_document(params, "the query string")
     body = await read_json_body(request)
     if body is not None:
         if not isinstance(body, dict):
@@ -88,9 +89,10 @@ async def retrieve_from_buffers(request: web.Request) -> web.Response:
         beamline=beamline,
         allowed_detectors=settings.detectors_of(beamline),
         max_pulse_range=settings.max_pulse_range,
+        pulse_id_bounds=(settings.min_pulse_id, settings.max_pulse_id),
     )
     dirs = await asyncio.to_thread(open_pgroup, settings.data_root, beamline, parsed.pgroup)
-    accepted = await asyncio.to_thread(accept_request, parsed, dirs)
+    accepted = await asyncio.to_thread(accept_request, parsed, dirs, settings.min_free_bytes)
     run = accepted.run_number
     await asyncio.to_thread(store.record_queued, accepted.jobs)
     try:
@@ -159,6 +161,14 @@ async def get_allowed_detectors(request: web.Request) -> web.Response:
     )
 
 
+def free_bytes(directory: Path) -> int | None:
+    """Bytes free for unprivileged writers below ``directory``; None if it is no directory."""
+    if not directory.is_dir():
+        return None
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize
+
+
 def judge_detectors(
     buffer_root: Path, detectors: list[str], stale_seconds: float
 ) -> dict[str, list[str]]:
@@ -198,21 +208,29 @@ async def get_running_detectors(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     settings, transport = request.app[SETTINGS], request.app[TRANSPORT]
     transport_ok = await transport.is_healthy()
-    data_root_ok = await asyncio.to_thread(settings.data_root.is_dir)
+    free = await asyncio.to_thread(free_bytes, settings.data_root)
+    data_root_ok = free is not None and free >= settings.min_free_bytes
     fields: dict[str, Any] = {
         "version": __version__,
         "transport": transport.name,
         "transport_ok": transport_ok,
         "data_root": str(settings.data_root),
         "data_root_ok": data_root_ok,
+        "data_root_free_bytes": free,
     }
     if transport_ok and data_root_ok:
         return reply("healthy", **fields)
+    data_root_problem = (
+        f"data root {settings.data_root} is not a directory"
+        if free is None
+        else f"data root {settings.data_root} is full ({free} bytes free, requests need "
+        f"{settings.min_free_bytes})"
+    )
     problems = [
         what
         for what, ok in (
             (f"{transport.name} transport is not reachable", transport_ok),
-            (f"data root {settings.data_root} is not a directory", data_root_ok),
+            (data_root_problem, data_root_ok),
         )
         if not ok
     ]
@@ -234,6 +252,8 @@ async def run_status(request: web.Request) -> web.Response:
     if params.get("run_number") is None:
         raise BadRequest("run_number is missing")
     run = parse_integer(params["run_number"], "run_number")
+    if not 0 <= run <= MAX_RUN_NUMBER:
+        raise BadRequest(f"run_number must be between 0 and {MAX_RUN_NUMBER}, got {run}")
     jobs = await asyncio.to_thread(request.app[STATUS].run_status, dirs.pgroup, run)
     if not jobs:
         if await asyncio.to_thread(dirs.run_json(run).is_file):
@@ -250,6 +270,18 @@ async def run_status(request: web.Request) -> web.Response:
         run_state=state,
         sources={job["source"]: job for job in jobs},
     )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI document of this broker's endpoints (generated from the request models)."""
+    settings = request.app[SETTINGS]
+    routes = tuple(
+        (route.method, route.resource.canonical)
+        for route in request.app.router.routes()
+        if route.resource is not None and route.method != "HEAD"
+    )
+    document = openapi_document(routes, (settings.min_pulse_id, settings.max_pulse_id))
+    return web.json_response(document)
 
 
 async def current_pulse_id(request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ them with the simulator's calibration files.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -274,6 +275,36 @@ async def test_raw_files_equal_the_buffer_bytes(system: System) -> None:
     converted_file = system.raw_dir / "scan" / "a" / f"run_{run:06d}.{ONE}.h5"
     with h5py.File(converted_file) as file:
         assert file[f"data/{ONE}/data"].dtype == np.int32
+
+
+async def test_keep_raw_into_raw_data_swapped_for_a_symlink_fails_the_job(
+    system: System, tmp_path: Path
+) -> None:
+    """RAW_DATA becomes a symlink out of raw/ while the job waits for its data: the job fails
+    with the reason, nothing is written outside, no file is published."""
+    outside = tmp_path / "outside"
+    (outside / "scan").mkdir(parents=True)
+    run = await system.request({ONE: {"keep_raw": True}}, directory_name="scan")
+    os.symlink(outside, system.raw_dir / "RAW_DATA")
+    system.pass_files()
+    outcome = (await system.outcomes(1))[ONE]
+    assert outcome.action is Action.WRITE_REJECTED
+    assert outcome.message == (
+        f"pulses {RANGE + 12}-{RANGE + 28}: refusing to write below "
+        f"{system.raw_dir}/RAW_DATA/scan: {system.raw_dir}/RAW_DATA is a symlink to {outside}, "
+        f"outside {system.raw_dir}"
+    )
+    assert [p.name for p in outside.rglob("*")] == ["scan"]
+    # No file, no temporary file; the lease goes once the job is dead-lettered.
+    await async_wait_until(
+        lambda: not any((system.raw_dir / "scan").iterdir()), what="the lease removed"
+    )
+    assert (
+        not (system.raw_dir / "RAW_DATA")
+        .resolve()
+        .joinpath("scan", f"run_{run:06d}.{ONE}.h5")
+        .exists()
+    )
 
 
 async def test_incomplete_frames_and_a_missing_module_are_flagged(system: System) -> None:
