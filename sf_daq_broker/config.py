@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from sf_daq_broker.defaults import BROKER_CONFIG, default_config
+
 IPNetwork = IPvAnyNetwork
 
 DETECTOR_NAME = re.compile(r"^JF(\d\d)T(\d\d)V(\d\d)$")
@@ -39,7 +41,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "SF_DAQ_STATE_DIR": "state_dir",
 }
 CONFIG_ENV = "SF_DAQ_CONFIG"
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sf-daq-broker.toml"
+DEFAULT_CONFIG = default_config(BROKER_CONFIG)
 
 
 class ConfigError(Exception):
