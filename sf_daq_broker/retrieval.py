@@ -11,16 +11,31 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from sf_daq_broker.bookkeeping.paths import check_pgroup_name
 from sf_daq_broker.config import DETECTOR_NAME
 from sf_daq_broker.errors import BadRequest, Forbidden
+from sf_daq_broker.spelling import meant
 
 RATE_MULTIPLICATORS = (1, 2, 4, 8, 10, 20, 40, 50, 100)
 CAMERA_SUFFIX = ":FPICTURE"
 LIST_KEYS = ("channels_list", "camera_list", "pv_list")
+#: Every top-level key the broker interprets: THE list (add a new key here). Other keys are kept
+#: as the client's metadata, except one within a typo of a key here, which is refused.
+REQUEST_KEYS: tuple[str, ...] = (
+    "pgroup",
+    "start_pulseid",
+    "stop_pulseid",
+    "rate_multiplicator",
+    "directory_name",
+    *LIST_KEYS,
+    "detectors",
+    "scan_info",
+    "run_number",
+)
 _INTEGER_STRING = re.compile(r"^\s*[+-]?\d+\s*$")
 
 
@@ -205,7 +220,10 @@ def _parse_disabled_modules(detector: str, value: Any, key: str) -> tuple[int, .
 
 
 def _parse_detectors(
-    body: dict[str, Any], allowed_detectors: list[str], beamline: str
+    body: dict[str, Any],
+    allowed_detectors: list[str],
+    beamline: str,
+    known_detectors: Collection[str] | None = None,
 ) -> dict[str, DetectorOptions]:
     value = body.get("detectors")
     if value is None:
@@ -220,6 +238,11 @@ def _parse_detectors(
             raise BadRequest(
                 f"detectors: {name!r} is not a Jungfrau detector name (JFxxTyyVzz, e.g. JF07T32V01)"
             )
+        if known_detectors is not None and name not in known_detectors:
+            raise BadRequest(
+                f"detectors: {name} is an unknown detector: no beamline has it "
+                f"(allowed for {beamline}: {', '.join(allowed_detectors) or 'none'})"
+            )
         if name not in allowed_detectors:
             raise Forbidden(
                 f"detectors: {name} is not allowed for beamline {beamline} "
@@ -229,20 +252,31 @@ def _parse_detectors(
     return detectors
 
 
+def _refuse_misspelt_keys(body: dict[str, Any]) -> None:
+    """A typo of a known key would be kept as metadata and its data silently not retrieved."""
+    for key in body:
+        intended = meant(str(key), REQUEST_KEYS)
+        if intended is not None:
+            raise BadRequest(f"unknown key {key!r}: did you mean {intended!r}?")
+
+
 def parse_retrieve_request(
     body: Any,
     *,
     beamline: str,
     allowed_detectors: list[str],
     max_pulse_range: int,
+    known_detectors: Collection[str] | None = None,
 ) -> RetrieveRequest:
     """Check a ``/retrieve_from_buffers`` body against every rule that needs no file system.
 
     Path keys (``directory_name``, ``scan_info.scan_name``) are only type-checked here; they
-    are resolved against the pgroup's raw directory by the bookkeeping.
+    are resolved against the pgroup's raw directory by the bookkeeping. ``known_detectors``
+    (every configured detector) tells an unknown detector from another beamline's.
     """
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    _refuse_misspelt_keys(body)
     for key in ("pgroup", "start_pulseid", "stop_pulseid"):
         if key not in body:
             raise BadRequest(
@@ -271,7 +305,7 @@ def parse_retrieve_request(
             )
 
     lists = {key: _parse_name_list(body, key) for key in LIST_KEYS}
-    detectors = _parse_detectors(body, allowed_detectors, beamline)
+    detectors = _parse_detectors(body, allowed_detectors, beamline, known_detectors)
     if not any(lists.values()) and not detectors:
         raise BadRequest(
             "nothing to retrieve: channels_list, camera_list, pv_list and detectors are all empty"
@@ -292,7 +326,12 @@ def parse_retrieve_request(
     if scan_info is not None:
         if not isinstance(scan_info, dict):
             raise BadRequest(f"scan_info must be an object, got {_show(scan_info)}")
-        if "scan_name" in scan_info and not isinstance(scan_info["scan_name"], str):
+        if "scan_name" not in scan_info:
+            raise BadRequest(
+                "scan_info.scan_name is missing: the scan step is written to "
+                "scan_info/{scan_name}.json, so a scan needs a name"
+            )
+        if not isinstance(scan_info["scan_name"], str):
             raise BadRequest(
                 f"scan_info.scan_name must be a string, got {_show(scan_info['scan_name'])}"
             )

@@ -88,6 +88,7 @@ async def retrieve_from_buffers(request: web.Request) -> web.Response:
         beamline=beamline,
         allowed_detectors=settings.detectors_of(beamline),
         max_pulse_range=settings.max_pulse_range,
+        known_detectors=settings.detectors.keys(),
     )
     dirs = await asyncio.to_thread(open_pgroup, settings.data_root, beamline, parsed.pgroup)
     accepted = await asyncio.to_thread(accept_request, parsed, dirs)
@@ -239,6 +240,11 @@ async def run_status(request: web.Request) -> web.Response:
         if await asyncio.to_thread(dirs.run_json(run).is_file):
             raise NotFound(
                 f"run {run} of {dirs.pgroup} exists, but this broker has no job status for it"
+            )
+        if 0 < run <= await asyncio.to_thread(read_last_run, dirs):
+            raise NotFound(
+                f"run {run} of {dirs.pgroup} is reserved (/advance_run_number) but not retrieved "
+                f"yet: send /retrieve_from_buffers with run_number {run} to fill it"
             )
         raise NotFound(f"run {run} of {dirs.pgroup} does not exist")
     state = run_state(jobs)
