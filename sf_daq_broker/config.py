@@ -88,6 +88,9 @@ class Settings(_Strict):
     local_beamline: str | None = None
     trusted_proxies: list[IPNetwork] = []
     max_pulse_range: int = Field(default=60000, ge=0)
+    #: How far ahead of the buffers a range may end (30000 pulses: 5 minutes); further is a
+    #: typo, refused at the door (and failed by a detector worker that meets one).
+    max_pulses_ahead: int = Field(default=30000, ge=0)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     detector_stale_seconds: float = Field(default=30.0, gt=0)
     #: The broker's own state (the job status store); survives restarts.

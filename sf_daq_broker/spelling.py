@@ -1,4 +1,4 @@
-""""Did you mean …?": which known word a misspelt one was meant to be.
+""" "Did you mean …?": which known word a misspelt one was meant to be.
 
 A request key with a typo (``channel_list`` for ``channels_list``) would otherwise be kept as
 harmless extra metadata while the data it asked for is silently not retrieved. The measure is

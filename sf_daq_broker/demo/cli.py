@@ -266,8 +266,13 @@ def _demo(system: Any, content: Any, pulses: Any, args: argparse.Namespace) -> i
     from sf_daq_broker.demo.report import Timings, report_lines
     from sf_daq_broker.demo.system import DemoError
     from sf_daq_broker.tools.consistency import check_run
-    from sf_daq_broker.tools.follow import ProgressBars, follow_run
-    from sf_daq_broker.tools.remote import BrokerRefused, ClientError, RemoteBroker
+    from sf_daq_broker.tools.daq_client import (
+        BrokerRefused,
+        ClientError,
+        ProgressBars,
+        RemoteBroker,
+        follow_run,
+    )
 
     began = time.monotonic()
     timings = Timings()

@@ -404,9 +404,13 @@ def test_only_beam_rates_are_frequency_reduction_factors(
     with pytest.raises(SystemExit) as exit_info:
         main(["-r", str(tmp_path / "run_000001.json"), "--frequency_reduction_factor", factor])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(
-        "error: --frequency_reduction_factor must be one of the beam rates 1, 2, 4, 8, 10, 20, "
-        f"40, 50, 100 (or 0: the run's own rate), got {factor}"
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(
+            "error: --frequency_reduction_factor must be one of the beam rates 1, 2, 4, 8, 10, 20, "
+            f"40, 50, 100 (or 0: the run's own rate), got {factor}"
+        )
     )
 
 

@@ -16,10 +16,8 @@ from typing import Any
 import pytest
 
 from sf_daq_broker.jobs import SourceKind
-from sf_daq_broker.tools import follow
-from sf_daq_broker.tools.daq_client import main, retrieve
-from sf_daq_broker.tools.remote import Accepted, BrokerRefused
-from sf_daq_broker.tools.request import InputFileError
+from sf_daq_broker.tools import daq_client
+from sf_daq_broker.tools.daq_client import Accepted, BrokerRefused, InputFileError, main, retrieve
 from sf_daq_broker.transport.amqp import AmqpTransport
 from tests.tools.support import REPO, SEED_START, SEED_STOP, LiveBroker, take_job, write_job
 
@@ -28,7 +26,7 @@ SEED_CHANNELS = ["SAR-CVME-TIFALL5:EvtSet", "SAR-CVME-TIFALL4:EvtSet"]
 
 @pytest.fixture(autouse=True)
 def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(follow, "POLL_INTERVAL", 0.05)
+    monkeypatch.setattr(daq_client, "POLL_INTERVAL", 0.05)
 
 
 @pytest.fixture
@@ -391,12 +389,12 @@ def test_follow_shows_a_bar_per_source(monkeypatch: pytest.MonkeyPatch) -> None:
             return next(replies)
 
     screen = io.StringIO()
-    result = follow.follow_run(
+    result = daq_client.follow_run(
         Remote(),  # type: ignore[arg-type]
         "p12345",
         1,
         poll_interval=0.001,
-        bars=follow.ProgressBars(screen, enabled=True),
+        bars=daq_client.ProgressBars(screen, enabled=True),
     )
     assert result.lines() == [
         "BSDATA done: /raw/run_000001.BSDATA.h5 (complete)",

@@ -329,7 +329,7 @@ async def test_aged_out_files_fail_with_that_reason(system: System) -> None:
     assert outcome.action is Action.WRITE_REJECTED
     path = fmt.data_file(system.simulation.jungfrau.buffer_root, ONE, 0, RANGE)
     assert outcome.message == (
-        f"pulses {RANGE + 12}-{RANGE + 28}: {ONE}: pulses {RANGE + 12}-{RANGE + 28} aged out "
+        f"pulses {RANGE + 11}-{RANGE + 30}: {ONE}: pulses {RANGE + 12}-{RANGE + 28} aged out "
         f"of the Jungfrau buffer: module 0's file {path} is gone and its oldest file starts at "
         f"pulse {RANGE + 1000} (the buffer keeps only its newest files; or the module was not "
         "writing yet); retrieve sooner after the run"
