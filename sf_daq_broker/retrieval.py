@@ -252,6 +252,24 @@ def _parse_detectors(
     return detectors
 
 
+def _parse_scan_info(scan_info: Any) -> dict[str, Any] | None:
+    """``scan_info`` needs a ``scan_name``: without one the step would be written nowhere."""
+    if scan_info is None:
+        return None
+    if not isinstance(scan_info, dict):
+        raise BadRequest(f"scan_info must be an object, got {_show(scan_info)}")
+    if "scan_name" not in scan_info:
+        raise BadRequest(
+            "scan_info.scan_name is missing: the scan step is written to "
+            "scan_info/{scan_name}.json, so a scan needs a name"
+        )
+    if not isinstance(scan_info["scan_name"], str):
+        raise BadRequest(
+            f"scan_info.scan_name must be a string, got {_show(scan_info['scan_name'])}"
+        )
+    return scan_info
+
+
 def _refuse_misspelt_keys(body: dict[str, Any]) -> None:
     """A typo of a known key would be kept as metadata and its data silently not retrieved."""
     for key in body:
@@ -322,19 +340,7 @@ def parse_retrieve_request(
     if directory_name is not None and not isinstance(directory_name, str):
         raise BadRequest(f"directory_name must be a string, got {_show(directory_name)}")
 
-    scan_info = body.get("scan_info")
-    if scan_info is not None:
-        if not isinstance(scan_info, dict):
-            raise BadRequest(f"scan_info must be an object, got {_show(scan_info)}")
-        if "scan_name" not in scan_info:
-            raise BadRequest(
-                "scan_info.scan_name is missing: the scan step is written to "
-                "scan_info/{scan_name}.json, so a scan needs a name"
-            )
-        if not isinstance(scan_info["scan_name"], str):
-            raise BadRequest(
-                f"scan_info.scan_name must be a string, got {_show(scan_info['scan_name'])}"
-            )
+    scan_info = _parse_scan_info(body.get("scan_info"))
 
     run_number = None
     if body.get("run_number") is not None:
