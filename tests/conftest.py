@@ -48,18 +48,18 @@ NO_BUFFER = "http://127.0.0.1:1"
 def make_settings(data_root: Path) -> Callable[..., Settings]:
     """Settings of the shipped configuration on the temporary data root; loopback = bernina;
     the buffers' addresses lead nowhere unless a test gives its own ``buffers``."""
+    nowhere = dict.fromkeys(("databuffer_url", "imagebuffer_url", "archiver_url"), NO_BUFFER)
     shipped_buffers = load_settings(environ={}).buffers.model_dump(mode="json")
-    buffers = shipped_buffers | dict.fromkeys(
-        ("databuffer_url", "imagebuffer_url", "archiver_url"), NO_BUFFER
-    )
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "data_root": str(data_root),
             "local_beamline": BEAMLINE,
             "state_dir": str(data_root.parent / "state"),
-            "buffers": buffers,
+            "buffers": shipped_buffers | nowhere,
         }
+        if "buffers" in overrides:  # the addresses a test does not give lead nowhere too
+            overrides = {**overrides, "buffers": nowhere | overrides["buffers"]}
         values.update(overrides)
         return load_settings(environ={}, **values)
 

@@ -391,6 +391,25 @@ async def test_a_gap_in_the_buffer_files_is_flagged_not_aged_out(system: System)
     await no_leases_left(system.raw_dir)
 
 
+async def test_a_range_the_buffer_has_not_reached_says_what_it_waits_for(system: System) -> None:
+    """Every module's newest closed pulse is RANGE-1; the run ends 5 s of pulses later."""
+    await system.request({ONE: {}}, stop_pulseid=RANGE + 500)
+    async with asyncio.timeout(30):
+        while True:
+            event = await system.events.__anext__()
+            if event.action is Action.WRITE_PROGRESS and "waiting" in event.details:
+                break
+    waiting = event.details["waiting"]
+    assert (waiting["pulse_id"], waiting["buffers_at"]) == (RANGE + 500, RANGE - 1)
+    assert 0 < waiting["seconds"] <= 5.01  # when the stop comes, from the age of LATEST
+    assert event.message == (
+        f"waiting for pulse {RANGE + 500} (the buffers are at {RANGE - 1}, "
+        f"about {waiting['seconds']:.0f} s)"
+    )
+    system.pass_files()
+    assert (await system.outcomes(1))[ONE].action is Action.WRITE_FINISHED
+
+
 async def test_a_stop_far_in_the_future_is_rejected_at_once(system: System) -> None:
     """A typo (an extra digit: 10^8 pulses, 11 days ahead) must not block the worker."""
     start = RANGE + 100_000_000
