@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from sf_daq_broker.defaults import BROKER_CONFIG, default_config
+
 IPNetwork = IPvAnyNetwork
 
 DETECTOR_NAME = re.compile(r"^JF(\d\d)T(\d\d)V(\d\d)$")
@@ -42,7 +44,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "SF_DAQ_STATE_DIR": "state_dir",
 }
 CONFIG_ENV = "SF_DAQ_CONFIG"
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sf-daq-broker.toml"
+DEFAULT_CONFIG = default_config(BROKER_CONFIG)
 
 
 class ConfigError(Exception):
@@ -94,6 +96,9 @@ class Settings(_Strict):
     #: million years. The buffers cannot hold more than ``PULSE_ID_LIMIT``.
     min_pulse_id: int = Field(default=0, ge=0, le=PULSE_ID_LIMIT)
     max_pulse_id: int = Field(default=2**53 - 1, ge=0, le=PULSE_ID_LIMIT)
+    #: How far ahead of the buffers a range may end (30000 pulses: 5 minutes); further is a
+    #: typo, refused at the door (and failed by a detector worker that meets one).
+    max_pulses_ahead: int = Field(default=30000, ge=0)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     #: Free space a pgroup's raw/ must have for a request to be accepted (bytes); below it the
     #: broker answers 507 before a run number is spent, and /health reports the data root.

@@ -30,14 +30,15 @@ def check_pgroup_name(value: object) -> str:
 
 
 def clean_relative_path(value: object, key: str) -> str:
-    """Validate a client-given relative path; return it with spaces turned into ``_``."""
+    """Validate a client-given relative path; return it with spaces turned into ``_`` and
+    without trailing ``/`` (``sample/`` is how people type a directory)."""
     if not isinstance(value, str):
         raise BadRequest(f"{key} must be a string, got {value!r}")
     if any(ord(char) < 32 or ord(char) == 127 for char in value):
         raise BadRequest(f"{key} {value!r} contains control characters")
     if value.startswith("/"):
         raise BadRequest(f"{key} {value!r} must be relative, not an absolute path")
-    cleaned = value.replace(" ", "_")
+    cleaned = value.replace(" ", "_").rstrip("/")
     for component in cleaned.split("/"):
         if component == "":
             raise BadRequest(f"{key} {value!r} has an empty path component")

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import urllib.error
 import uuid
@@ -64,6 +65,7 @@ from sf_daq_broker.buffers.errors import (
     ModuleMissing,
     StopTooFarAhead,
 )
+from sf_daq_broker.buffers.horizon import Waiting, seconds_between
 from sf_daq_broker.buffers.jungfrau_buffer import BeforeRead, DetectorFrames, JungfrauBufferReader
 from sf_daq_broker.config import Settings
 from sf_daq_broker.h5.channels import provenance
@@ -75,13 +77,15 @@ from sf_daq_broker.jungfrau.options import ConversionOptions
 from sf_daq_broker.retrieval import DetectorOptions
 from sf_daq_broker.workers.job_files import job_raw_dir, open_job_dir
 from sf_daq_broker.workers.loop import Progress, Source
+from sf_daq_broker.workers.readiness import ANNOUNCE_EVERY
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
 
 #: Raw bytes per batch: 8 frames of an 8-module detector. Two batches are in flight, each with
 #: its converted copy (up to 2x) and compressed chunks: ~0.5 GB for 8 modules.
 BATCH_BYTES = 64 * 1024 * 1024
 INGESTION_WINDOW = 60.0  # seconds after the time of stop during which late frames are awaited
-#: A stop pulse estimated further ahead than this (seconds) is a mistake, not a run to wait for.
+#: A stop pulse estimated further ahead than this (seconds) is a mistake, not a run to wait for
+#: (from the settings: ``max_pulses_ahead``, which the broker checks at the door too).
 MAX_WAIT_AHEAD = 300.0
 POLL_SECONDS = 0.5
 PULSE_RATE_HZ = 100.0
@@ -144,6 +148,7 @@ class DetectorSource(Source):
             },
             before_read=before_read,
             ingestion_window=buffers.ingestion_window_s,
+            max_wait_ahead=seconds_between(0, settings.max_pulses_ahead),
             config_source=settings.source,
         )
 
@@ -157,7 +162,7 @@ class DetectorSource(Source):
         pulse_ids = np.arange(
             job.start_pulse_id, job.stop_pulse_id + 1, job.rate_multiplicator, dtype=np.int64
         )
-        missing_modules = await self._wait_until_ready(reader, job, job_log)
+        missing_modules = await self._wait_until_ready(reader, job, job_log, progress)
         if missing_modules:
             job_log.warning(
                 "%s: modules %s have no buffer (no LATEST in %s): their rows are zeros and "
@@ -247,13 +252,14 @@ class DetectorSource(Source):
             ) from exc
 
     async def _wait_until_ready(
-        self, reader: JungfrauBufferReader, job: Job, job_log: logging.Logger
+        self, reader: JungfrauBufferReader, job: Job, job_log: logging.Logger, progress: Progress
     ) -> list[int]:
         """Wait until every module with a buffer has passed ``stop`` or the ingestion window
         closed; returns the modules without a buffer. Fails at once if ``stop`` is more than
-        ``max_wait_ahead`` seconds in the future."""
+        ``max_wait_ahead`` seconds in the future. While waiting, says so (``progress``)."""
         stop = job.stop_pulse_id
         announced = False
+        last_announced = -math.inf
         while True:
             state = await asyncio.to_thread(_module_state, reader)
             missing = [m for m, (latest, _) in enumerate(state) if latest is None]
@@ -298,6 +304,10 @@ class DetectorSource(Source):
                     stop,
                 )
                 announced = True
+            if time.monotonic() - last_announced >= ANNOUNCE_EVERY:
+                last_announced = time.monotonic()
+                newest = max(latest for _, latest, _ in present)
+                await progress.waiting(Waiting(stop, newest, max(time_of_stop - now, 0.0)))
             await asyncio.sleep(self.poll_seconds)
 
     def _check_retention(

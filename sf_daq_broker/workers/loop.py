@@ -37,6 +37,7 @@ from typing import ClassVar
 from sf_daq_broker.bookkeeping.atomic import partial_name, partial_pattern
 from sf_daq_broker.bookkeeping.confined import ConfinedDir, OutsideRaw
 from sf_daq_broker.buffers.errors import BufferClientError
+from sf_daq_broker.buffers.horizon import Waiting
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.jungfrau.errors import ConversionError
 from sf_daq_broker.transport import JobDelivery, Transport
@@ -88,6 +89,21 @@ class Progress:
             )
         )
 
+    async def waiting(self, waiting: Waiting) -> None:
+        """Say what the job waits for: a ``write_progress`` whose message is the waiting line
+        (/run_status, daq_client --wait and broker_debugger show it) and
+        ``details["waiting"]`` its figures."""
+        await self._transport.publish_status(
+            StatusEvent.for_job(
+                Action.WRITE_PROGRESS,
+                self._job,
+                waiting.message(),
+                done=self.done,
+                total=self.total,
+                waiting=waiting.to_json(),
+            )
+        )
+
 
 class Source(abc.ABC):
     """What a source module implements: fetch the job's data and write it to ``target``."""
@@ -113,8 +129,9 @@ def expected_total(job: Job) -> int:
 
 
 def rejection_reason(job: Job, problem: str) -> str:
-    """Which range and what happened (the problem names the buffer)."""
-    return f"pulses {job.start_pulse_id}-{job.stop_pulse_id}: {problem}"
+    """Which range (the user's, not the one widened for the edge pulses) and what happened
+    (the problem names the buffer)."""
+    return f"pulses {job.requested_start}-{job.requested_stop}: {problem}"
 
 
 def temporary_name(job: Job, lease: JobLease) -> str:

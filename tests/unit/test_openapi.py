@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from sf_daq_broker.api.app import ROUTES, create_app
 from sf_daq_broker.api.models import RetrieveBody
-from sf_daq_broker.retrieval import DetectorOptions
+from sf_daq_broker.retrieval import REQUEST_KEYS, DetectorOptions
 from sf_daq_broker.simulation.api1_server import SimulatedApi1Buffer, create_api1_app
 from sf_daq_broker.simulation.clock import ManualClock
 from sf_daq_broker.transport.embedded import EmbeddedTransport
@@ -89,7 +89,7 @@ WRONG = {
 
 async def test_every_documented_key_is_the_parsers(client: TestClient) -> None:
     """A key documented but not parsed (or parsed under another name) fails here."""
-    assert set(WRONG) == set(RetrieveBody.model_fields)
+    assert set(WRONG) == set(RetrieveBody.model_fields) == set(REQUEST_KEYS)
     for key, (value, message) in WRONG.items():
         response = await client.post("/retrieve_from_buffers", json={**BASE, key: value})
         assert (key, response.status, (await response.json())["message"]) == (key, 400, message)

@@ -360,7 +360,7 @@ async def test_aged_out_files_fail_with_that_reason(system: System) -> None:
     assert outcome.action is Action.WRITE_REJECTED
     path = fmt.data_file(system.simulation.jungfrau.buffer_root, ONE, 0, RANGE)
     assert outcome.message == (
-        f"pulses {RANGE + 12}-{RANGE + 28}: {ONE}: pulses {RANGE + 12}-{RANGE + 28} aged out "
+        f"pulses {RANGE + 11}-{RANGE + 30}: {ONE}: pulses {RANGE + 12}-{RANGE + 28} aged out "
         f"of the Jungfrau buffer: module 0's file {path} is gone and its oldest file starts at "
         f"pulse {RANGE + 1000} (the buffer keeps only its newest files; or the module was not "
         "writing yet); retrieve sooner after the run"
@@ -420,6 +420,25 @@ async def test_a_gap_in_the_buffer_files_is_flagged_not_aged_out(system: System)
             "missing_modules": [],
         }
     await no_leases_left(system.raw_dir)
+
+
+async def test_a_range_the_buffer_has_not_reached_says_what_it_waits_for(system: System) -> None:
+    """Every module's newest closed pulse is RANGE-1; the run ends 5 s of pulses later."""
+    await system.request({ONE: {}}, stop_pulseid=RANGE + 500)
+    async with asyncio.timeout(30):
+        while True:
+            event = await system.events.__anext__()
+            if event.action is Action.WRITE_PROGRESS and "waiting" in event.details:
+                break
+    waiting = event.details["waiting"]
+    assert (waiting["pulse_id"], waiting["buffers_at"]) == (RANGE + 500, RANGE - 1)
+    assert 0 < waiting["seconds"] <= 5.01  # when the stop comes, from the age of LATEST
+    assert event.message == (
+        f"waiting for pulse {RANGE + 500} (the buffers are at {RANGE - 1}, "
+        f"about {waiting['seconds']:.0f} s)"
+    )
+    system.pass_files()
+    assert (await system.outcomes(1))[ONE].action is Action.WRITE_FINISHED
 
 
 async def test_a_stop_far_in_the_future_is_rejected_at_once(system: System) -> None:
