@@ -286,6 +286,12 @@ class RawDetectorFile:
         values.setdefault("requested_pulse_id", values["pulse_id"])
         return FrameColumns.from_arrays(**values)
 
+    def column_rows(self, name: str, start: int, stop: int) -> npt.NDArray[Any]:
+        """Rows [start, stop) of one frame column as stored, (k, m): a file written by the
+        facility's writer may hold one value per module (m > 1)."""
+        values: npt.NDArray[Any] = self._columns[name][start:stop]
+        return values.reshape(len(values), -1) if values.size else values.reshape(len(values), 1)
+
     def highgain(self) -> bool:
         """High-gain mode: bit 0 of ``daq_rec`` of the first good frame (False if none is)."""
         good = np.flatnonzero(self._columns["is_good_frame"][:].reshape(-1))
