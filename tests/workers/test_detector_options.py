@@ -51,12 +51,17 @@ def expected_groups(
 
 
 async def test_conversion_options_reach_the_file(system: System) -> None:
-    one = {
+    one: dict[str, Any] = {
         "roi": {"spot": [10, 200, 0, 300], "border": [250, 270, 250, 530]},
         "double_pixels_action": "keep",
         "module_edge_pixels": "mask",
     }
-    four = {"downsample": [4, 4], "geometry": True, "factor": 2.5, "double_pixels_action": "interp"}
+    four: dict[str, Any] = {
+        "downsample": [4, 4],
+        "geometry": True,
+        "factor": 2.5,
+        "double_pixels_action": "interp",
+    }
     run = await system.request({ONE: one, FOUR: four})
     system.pass_files()
     outcomes = await system.outcomes(2)
