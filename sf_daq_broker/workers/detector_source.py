@@ -124,6 +124,7 @@ class _StreamPlan:
     target: Path
     raw_target: Path | None
     compression: bool
+    lists: bool = False  # keep the written rows' daq_rec and is_good_frame
 
     @property
     def read_ids(self) -> npt.NDArray[np.int64]:
@@ -256,6 +257,7 @@ class DetectorSource(Source):
             target,
             raw_target,
             options.compression,
+            options.crystfel_lists_laser,
         )
         try:
             streamed = await self._stream(reader, job, plan, progress)
@@ -527,7 +529,8 @@ class DetectorSource(Source):
                         pending = asyncio.ensure_future(asyncio.to_thread(prepare, index + 1))
                     await asyncio.to_thread(write, item)
                     streamed.incomplete += item.incomplete
-                    written.append(item.kept_columns)
+                    if plan.lists:  # the CrystFEL lists need the written rows' event bits
+                        written.append(item.kept_columns)
                     done += item.count
                     await progress.update(done)
             finally:
