@@ -291,14 +291,11 @@ class DetectorSource(Source):
             else (streamed.incomplete, streamed.all_good)
         )
         expected = beam_pulses(job.requested_start, job.requested_stop, job.rate_multiplicator)
-        extra: dict[str, Any] = {"frames_written": kept}
-        if selection is not None:
-            extra["frames_selected"] = kept
         report = NameReport.judge(
             detector,
             expected,
             pulse_ids[good],
-            **extra,
+            frames_written=kept,
             bad_frames=int(pulse_ids.size - np.count_nonzero(good)),
             bad_frames_per_module=[int(n) for n in incomplete],
             missing_modules=missing_modules,

@@ -147,7 +147,6 @@ async def test_selected_pulses_pulse_picker_and_crystfel_lists(system: System) -
     assert (one["expected"], one["found"], one["missing"]) == (5, 4, 1)
     assert one["extra"] == {
         "frames_written": 2,
-        "frames_selected": 2,
         "bad_frames": 1,
         "bad_frames_per_module": [1],
         "missing_modules": [],
