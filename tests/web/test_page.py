@@ -200,7 +200,7 @@ async def test_run_list_shows_each_run_with_its_sources_newest_first(
     assert "<option selected>p12345</option>" in html
     assert "beamline bernina" in html
     first = row_of(html, 1)
-    assert "15000001000–15000001199" in first
+    assert "15000001000\u201315000001199" in first  # an en dash
     assert "200 pulses, 2.00 s" in first
     assert "25 Hz" in first and "50 beam pulses" in first
     assert '<td class="directory">scan</td>' in first
