@@ -218,6 +218,20 @@ class StatusStore:
             ).fetchall()
         return [_job_view(row) for row in rows]
 
+    def runs_status(self, pgroup: str, first: int, last: int) -> dict[int, list[dict[str, Any]]]:
+        """The jobs of the runs ``first``..``last`` of a pgroup, by run (one query, for the
+        page's run list)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE pgroup = ? AND run_number BETWEEN ? AND ?"
+                " ORDER BY run_number, queued_at, rowid",
+                (pgroup, first, last),
+            ).fetchall()
+        runs: dict[int, list[dict[str, Any]]] = {}
+        for row in rows:
+            runs.setdefault(row["run_number"], []).append(_job_view(row))
+        return runs
+
     def state_counts(self) -> dict[tuple[str, str], int]:
         """Number of jobs per (source kind, state), for /metrics."""
         with self._lock:

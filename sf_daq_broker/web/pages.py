@@ -86,12 +86,16 @@ async def blocking(
     return await loop.run_in_executor(request.app[PAGE].threads, call)
 
 
-def render_page(
+async def render_page(
     request: web.Request, template: str, status: int = 200, **context: Any
 ) -> web.Response:
-    """A page; ``beamline`` and ``pgroup`` (the header's) default to none."""
+    """A page, rendered on the page's threads: a long run list takes milliseconds of pure
+    Python, which would otherwise hold up every API request waiting on the event loop.
+    ``beamline`` and ``pgroup`` (the header's) default to none."""
     context = {"beamline": "", "pgroup": "", **context}
-    return aiohttp_jinja2.render_template(template, request, context, status=status)
+    compiled = aiohttp_jinja2.get_env(request.app).get_template(template)
+    text = await blocking(request, compiled.render, context)
+    return web.Response(text=text, status=status, content_type="text/html", charset="utf-8")
 
 
 def html_errors(handler: Handler) -> Handler:
@@ -103,7 +107,7 @@ def html_errors(handler: Handler) -> Handler:
             return await handler(request)
         except BrokerError as exc:
             log.info("page %s refused (%d): %s", request.path_qs, exc.http_status, exc)
-            return render_page(request, "error.html", exc.http_status, message=exc.message)
+            return await render_page(request, "error.html", exc.http_status, message=exc.message)
 
     return wrapper
 
@@ -152,7 +156,7 @@ async def runs_page(request: web.Request) -> web.StreamResponse:
             f"beamline {beamline} has no pgroup yet (no {settings.data_root}/{beamline}/data/"
             "pNNNNN/raw directory)"
         )
-        return render_page(request, "runs.html", **context)
+        return await render_page(request, "runs.html", **context)
     dirs = await page_pgroup(request, pgroup)
     state = query.get("state") or None
     if state is not None and state not in FILTERS:
@@ -168,11 +172,10 @@ async def runs_page(request: web.Request) -> web.StreamResponse:
         state=state,
     )
     context.update(pgroup=dirs.pgroup, listing=listing, state=state, before=before)
-    return render_page(request, "runs.html", **context)
+    return await render_page(request, "runs.html", **context)
 
 
-def row_html(request_or_app: web.Request | web.Application, run: RunView) -> str:
-    app = request_or_app if isinstance(request_or_app, web.Application) else request_or_app.app
+def row_html(app: web.Application, run: RunView) -> str:
     template = aiohttp_jinja2.get_env(app).get_template("_row.html")
     return template.render(run=run)
 
@@ -185,17 +188,17 @@ def live_renderer(app: web.Application) -> Callable[[str, set[int]], Awaitable[d
         if dirs is None:
             return {}
 
-        def load() -> list[RunView]:
-            return [load_run(dirs, store, number) for number in sorted(numbers)]
+        def load_and_render() -> dict[int, str]:
+            runs = [load_run(dirs, store, number) for number in sorted(numbers)]
+            return {
+                run.number: json.dumps(
+                    {"run": run.number, "state": run.state, "html": row_html(app, run)}
+                )
+                for run in runs
+            }
 
         loop = asyncio.get_running_loop()
-        runs = await loop.run_in_executor(app[PAGE].threads, load)
-        return {
-            run.number: json.dumps(
-                {"run": run.number, "state": run.state, "html": row_html(app, run)}
-            )
-            for run in runs
-        }
+        return await loop.run_in_executor(app[PAGE].threads, load_and_render)
 
     return render_rows
 
@@ -255,7 +258,7 @@ async def run_page(request: web.Request) -> web.StreamResponse:
         source.name: await blocking(request, log_tail, dirs.run_log(number, source.name))
         for source in run.sources
     }
-    return render_page(
+    return await render_page(
         request,
         "run.html",
         beamline=dirs.beamline,
@@ -344,9 +347,7 @@ async def pv_table(request: web.Request) -> web.StreamResponse:
     names = source_names(file.record, "PVCHANNELS")
     key = (*file.key, "pvs")
     values = await computed(request, key, render.pv_values, str(file.path), names)
-    return aiohttp_jinja2.render_template(
-        "_pvs.html", request, {"pvs": values, "shown": render.PV_VALUES, "names": len(names)}
-    )
+    return await render_page(request, "_pvs.html", pvs=values, names=len(names))
 
 
 # --- the live stream --------------------------------------------------------------------------

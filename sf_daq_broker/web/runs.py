@@ -243,8 +243,13 @@ def _file_size(dirs: PgroupDirs, file: str | None, state: str) -> int | None:
         return None
 
 
-def load_run(dirs: PgroupDirs, store: StatusStore, number: int) -> RunView:
+def load_run(
+    dirs: PgroupDirs, store: StatusStore, number: int, jobs: list[dict[str, Any]] | None = None
+) -> RunView:
+    """One run; ``jobs`` are its rows of the status store when the caller has them already."""
     record, problem = read_record(dirs, number)
+    if jobs is None:
+        jobs = store.run_status(dirs.pgroup, number)
     sources = [
         SourceView(
             name=job["source"],
@@ -258,7 +263,7 @@ def load_run(dirs: PgroupDirs, store: StatusStore, number: int) -> RunView:
             file_size=_file_size(dirs, job["file"], job["state"]),
             completeness=job["completeness"],
         )
-        for job in store.run_status(dirs.pgroup, number)
+        for job in jobs
     ]
     return RunView(dirs.pgroup, number, record, sources, problem)
 
@@ -279,11 +284,15 @@ def list_runs(
     runs: list[RunView] = []
     scanned = 0
     while number >= 1 and len(runs) < limit and scanned < SCAN_LIMIT:
-        run = load_run(dirs, store, number)
-        if state is None or state in run.filter_tags:
-            runs.append(run)
-        number -= 1
-        scanned += 1
+        first = max(1, number - limit + 1)
+        jobs = store.runs_status(dirs.pgroup, first, number)
+        for candidate in range(number, first - 1, -1):
+            run = load_run(dirs, store, candidate, jobs.get(candidate, []))
+            number, scanned = candidate - 1, scanned + 1
+            if state is None or state in run.filter_tags:
+                runs.append(run)
+                if len(runs) == limit:
+                    break
     return RunList(runs, last, number + 1 if number >= 1 else None)
 
 
