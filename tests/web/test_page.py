@@ -23,6 +23,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from sf_daq_broker.api.app import create_app
+from sf_daq_broker.api.state import STATUS
+from sf_daq_broker.bookkeeping.paths import PgroupDirs
 from sf_daq_broker.config import Settings
 from sf_daq_broker.h5.channels import ChannelRows, write_channels
 from sf_daq_broker.h5.detector import DetectorFileWriter, FrameColumns
@@ -30,6 +32,7 @@ from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.status.store import StatusStore
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.web.pages import PAGE
+from sf_daq_broker.web.runs import list_runs
 from tests.support import async_wait_until
 
 START, STOP = 15_000_001_000, 15_000_001_199
@@ -489,3 +492,32 @@ def test_store_listeners_hear_each_committed_change(tmp_path: Path) -> None:
     assert store.run_status("p12345", 7)[0]["state"] == "running"
     store.remove_listener(broken)
     store.close()
+
+
+async def test_older_runs_page_by_page_and_filters_look_further_back(
+    broker: tuple[TestClient, EmbeddedTransport], raw_dir: Path
+) -> None:
+    client, transport = broker
+    for _ in range(5):
+        await retrieve(client, CHANNELS_ONLY)
+    consumer = transport.consume_jobs(SourceKind.DATABUFFER)
+    delivery = await consumer.__anext__()  # run 1, the oldest
+    await delivery.ack()
+    await consumer.aclose()
+    await transport.publish_status(StatusEvent.for_job(Action.WRITE_REJECTED, delivery.job, "x"))
+    store = client.server.app[STATUS]
+    dirs = PgroupDirs("bernina", "p12345", raw_dir)
+
+    def numbers(**options: Any) -> tuple[list[int], int | None]:
+        listing = list_runs(dirs, store, limit=2, **{"before": None, "state": None, **options})
+        return [run.number for run in listing.runs], listing.older
+
+    assert numbers() == ([5, 4], 4)
+    assert numbers(before=4) == ([3, 2], 2)
+    assert numbers(before=2) == ([1], None)
+
+    async def failed() -> bool:
+        return numbers(state="failed") == ([1], None)
+
+    await async_wait_until(failed, timeout=10, what="the failed run, four runs back")
+    assert numbers(state="queued", before=5) == ([4, 3], 3)
