@@ -14,6 +14,8 @@ import functools
 import hashlib
 import json
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -25,6 +27,7 @@ from urllib.parse import urlencode
 import aiohttp_jinja2
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
+from markupsafe import Markup
 
 from sf_daq_broker.api.handlers import caller_beamline
 from sf_daq_broker.api.state import SETTINGS, STATUS
@@ -38,6 +41,7 @@ from sf_daq_broker.web.live import LiveHub
 from sf_daq_broker.web.previews import PreviewBusy, PreviewService
 from sf_daq_broker.web.runs import (
     FILTERS,
+    RunList,
     RunView,
     SourceView,
     detector_layout,
@@ -56,6 +60,7 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RUNS_PER_PAGE = 50
+ROW_CACHE_SIZE = 2000
 #: Seconds between two checks whether a stream's page is still there.
 STREAM_CHECK_SECONDS = 5.0
 PAGE_THREADS = 2
@@ -72,6 +77,7 @@ class PageState:
     )
     #: The directories of the pgroups some page watches live (the store knows only names).
     watched: dict[str, PgroupDirs] = field(default_factory=dict)
+    rows: RowCache = field(default_factory=lambda: RowCache())
 
 
 PAGE = web.AppKey("page", PageState)
@@ -162,22 +168,46 @@ async def runs_page(request: web.Request) -> web.StreamResponse:
     if state is not None and state not in FILTERS:
         raise BadRequest(f"state must be one of {', '.join(FILTERS)}, not {state!r}")
     before = parse_integer(query["before"], "before") if query.get("before") else None
-    listing = await blocking(
-        request,
-        list_runs,
-        dirs,
-        request.app[STATUS],
-        before=before,
-        limit=RUNS_PER_PAGE,
-        state=state,
-    )
-    context.update(pgroup=dirs.pgroup, listing=listing, state=state, before=before)
+
+    def rows() -> tuple[RunList, list[Markup]]:
+        listing = list_runs(
+            dirs, request.app[STATUS], before=before, limit=RUNS_PER_PAGE, state=state
+        )
+        return listing, [row_html(request.app, run) for run in listing.runs]
+
+    listing, rendered = await blocking(request, rows)
+    context.update(pgroup=dirs.pgroup, listing=listing, rows=rendered, state=state, before=before)
     return await render_page(request, "runs.html", **context)
 
 
-def row_html(app: web.Application, run: RunView) -> str:
-    template = aiohttp_jinja2.get_env(app).get_template("_row.html")
-    return template.render(run=run)
+class RowCache:
+    """Rendered table rows, reused while their run's fingerprint is unchanged: most rows of a
+    run list are finished runs, and rendering fifty rows anew for every view is most of the
+    list's cost. Used from the page's threads."""
+
+    def __init__(self, size: int = ROW_CACHE_SIZE) -> None:
+        self._size = size
+        self._rows: OrderedDict[tuple[str, int], tuple[str, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def html(self, app: web.Application, run: RunView) -> Markup:
+        key = (run.pgroup, run.number)
+        with self._lock:
+            cached = self._rows.get(key)
+            if cached is not None and cached[0] == run.fingerprint:
+                self._rows.move_to_end(key)
+                return Markup(cached[1])
+        html = aiohttp_jinja2.get_env(app).get_template("_row.html").render(run=run)
+        with self._lock:
+            self._rows[key] = (run.fingerprint, html)
+            self._rows.move_to_end(key)
+            while len(self._rows) > self._size:
+                self._rows.popitem(last=False)
+        return Markup(html)
+
+
+def row_html(app: web.Application, run: RunView) -> Markup:
+    return app[PAGE].rows.html(app, run)
 
 
 def live_renderer(app: web.Application) -> Callable[[str, set[int]], Awaitable[dict[int, str]]]:

@@ -10,6 +10,7 @@ Every function here does blocking file and SQLite work: the handlers call them i
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -139,6 +140,8 @@ class RunView:
     record: dict[str, Any] | None
     sources: list[SourceView] = field(default_factory=list)
     problem: str = ""  # the run JSON cannot be read
+    #: Changes whenever anything shown of the run changes (its rendered row can be reused).
+    fingerprint: str = ""
 
     @property
     def state(self) -> str:
@@ -218,17 +221,28 @@ class RunView:
         return ""
 
 
-def read_record(dirs: PgroupDirs, number: int) -> tuple[dict[str, Any] | None, str]:
-    """The run JSON and, if it cannot be used, why."""
+def read_record(dirs: PgroupDirs, number: int) -> tuple[dict[str, Any] | None, str, str]:
+    """The run JSON, why it cannot be used if so, and its version (mtime and size)."""
+    path = dirs.run_json(number)
     try:
-        document = json.loads(dirs.run_json(number).read_bytes())
+        stat = path.stat()
+        version = f"{stat.st_mtime_ns}:{stat.st_size}"
+        document = _parsed_json(str(path), version)
     except FileNotFoundError:
-        return None, ""
+        return None, "", ""
     except (OSError, ValueError) as exc:
-        return None, f"run_info JSON unreadable: {exc}"
+        return None, f"run_info JSON unreadable: {exc}", ""
     if not isinstance(document, dict):
-        return None, "run_info JSON is not an object"
-    return document, ""
+        return None, "run_info JSON is not an object", version
+    return document, "", version
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_json(path: str, version: str) -> Any:
+    """A run JSON parsed once per version (a run list reads the same files again and again);
+    the result is shared: callers never change it."""
+    with open(path, "rb") as handle:
+        return json.loads(handle.read())
 
 
 def _file_size(dirs: PgroupDirs, file: str | None, state: str) -> int | None:
@@ -247,7 +261,7 @@ def load_run(
     dirs: PgroupDirs, store: StatusStore, number: int, jobs: list[dict[str, Any]] | None = None
 ) -> RunView:
     """One run; ``jobs`` are its rows of the status store when the caller has them already."""
-    record, problem = read_record(dirs, number)
+    record, problem, version = read_record(dirs, number)
     if jobs is None:
         jobs = store.run_status(dirs.pgroup, number)
     sources = [
@@ -265,7 +279,8 @@ def load_run(
         )
         for job in jobs
     ]
-    return RunView(dirs.pgroup, number, record, sources, problem)
+    fingerprint = repr((version, problem, jobs, [source.file_size for source in sources]))
+    return RunView(dirs.pgroup, number, record, sources, problem, fingerprint)
 
 
 @dataclass

@@ -175,6 +175,11 @@ def test_the_run_table_follows_new_runs_live(browser: Any, demo: str, tmp_path: 
     page.wait_for_url(re.compile(r"state=failed"), timeout=WAIT_MS)
     assert page.locator("tbody#runs tr.run").count() == 0
     assert page.locator("p.empty").inner_text() == "no run of p12345 is failed"
+
+    page.fill("input[name=run_number]", "2")  # jump to a run
+    page.click("form.jump button")
+    page.wait_for_url(re.compile(r"/page/run\?pgroup=p12345&run_number=2$"), timeout=WAIT_MS)
+    assert page.locator("h1").inner_text() == "Run 2 of p12345 done"
     page.close()
 
 

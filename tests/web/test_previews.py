@@ -19,6 +19,7 @@ from sf_daq_broker.h5.channels import ChannelRows, write_channels
 from sf_daq_broker.h5.detector import DetectorFileWriter, FrameColumns
 from sf_daq_broker.web import render
 from sf_daq_broker.web.previews import PreviewBusy, PreviewService
+from sf_daq_broker.web.runs import detector_layout
 
 
 def write_detector(
@@ -186,3 +187,18 @@ async def test_the_service_computes_once_caches_and_refuses_a_flood() -> None:
         assert service.cached("b") == 1024
     finally:
         await asyncio.to_thread(service.close)
+
+
+@pytest.mark.parametrize(
+    ("options", "layout"),
+    [
+        ({}, "converted, modules stacked (no geometry)"),
+        ({"geometry": True}, "geometry-corrected"),
+        ({"adc_to_energy": False, "geometry": True}, "raw file: modules stacked"),
+        ({"unknown": 1}, "options not understood"),
+    ],
+)
+def test_the_detector_preview_says_how_the_file_is_laid_out(
+    options: dict[str, object], layout: str
+) -> None:
+    assert detector_layout({"detectors": {"JF13T01V01": options}}, "JF13T01V01") == layout
