@@ -1,6 +1,6 @@
 """What the page costs the API: p99 of /retrieve_from_buffers without and with the page open.
 
-    .venv/bin/python bench/bench_page.py [--runs 12] [--phase-seconds 20] [--rounds 2]
+    .venv/bin/python bench/bench_page.py [--runs 14] [--phase-seconds 10] [--rounds 4]
                                          [--rate 10] [--viewers 2]
 
 1. Data: ``sf-daq-broker demo --stay`` writes ``--runs`` runs with real files (6 channels,
@@ -269,10 +269,10 @@ async def measure(url: str, args: argparse.Namespace, runs: list[int]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=12, help="runs with files (default 12)")
-    parser.add_argument("--phase-seconds", type=float, default=20.0)
+    parser.add_argument("--runs", type=int, default=14, help="runs with files (default 14)")
+    parser.add_argument("--phase-seconds", type=float, default=10.0)
     parser.add_argument(
-        "--rounds", type=int, default=2, help="pairs of phases without/with the page (default 2)"
+        "--rounds", type=int, default=4, help="pairs of phases without/with the page (default 4)"
     )
     parser.add_argument("--rate", type=float, default=10.0, help="retrievals per second")
     parser.add_argument("--viewers", type=int, default=2, help="simulated browsers")
