@@ -60,6 +60,8 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 RUNS_PER_PAGE = 50
+#: Run numbers have six digits in file names; anything far beyond is a typo.
+MAX_RUN_NUMBER = 10**9
 ROW_CACHE_SIZE = 2000
 #: Seconds between two checks whether a stream's page is still there.
 STREAM_CHECK_SECONDS = 5.0
@@ -129,11 +131,14 @@ async def page_pgroup(request: web.Request, pgroup: object) -> PgroupDirs:
     )
 
 
-def run_number_of(request: web.Request) -> int:
-    value = request.query.get("run_number")
+def run_number_of(request: web.Request, key: str = "run_number") -> int:
+    value = request.query.get(key)
     if value is None or not value.strip():
-        raise BadRequest("run_number is missing")
-    return parse_integer(value.strip(), "run_number")
+        raise BadRequest(f"{key} is missing")
+    number = parse_integer(value.strip(), key)
+    if not 1 <= number <= MAX_RUN_NUMBER:
+        raise BadRequest(f"{key} must be between 1 and {MAX_RUN_NUMBER}, got {number}")
+    return number
 
 
 # --- the run list -----------------------------------------------------------------------------
@@ -167,7 +172,7 @@ async def runs_page(request: web.Request) -> web.StreamResponse:
     state = query.get("state") or None
     if state is not None and state not in FILTERS:
         raise BadRequest(f"state must be one of {', '.join(FILTERS)}, not {state!r}")
-    before = parse_integer(query["before"], "before") if query.get("before") else None
+    before = run_number_of(request, "before") if query.get("before") else None
 
     def rows() -> tuple[RunList, list[Markup]]:
         listing = list_runs(

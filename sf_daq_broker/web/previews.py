@@ -112,7 +112,9 @@ class PreviewService:
             )
         except BrokenProcessPool:
             log.warning("the preview process died; a new one starts with the next preview")
-            self._executor = None
+            broken, self._executor = self._executor, None
+            if broken is not None:
+                broken.shutdown(wait=False, cancel_futures=True)
             raise
         self.computed += 1
         self._store(key, result)

@@ -404,6 +404,10 @@ async def test_previews_are_computed_once_and_refused_for_what_is_not_there(
     )
     assert await refused(source="ELSEWHERE") == (404, "run 1 of p12345 has no source 'ELSEWHERE'")
     assert await refused(run_number="x") == (400, "run_number must be an integer, got 'x'")
+    assert await refused(run_number="1" + "0" * 30) == (
+        400,
+        f"run_number must be between 1 and 1000000000, got 1{'0' * 30}",
+    )
 
 
 # --- live -------------------------------------------------------------------------------------

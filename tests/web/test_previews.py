@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import h5py
@@ -202,3 +204,13 @@ def test_the_detector_preview_says_how_the_file_is_laid_out(
     options: dict[str, object], layout: str
 ) -> None:
     assert detector_layout({"detectors": {"JF13T01V01": options}}, "JF13T01V01") == layout
+
+
+async def test_a_dead_preview_process_is_replaced() -> None:
+    service = PreviewService()
+    try:
+        with pytest.raises(BrokenProcessPool):
+            await service.get("boom", os._exit, 3)  # the child dies as on a crash
+        assert await service.get("next", pow, 2, 5) == 32
+    finally:
+        await asyncio.to_thread(service.close)
