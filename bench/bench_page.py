@@ -13,15 +13,17 @@
    /retrieve_from_buffers on a fixed schedule (open loop: a slow reply does not slow the
    schedule), each one channel: each is accepted (run number, run JSON with fsync, one job),
    and each new run is a row the live page receives. "With the page" means ``--viewers``
-   simulated browsers, each holding the live stream (Server-Sent Events) open, reloading the run
+   simulated browsers (in a process of their own at the lowest priority: browsers run on other
+   machines), each holding the live stream (Server-Sent Events) open, reloading the run
    list every 2 s and opening the runs' pages one after the other with every preview (PNG) and
    the PV table, as a browser does (6 requests in parallel). Each page phase opens runs not
    opened before, so their previews are not cached: they are computed during the phase (the
    preview process is busy most of it).
 
-It prints p50/p99 of the retrievals per phase (with how many previews were computed and how
-long the preview process was busy), then p50/p99/max per condition and the ratio of the p99
-with the page to the p99 without it.
+It prints p50/p99 of the retrievals per phase, with the CPU time the broker process and its
+preview process used (from /proc: unlike latencies on a shared machine, this does not depend on
+what else runs) and how many previews were computed; then p50/p99/max and the CPU used per
+second per condition, and the ratio of the p99 with the page to the p99 without it.
 """
 
 from __future__ import annotations
@@ -212,14 +214,38 @@ async def viewer(
     return requests
 
 
-async def measure(url: str, args: argparse.Namespace, runs: list[int]) -> None:
-    """Phases without and with the page, alternating, ending without; latencies by condition."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """CPU time of the process's living children (the broker's preview process)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    total += cpu_seconds(int(entry.name))
+            except (OSError, ValueError):
+                continue
+    return total
+
+
+async def measure(url: str, args: argparse.Namespace, runs: list[int], broker: int) -> None:
+    """Phases without and with the page, alternating, ending without; latencies by condition,
+    and the CPU time the broker (and its preview process) used in each."""
     results: dict[str, list[float]] = {"without page": [], "with page": []}
+    cpu: dict[str, list[float]] = {"without page": [0.0, 0.0, 0.0], "with page": [0.0, 0.0, 0.0]}
     opened: set[str] = set()
     runs_left = list(runs)
     phases = ["without page", "with page"] * args.rounds + ["without page"]
     loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as browsers:
+    # The browsers stand for machines elsewhere: at the lowest priority, their own CPU time
+    # takes as little as possible from the broker on this machine.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, spawn, initializer=os.nice, initargs=(19,)) as browsers:
         await loop.run_in_executor(browsers, time.sleep, 0)  # started before the first phase
         for number, phase in enumerate(phases, 1):
             page = None
@@ -234,14 +260,21 @@ async def measure(url: str, args: argparse.Namespace, runs: list[int]) -> None:
                     args.parts,
                 )
             began = time.time()
+            broker_cpu, preview_cpu = cpu_seconds(broker), children_cpu_seconds(broker)
             latencies = await retrievals(url, args.rate, args.phase_seconds)
             results[phase] += latencies
-            line = (
-                f"  phase {number} {phase:<13} p50 {statistics.median(latencies) * 1e3:7.2f} ms"
-                f"  p99 {percentile(latencies, 0.99) * 1e3:7.2f} ms"
-            )
             if page is not None:
                 requests, previews = await page
+            used = (cpu_seconds(broker) - broker_cpu, children_cpu_seconds(broker) - preview_cpu)
+            cpu[phase] = [
+                a + b for a, b in zip(cpu[phase], (*used, time.time() - began), strict=True)
+            ]
+            line = (
+                f"  phase {number} {phase:<13} p50 {statistics.median(latencies) * 1e3:7.2f} ms"
+                f"  p99 {percentile(latencies, 0.99) * 1e3:7.2f} ms  broker CPU {used[0]:5.2f} s,"
+                f" preview process {used[1]:5.2f} s"
+            )
+            if page is not None:
                 fresh = {u: t for u, t in previews.items() if u not in opened}
                 busy = max((end for _, end in fresh.values()), default=began) - max(
                     began, min((start for start, _ in fresh.values()), default=began)
@@ -262,6 +295,11 @@ async def measure(url: str, args: argparse.Namespace, runs: list[int]) -> None:
         print(
             f"  {phase:<13} n={len(latencies):4d}  p50 {statistics.median(latencies) * 1e3:7.2f} ms"
             f"  p99 {percentile(latencies, 0.99) * 1e3:7.2f} ms  max {max(latencies) * 1e3:7.2f} ms"
+        )
+    for phase, (broker_cpu, preview_cpu, seconds) in cpu.items():
+        print(
+            f"  {phase:<13} CPU per second: broker {broker_cpu / seconds * 100:5.1f} %,"
+            f" preview process {preview_cpu / seconds * 100:5.1f} % (of one core)"
         )
     ratio = percentile(with_page, 0.99) / percentile(without, 0.99)
     print(f"  p99 ratio with/without the page: {ratio:.2f}")
@@ -301,7 +339,7 @@ def main() -> None:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            asyncio.run(_wait_and_measure(url, args))
+            asyncio.run(_wait_and_measure(url, args, broker.pid))
         finally:
             broker.terminate()
             broker.wait(timeout=60)
@@ -309,7 +347,7 @@ def main() -> None:
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 
-async def _wait_and_measure(url: str, args: argparse.Namespace) -> None:
+async def _wait_and_measure(url: str, args: argparse.Namespace, broker: int) -> None:
     deadline = time.monotonic() + 60
     async with aiohttp.ClientSession() as session:
         while True:
@@ -322,7 +360,7 @@ async def _wait_and_measure(url: str, args: argparse.Namespace) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit(f"the broker at {url} did not start")
             await asyncio.sleep(0.1)
-    await measure(url, args, list(range(args.runs, 0, -1)))
+    await measure(url, args, list(range(args.runs, 0, -1)), broker)
 
 
 if __name__ == "__main__":
