@@ -263,12 +263,12 @@ async def measure(url: str, args: argparse.Namespace, runs: list[int], broker: i
             broker_cpu, preview_cpu = cpu_seconds(broker), children_cpu_seconds(broker)
             latencies = await retrievals(url, args.rate, args.phase_seconds)
             results[phase] += latencies
+            # CPU over the retrievals' window only (the browsers may finish a page after it).
+            used = (cpu_seconds(broker) - broker_cpu, children_cpu_seconds(broker) - preview_cpu)
+            window = time.time() - began
+            cpu[phase] = [a + b for a, b in zip(cpu[phase], (*used, window), strict=True)]
             if page is not None:
                 requests, previews = await page
-            used = (cpu_seconds(broker) - broker_cpu, children_cpu_seconds(broker) - preview_cpu)
-            cpu[phase] = [
-                a + b for a, b in zip(cpu[phase], (*used, time.time() - began), strict=True)
-            ]
             line = (
                 f"  phase {number} {phase:<13} p50 {statistics.median(latencies) * 1e3:7.2f} ms"
                 f"  p99 {percentile(latencies, 0.99) * 1e3:7.2f} ms  broker CPU {used[0]:5.2f} s,"
