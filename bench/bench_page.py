@@ -47,6 +47,8 @@ from typing import Any
 
 import aiohttp
 
+from sf_daq_broker.web.render import init_preview_process
+
 PGROUP = "p12345"
 SERVE = [sys.executable, "-m", "sf_daq_broker", "--log-level", "ERROR", "serve"]
 RETRIEVAL = {
@@ -242,10 +244,10 @@ async def measure(url: str, args: argparse.Namespace, runs: list[int], broker: i
     runs_left = list(runs)
     phases = ["without page", "with page"] * args.rounds + ["without page"]
     loop = asyncio.get_running_loop()
-    # The browsers stand for machines elsewhere: at the lowest priority, their own CPU time
-    # takes as little as possible from the broker on this machine.
+    # The browsers stand for machines elsewhere: at the lowest priority (as the broker's preview
+    # process runs), their own CPU time takes as little as possible from the broker here.
     spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, spawn, initializer=os.nice, initargs=(19,)) as browsers:
+    with ProcessPoolExecutor(1, spawn, initializer=init_preview_process) as browsers:
         await loop.run_in_executor(browsers, time.sleep, 0)  # started before the first phase
         for number, phase in enumerate(phases, 1):
             page = None
