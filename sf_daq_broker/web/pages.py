@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlencode
 
@@ -323,11 +324,19 @@ def written_file(dirs: PgroupDirs, run: RunView, source: str) -> FileOfRun:
         raise NotFound(f"run {run.number} of {dirs.pgroup} has no source {source!r}")
     if job.state != JobState.DONE or not job.file:
         raise NotFound(f"{source} of run {run.number} is {job.state}: there is no file yet")
-    path = dirs.ensure_inside(Path(job.file), f"the file of {source}")
+    path = Path(job.file)
+    what = f"the file of {source} of run {run.number}"
+    if not path.is_relative_to(dirs.raw):
+        raise NotFound(f"{what} is not below the raw directory of {dirs.pgroup}")
+    # Reached from raw/ without following a symlink, and a regular file itself: a symlink
+    # planted below raw/ cannot make the page show a file from elsewhere.
     try:
-        stat = path.stat()
-    except OSError as exc:
-        raise NotFound(f"the file of {source} of run {run.number} is gone: {exc}") from None
+        with dirs.open_dir(path.parent, what) as directory:
+            stat = directory.lstat(path.name)
+    except FileNotFoundError:
+        stat = None
+    if stat is None or not S_ISREG(stat.st_mode):
+        raise NotFound(f"{what} is gone (or is not a regular file)")
     return FileOfRun(path, (str(path), stat.st_mtime_ns, stat.st_size), run.record)
 
 

@@ -367,7 +367,7 @@ async def test_a_run_page_shows_completeness_log_request_and_previews(
 
 
 async def test_previews_are_computed_once_and_refused_for_what_is_not_there(
-    broker: tuple[TestClient, EmbeddedTransport],
+    broker: tuple[TestClient, EmbeddedTransport], tmp_path: Path
 ) -> None:
     client, transport = broker
     await retrieve(client, REQUEST)
@@ -403,6 +403,16 @@ async def test_previews_are_computed_once_and_refused_for_what_is_not_there(
         "'JF06T04V02' is not a name of JF13T01V01 in run 1",
     )
     assert await refused(source="ELSEWHERE") == (404, "run 1 of p12345 has no source 'ELSEWHERE'")
+
+    # A symlink planted where the file was: the page shows nothing from elsewhere.
+    detector_file = Path(jobs["JF13T01V01"].output_file)
+    outside = tmp_path / "outside.h5"  # not below raw/
+    detector_file.rename(outside)
+    detector_file.symlink_to(outside)
+    assert await refused() == (
+        404,
+        "the file of JF13T01V01 of run 1 is gone (or is not a regular file)",
+    )
     assert await refused(run_number="x") == (400, "run_number must be an integer, got 'x'")
     assert await refused(run_number="1" + "0" * 30) == (
         400,
