@@ -290,7 +290,7 @@ async def test_keep_raw_into_raw_data_swapped_for_a_symlink_fails_the_job(
     outcome = (await system.outcomes(1))[ONE]
     assert outcome.action is Action.WRITE_REJECTED
     assert outcome.message == (
-        f"pulses {RANGE + 12}-{RANGE + 28}: refusing to write below "
+        f"pulses {RANGE + 11}-{RANGE + 30}: refusing to write below "
         f"{system.raw_dir}/RAW_DATA/scan: {system.raw_dir}/RAW_DATA is a symlink to {outside}, "
         f"outside {system.raw_dir}"
     )

@@ -132,7 +132,7 @@ async def test_a_directory_replaced_by_a_symlink_after_acceptance_fails_the_job(
     source = status["sources"]["BSDATA"]
     assert source["state"] == "failed"
     assert source["message"] == (
-        f"pulses 999-1010: cannot work on it: refusing to write below {broker.raw_dir}/d/e: "
+        f"pulses 1000-1009: cannot work on it: refusing to write below {broker.raw_dir}/d/e: "
         f"{broker.raw_dir}/d is a symlink to {broker.outside}, outside {broker.raw_dir}"
     )
     assert sorted(p.name for p in broker.outside.rglob("*")) == ["e"]  # nothing written there
@@ -177,7 +177,7 @@ async def test_a_symlink_swapped_in_at_the_temporary_name_is_not_written_through
     assert broker.outside_files() == {"victim.h5": b"precious"}
     assert status["run_state"] == "failed"
     message = status["sources"]["BSDATA"]["message"]
-    assert message.startswith(f"pulses 999-1010: {broker.raw_dir}/.run_000001.BSDATA.h5.")
+    assert message.startswith(f"pulses 1000-1009: {broker.raw_dir}/.run_000001.BSDATA.h5.")
     assert message.endswith(".partial was replaced by something else while written")
     assert not (broker.raw_dir / "run_000001.BSDATA.h5").exists()
     assert list(broker.raw_dir.glob(".run_000001*")) == []  # the planted symlink is gone too
