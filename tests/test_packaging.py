@@ -98,7 +98,10 @@ def test_license_is_an_spdx_expression_and_setuptools_understands_it() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert project["project"]["license"] == "BSD-3-Clause"
     assert project["build-system"]["requires"] == ["setuptools>=77"]
-    assert project["tool"]["setuptools"]["package-data"] == {"sf_daq_broker": ["configs/*.toml"]}
+    assert project["tool"]["setuptools"]["package-data"] == {
+        "sf_daq_broker": ["configs/*.toml"],
+        "sf_daq_broker.web": ["templates/*.html", "static/*"],  # the page's files
+    }
 
 
 def test_the_package_reads_the_configs_directory_not_a_copy() -> None:
