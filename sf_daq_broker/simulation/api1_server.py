@@ -29,9 +29,10 @@ from typing import Any, Literal
 import numpy as np
 from aiohttp import web
 
+from sf_daq_broker.buffers.api1_bulk import encode_compressed_events
 from sf_daq_broker.buffers.api1_format import (
+    BLOCK_SIZE_BYTES,
     ChannelHeader,
-    compress_value,
     event_frame,
     fixed_event_dtype,
     header_frame,
@@ -119,7 +120,12 @@ class SimulatedApi1Buffer:
 
 
 def encode_events(spec: ChannelSpec, pids: np.ndarray, timing: PulseTiming) -> bytes:
-    """The event frames of ``spec`` at ``pids``, concatenated (BUFFERS.md §2)."""
+    """The event frames of ``spec`` at ``pids``, concatenated (BUFFERS.md §2).
+
+    Fixed-size values through one packed dtype, compressed ones through one numba pass
+    (``api1_bulk.encode_compressed_events``: the bytes of ``compress_value`` per event); only
+    strings are encoded one by one.
+    """
     header = spec.header
     timestamps = timing.ts_ns_array(pids)
     values = expected_values(spec, pids)
@@ -133,13 +139,13 @@ def encode_events(spec: ChannelSpec, pids: np.ndarray, timing: PulseTiming) -> b
         frames["value"] = values
         frames["trailer"] = length
         return frames.tobytes()
-    parts = []
-    for timestamp, pid, value in zip(timestamps.tolist(), pids.tolist(), values, strict=True):
-        if spec.type == "string":
-            raw = value.encode()
-        else:
-            raw = compress_value(np.asarray(value, dtype=header.dtype))
-        parts.append(event_frame(timestamp, pid, raw))
+    if header.compressed:
+        wire = np.asarray(values, dtype=header.dtype)
+        return encode_compressed_events(wire, timestamps, np.asarray(pids), BLOCK_SIZE_BYTES)
+    parts = [
+        event_frame(timestamp, pid, value.encode())
+        for timestamp, pid, value in zip(timestamps.tolist(), pids.tolist(), values, strict=True)
+    ]
     return b"".join(parts)
 
 
