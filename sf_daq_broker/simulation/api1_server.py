@@ -95,8 +95,8 @@ class SimulatedApi1Buffer:
     def event_pulse_ids(self, channel: str, first: int, last: int) -> np.ndarray:
         """Pulse ids a query for ``[first, last]`` returns for ``channel``, in reply order.
 
-        Includes the buffer's holdings and the injected gaps and duplicates, so tests can
-        compute exactly what a reply holds.
+        Includes the buffer's holdings and the injected gaps, duplicates and out-of-order
+        pulses, so tests can compute exactly what a reply holds.
         """
         spec = self.channels[channel]
         pids = channel_pulse_ids(
@@ -108,6 +108,10 @@ class SimulatedApi1Buffer:
         duplicates = self.faults.duplicates_for(channel)
         if duplicates is not None:
             pids = np.repeat(pids, 1 + duplicates.mask(pids).astype(np.int64))
+        out_of_order = self.faults.out_of_order_for(channel)
+        if out_of_order is not None:
+            late = out_of_order.mask(pids)
+            pids = np.concatenate([pids[~late], pids[late]])
         return pids
 
     def serves(self, channel: str) -> bool:

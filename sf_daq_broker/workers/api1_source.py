@@ -34,7 +34,7 @@ from sf_daq_broker.config import Settings
 from sf_daq_broker.h5.channels import ChannelFile, ChannelRows, CompressedImages, provenance
 from sf_daq_broker.h5.sorted_channel import SortedChannel
 from sf_daq_broker.jobs import Job, SourceKind
-from sf_daq_broker.workers.file_stage import FileStage
+from sf_daq_broker.workers.file_stage import FileStage, open_channel_file
 from sf_daq_broker.workers.loop import Progress, Source
 from sf_daq_broker.workers.readiness import beyond_retention, range_when_ready
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
@@ -91,11 +91,8 @@ class Api1Source(Source):
                 pulse_map, job, self.ready_timeout, self.poll_seconds
             )
             aged_out = await beyond_retention(pulse_map, job, self.retention_pulses, self.name)
-            stage = FileStage()
-            opened: list[ChannelFile] = []
-            try:
-                await stage.call(lambda: opened.append(ChannelFile(target, provenance(job))))
-                channels = _Channels(opened[0], job, stage, progress)
+            async with open_channel_file(target, provenance(job)) as (stage, file):
+                channels = _Channels(file, job, stage, progress)
                 await channels.fetch(client, job.names, start_ns, end_ns, self.keep_compressed)
                 if aged_out:
                     if not await stage.call(channels.received_any):
@@ -110,8 +107,6 @@ class Api1Source(Source):
                     )
                 await progress.update(progress.total)
                 return await stage.call(channels.report)
-            finally:
-                await stage.close(lambda: _close(opened))
 
 
 class _Channels:
@@ -208,11 +203,6 @@ class _Channels:
             pulse_ids = channel.group.pulse_ids()
             reports.append(NameReport.judge(name, expected, pulse_ids, channel.duplicates))
         return CompletenessReport(names=reports, absent=absent)
-
-
-def _close(files: list[ChannelFile]) -> None:
-    for file in files:
-        file.close()
 
 
 def _nbytes(batch: EventBatch) -> int:

@@ -18,9 +18,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
+
+from sf_daq_broker.h5.channels import ChannelFile
 
 T = TypeVar("T")
 
@@ -79,3 +82,23 @@ class FileStage:
             with contextlib.suppress(Exception):
                 await done  # the file is closed before the canceller goes on
             raise
+
+
+@contextlib.asynccontextmanager
+async def open_channel_file(
+    target: Path, attributes: Mapping[str, Any]
+) -> AsyncIterator[tuple[FileStage, ChannelFile]]:
+    """A ``ChannelFile`` at ``target`` and the stage its calls run on; closed on the stage's
+    thread on leaving, whatever happened (the loop then publishes or removes it)."""
+    stage = FileStage()
+    opened: list[ChannelFile] = []
+    try:
+        await stage.call(lambda: opened.append(ChannelFile(target, attributes)))
+        yield stage, opened[0]
+    finally:
+        await stage.close(lambda: _close(opened))
+
+
+def _close(files: list[ChannelFile]) -> None:
+    for file in files:
+        file.close()
