@@ -11,9 +11,11 @@ process, on the embedded queue or on RabbitMQ. The clock starts at the request; 
 phases come from its own status events:
 
 - queue: request sent → ``write_start`` (the reply, the run's bookkeeping, the hand-over);
-- fetch: ``write_start`` → the source's "all data fetched" progress event (readiness check,
-  the buffer's reply streamed and decoded);
-- write: → ``write_finished`` (the HDF5 file, fsync, rename, the completeness report).
+- fetch: ``write_start`` → the source's "all fetched" progress event (``done == total``:
+  readiness check, the buffer's reply streamed, decoded and written into the file as it
+  arrives);
+- write: → ``write_finished`` (what is left: rows that came late merged in, the completeness
+  report, fsync, rename).
 
 The reference measured in the same run is the api/1 fetch alone of the same channels with
 the same client (no broker, no queue, no file): the ratio shows what the system adds.
@@ -126,7 +128,14 @@ async def fetch_alone(url: str, names: list[str], pulses: int, decompress: bool)
 
 
 async def retrieval(args: argparse.Namespace, urls: list[str], spec: dict[str, Any]) -> None:
-    root = Path(tempfile.mkdtemp(prefix="bench-retrieval-"))
+    """One retrieval in a temporary data root, removed afterwards (the files are ~250 MB)."""
+    with tempfile.TemporaryDirectory(prefix="bench-retrieval-") as tmp:
+        await retrieve_into(Path(tmp), args, urls, spec)
+
+
+async def retrieve_into(
+    root: Path, args: argparse.Namespace, urls: list[str], spec: dict[str, Any]
+) -> None:
     raw = root / "bernina" / "data" / "p12345" / "raw"
     raw.mkdir(parents=True)
     settings = load_settings(
@@ -180,7 +189,9 @@ async def retrieval(args: argparse.Namespace, urls: list[str], spec: dict[str, A
             phases = times.setdefault(event.source, {})
             if event.action is Action.WRITE_START:
                 phases["start"] = now
-            elif event.action is Action.WRITE_PROGRESS and "fetched" not in phases:
+            elif event.action is Action.WRITE_PROGRESS and event.details.get(
+                "done"
+            ) == event.details.get("total"):
                 phases["fetched"] = now
             elif event.action is Action.WRITE_FINISHED:
                 phases["finished"] = now

@@ -18,7 +18,7 @@ tells the worker whether to retry.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -174,7 +174,7 @@ class Api1Client(HttpClient):
         end_ns: int,
         *,
         decompress: bool = True,
-    ) -> AsyncIterator[ChannelHeader | EventBatch]:
+    ) -> AsyncGenerator[ChannelHeader | EventBatch, None]:
         """The reply's headers and event batches as they arrive; once the body has ended, the
         request status is checked (``RequestFailed`` if the buffer reports errors)."""
         async with self.query(channels, start_ns, end_ns, decompress=decompress) as reply:

@@ -155,7 +155,8 @@ class FrameDecoder:
                 header.name,
                 header.type,
             )
-            return EventBatch(header, pulse_id, timestamp, values.astype(header.native_dtype))
+            native = values.astype(header.native_dtype, copy=False)
+            return EventBatch(header, pulse_id, timestamp, native)
         texts = np.empty(pulse_id.size, dtype=object)
         try:
             texts[:] = [buffer[start:end].tobytes().decode("utf-8") for start, end in spans]

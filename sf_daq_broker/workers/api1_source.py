@@ -16,6 +16,7 @@ inside the decoding stage (``sf_daq_broker.openmp``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
@@ -143,18 +144,24 @@ class _Channels:
         wanted = set(self._job.names)
         started: set[str] = set()
         pending: list[EventBatch] = []
-        stream = client.stream(names, start_ns, end_ns, decompress=not keep_compressed)
-        async for item in stream:
-            if isinstance(item, ChannelHeader):
-                await self._hand_over(pending)
-                self._headers_seen += 1
-                if again and item.has_data and item.name in wanted and item.name not in started:
-                    started.add(item.name)
-                    await self._stage.submit(0, self._channel(item.name).restart)
-            elif item.header.name in wanted:
-                pending.append(item)
-                if sum(_nbytes(batch) for batch in pending) >= BATCH_BYTES:
+        pending_bytes = 0
+        items = client.stream(names, start_ns, end_ns, decompress=not keep_compressed)
+        async with contextlib.aclosing(items) as stream:
+            async for item in stream:
+                if isinstance(item, ChannelHeader):
                     await self._hand_over(pending)
+                    pending_bytes = 0
+                    self._headers_seen += 1
+                    name = item.name
+                    if again and item.has_data and name in wanted and name not in started:
+                        started.add(name)
+                        await self._stage.submit(0, self._channel(name).restart)
+                elif item.header.name in wanted:
+                    pending.append(item)
+                    pending_bytes += _nbytes(item)
+                    if pending_bytes >= BATCH_BYTES:
+                        await self._hand_over(pending)
+                        pending_bytes = 0
         await self._hand_over(pending)
 
     async def _hand_over(self, pending: list[EventBatch]) -> None:
