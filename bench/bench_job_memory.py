@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_job_memory.py                      # the table of issue 12
     .venv/bin/python bench/bench_job_memory.py --case BSDATA:60000 --case CAMERAS:6000
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_job_memory.py --case BSDATA:60000
+    .venv/bin/python bench/bench_job_memory.py --case BSDATA:60000 --no-openmp-policy
 
 The sources of ``bench_retrieval.py`` (10 channels of several types, rates and shapes, one
 uint16 camera of ``--camera-shape``, 5 PVs) are simulated in one child process with the clock
@@ -13,6 +14,8 @@ set before the job (imports done: the constant every worker pays) and the job's 
 reference measured in the same run, also in a fresh process: the bare fetch of the same
 channels with the same client, each batch dropped as it arrives (no file); the ratio
 job / fetch is what decoding-to-file adds to streaming. Memory must not grow with ``N``.
+``--no-openmp-policy`` lets bitshuffle run its default OpenMP threads in the job (the policy
+of ``sf_daq_broker.openmp`` switched off), to measure what the policy is worth.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_retrieval import P0, channel_specs
 
 SOURCES = ("BSDATA", "CAMERAS", "PVCHANNELS")
+NO_POLICY = "BENCH_NO_OPENMP_POLICY"
 DEFAULT_CASES = [
     *(f"BSDATA:{n}" for n in (1000, 6000, 30000, 60000)),
     *(f"CAMERAS:{n}" for n in (1000, 6000, 12000)),
@@ -61,6 +65,12 @@ def job_child(source_name: str, pulses: int, urls: list[str], out_dir: str, name
     from sf_daq_broker.workers.loop import Progress, Source
 
     before = peak_mb()
+    if os.environ.get(NO_POLICY):
+        import contextlib
+
+        from sf_daq_broker import openmp
+
+        openmp.single_threaded = contextlib.nullcontext  # type: ignore[assignment]
     source: Source
     kind: SourceKind
     if source_name == "BSDATA":
@@ -164,6 +174,9 @@ def main() -> None:
     )
     parser.add_argument("--camera-shape", default="512x512", help="HEIGHTxWIDTH (uint16)")
     parser.add_argument("--no-reference", action="store_true", help="skip the bare fetches")
+    parser.add_argument(
+        "--no-openmp-policy", action="store_true", help="bitshuffle's default threads in the job"
+    )
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     args = parser.parse_args()
     cases = [(s, int(n)) for s, n in (c.split(":") for c in args.case or DEFAULT_CASES)]
@@ -184,7 +197,10 @@ def main() -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
-    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}
+    if args.no_openmp_policy:
+        os.environ[NO_POLICY] = "1"
+    names = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", NO_POLICY)
+    env = {k: os.environ[k] for k in names if k in os.environ}
     print(f"load average {os.getloadavg()[0]:.2f} (2-core machine); environment {env or '{}'}")
     print(
         f"{'source':10} {'pulses':>7} {'peak MB':>8} {'before':>7} {'job s':>7} {'cpu s':>6} "

@@ -171,12 +171,15 @@ class _Channels:
         rows = _as_rows(pending)
         pending.clear()
         await self._stage.submit(rows.nbytes, self._channel(rows.name).append, rows)
-        job = self._job
-        within = (int(rows.pulse_ids[-1]) - job.start_pulse_id + 1) / max(
-            1, job.stop_pulse_id - job.start_pulse_id + 1
-        )
+        await self._progress.update(self._progress_done(int(rows.pulse_ids[-1])))
+
+    def _progress_done(self, pulse_id: int) -> int:
+        """Progress in the report's unit: channels stream one after another, each over the
+        range, so the share is (channels before + the part of this one) / channels."""
+        job, total = self._job, self._progress.total
+        within = (pulse_id - job.start_pulse_id + 1) / (job.stop_pulse_id - job.start_pulse_id + 1)
         share = (self._headers_seen - 1 + min(max(within, 0.0), 1.0)) / max(1, len(job.names))
-        await self._progress.update(min(int(self._progress.total * share), self._progress.total))
+        return max(self._progress.done, min(int(total * share), total))
 
     def received_any(self) -> bool:
         return any(channel.received for channel in self._channels.values())
