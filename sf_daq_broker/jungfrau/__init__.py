@@ -11,17 +11,37 @@ Modules: ``calibration`` (gain/pedestal files), ``tables`` (the §3 constants), 
 kernel's schedule), ``kernel`` (numba), ``converter`` (ties them together), ``cli`` (convert).
 """
 
-from sf_daq_broker.jungfrau.calibration import Calibration, load_calibration
-from sf_daq_broker.jungfrau.converter import Converter
-from sf_daq_broker.jungfrau.errors import (
-    CalibrationError,
-    ConversionError,
-    DetectorError,
-    GeometryConfigError,
-)
-from sf_daq_broker.jungfrau.geometry import GeometryTable, load_geometry_table
-from sf_daq_broker.jungfrau.options import ConversionOptions
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sf_daq_broker.jungfrau.calibration import Calibration, load_calibration
+    from sf_daq_broker.jungfrau.converter import Converter
+    from sf_daq_broker.jungfrau.errors import (
+        CalibrationError,
+        ConversionError,
+        DetectorError,
+        GeometryConfigError,
+    )
+    from sf_daq_broker.jungfrau.geometry import GeometryTable, load_geometry_table
+    from sf_daq_broker.jungfrau.options import ConversionOptions
+
+#: Where each public name lives. Imported on first use: the package is reached by processes
+#: that never convert (a channel worker needs only ``errors``), which must not pay for numba.
+_EXPORTS = {
+    "Calibration": "calibration",
+    "load_calibration": "calibration",
+    "Converter": "converter",
+    "CalibrationError": "errors",
+    "ConversionError": "errors",
+    "DetectorError": "errors",
+    "GeometryConfigError": "errors",
+    "GeometryTable": "geometry",
+    "load_geometry_table": "geometry",
+    "ConversionOptions": "options",
+}
 __all__ = [
     "Calibration",
     "CalibrationError",
@@ -34,3 +54,10 @@ __all__ = [
     "load_calibration",
     "load_geometry_table",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

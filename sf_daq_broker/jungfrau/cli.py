@@ -14,18 +14,18 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from sf_daq_broker import __version__
-from sf_daq_broker.h5.atomic import atomic_output
-from sf_daq_broker.h5.detector import DetectorFileError, DetectorFileWriter, RawDetectorFile
-from sf_daq_broker.jungfrau.converter import Converter
 from sf_daq_broker.jungfrau.errors import ConversionError
-from sf_daq_broker.jungfrau.options import ConversionOptions, parse_module_list
+
+if TYPE_CHECKING:
+    from sf_daq_broker.h5.detector import RawDetectorFile
+    from sf_daq_broker.jungfrau.converter import Converter
 
 log = logging.getLogger(__name__)
+# numpy, h5py and numba are imported when a conversion runs: every `sf-daq-broker` command
+# loads this module to build its --help.
 
 #: Raw bytes read per batch (the converted batch is up to twice that, plus its compression).
 BATCH_BYTES = 256 * 1024 * 1024
@@ -78,6 +78,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sf_daq_broker.h5.detector import DetectorFileError
+
     try:
         convert(args)
     except (ConversionError, DetectorFileError) as exc:
@@ -90,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> None:
+    from sf_daq_broker.h5.detector import RawDetectorFile
+    from sf_daq_broker.jungfrau.converter import Converter
+    from sf_daq_broker.jungfrau.options import ConversionOptions, parse_module_list
+
     options = ConversionOptions(
         adc_to_energy=args.adc_to_energy,
         mask=args.mask,
@@ -135,6 +141,11 @@ def _convert_file(
     raw: RawDetectorFile, converter: Converter, output: Path, *, compression: bool
 ) -> int:
     """Stream every frame through the converter into ``output``; returns the bad-frame count."""
+    import numpy as np
+
+    from sf_daq_broker.h5.atomic import atomic_output
+    from sf_daq_broker.h5.detector import DetectorFileWriter
+
     frame_bytes = int(np.prod(raw.frame_shape)) * 2
     batch = max(1, min(raw.n_frames, BATCH_BYTES // frame_bytes))
     raw_buffer = np.empty((batch, *raw.frame_shape), dtype=np.uint16)

@@ -43,6 +43,8 @@ def format_event(event: StatusEvent, colour: bool) -> str:
     line = f"{when} {action} {event.source:<12} {event.pgroup} run {event.run_number} {event.file}"
     if event.action is Action.WRITE_REJECTED:
         line += f" reason: {event.message}"
+    elif event.action is Action.WRITE_PROGRESS and "waiting" in event.details:
+        line += f" {event.message}"  # waiting for pulse X (the buffers are at Y, about Z s)
     elif event.action is Action.WRITE_PROGRESS:
         line += f" {event.details.get('done')}/{event.details.get('total')}"
     elif event.action is Action.WRITE_FINISHED and event.message:
