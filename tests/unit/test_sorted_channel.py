@@ -7,6 +7,7 @@ and multi-block rewrites; real HDF5 files throughout.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import bitshuffle
@@ -55,7 +56,7 @@ def stream(path: Path, table: ChannelRows, cuts: list[int], late_budget: int) ->
     with ChannelFile(path, {"run_number": 1}) as file:
         channel = SortedChannel(file.streamed("CH:X"), START, STOP, late_budget=late_budget)
         bounds = [0, *sorted(c for c in cuts if 0 < c < len(table)), len(table)]
-        for begin, end in zip(bounds, bounds[1:], strict=False):
+        for begin, end in itertools.pairwise(bounds):
             channel.append(table.slice(begin, end))
         channel.finish()
     return channel
