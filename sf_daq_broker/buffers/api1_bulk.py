@@ -5,7 +5,7 @@ and strings differ in length from event to event, so the frames cannot be viewed
 dtype, and a Python loop per event cost more than the data: a 60 000-pulse run of one
 compressed 1 KiB waveform spent seconds in per-value calls (frame parsing, ``np.prod`` of the
 shape, ``bitshuffle.decompress_lz4`` with an OpenMP fork/join each). Here each direction is one
-numba pass per batch:
+numba pass per batch (the kernels are in ``api1_kernels``, imported on first use):
 
 - ``scan_events`` walks the frames of a run of events, checks both length fields and the
   mtype of each, and returns where each value lies with its pulse id and timestamp; it stops,
@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import bitshuffle.ext
 import numpy as np
 import numpy.typing as npt
-from numba import njit
 
 from sf_daq_broker import openmp
 from sf_daq_broker.buffers.errors import CorruptStream
@@ -47,57 +47,7 @@ BLOB_HEADER = 12
 BLOCK_MULTIPLE = 8
 
 # Reasons a compressed value is refused, returned by the kernel with the value's index.
-_SHORT, _SIZE, _BLOCK, _STREAM = 1, 2, 3, 4
-
-
-@njit(cache=True, inline="always")
-def _unsigned_be(buffer: Any, at: int, size: int) -> Any:
-    value = np.uint64(0)
-    for i in range(size):
-        value = (value << np.uint64(8)) | np.uint64(buffer[at + i])
-    return value
-
-
-@njit(cache=True, inline="always")
-def _int32_be(buffer: Any, at: int) -> Any:
-    value = np.int64(_unsigned_be(buffer, at, 4))
-    return value - (np.int64(1) << 32) if value >= (np.int64(1) << 31) else value
-
-
-@njit(cache=True, inline="always")
-def _put_be(buffer: Any, at: int, value: Any, size: int) -> None:
-    value = np.uint64(value)
-    for i in range(size - 1, -1, -1):
-        buffer[at + i] = np.uint8(value & np.uint64(0xFF))
-        value >>= np.uint64(8)
-
-
-@njit(cache=True, nogil=True)
-def _scan(
-    buffer: Any,
-    position: int,
-    max_frame: int,
-    value_start: Any,
-    value_end: Any,
-    pulse_id: Any,
-    timestamp: Any,
-) -> tuple[int, int]:
-    size = buffer.size
-    count = 0
-    while count < value_start.size and position + 4 <= size:
-        length = _int32_be(buffer, position)
-        if length < EVENT_HEAD - 4 or length > max_frame:
-            break
-        end = position + 4 + length
-        if end + 4 > size or buffer[position + 4] != 1 or _int32_be(buffer, end) != length:
-            break
-        timestamp[count] = np.int64(_unsigned_be(buffer, position + 5, 8))
-        pulse_id[count] = np.int64(_unsigned_be(buffer, position + 13, 8))
-        value_start[count] = position + EVENT_HEAD
-        value_end[count] = end
-        count += 1
-        position = end + 4
-    return count, position
+SHORT_REFUSED, SIZE_REFUSED, BLOCK_REFUSED, STREAM_REFUSED = 1, 2, 3, 4
 
 
 class ScannedEvents(NamedTuple):
@@ -114,47 +64,17 @@ def scan_events(buffer: npt.NDArray[np.uint8], position: int, max_frame: int) ->
     """The well-formed event frames from ``position`` on, up to the first one that is not."""
     capacity = (buffer.size - position) // MIN_EVENT_FRAME + 1
     columns = [np.empty(capacity, dtype=np.int64) for _ in range(4)]
-    count, end = _scan(buffer, position, max_frame, *columns)
+    count, end = _kernels().scan(buffer, position, max_frame, *columns)
     value_start, value_end, pulse_id, timestamp = (column[:count] for column in columns)
     return ScannedEvents(pulse_id, timestamp, value_start, value_end, end)
 
 
-@njit(cache=True, nogil=True)
-def _decompress(
-    function: Any,
-    buffer: Any,
-    value_start: Any,
-    value_end: Any,
-    out: Any,
-    itemsize: int,
-) -> tuple[int, int]:
-    expected = out.shape[1]
-    elements = expected // itemsize
-    for i in range(value_start.size):
-        start, end = value_start[i], value_end[i]
-        if end - start < BLOB_HEADER:
-            return i, _SHORT
-        if _unsigned_be(buffer, start, 8) != np.uint64(expected):
-            return i, _SIZE
-        block_bytes = np.int64(_unsigned_be(buffer, start + 8, 4))
-        block = block_bytes // itemsize
-        if block_bytes <= 0 or block_bytes % itemsize or block % BLOCK_MULTIPLE:
-            return i, _BLOCK
-        last = elements % block
-        blocks = elements // block + (1 if last >= BLOCK_MULTIPLE else 0)
-        at = start + BLOB_HEADER
-        for _ in range(blocks):
-            if at + 4 > end:
-                return i, _STREAM
-            at += 4 + np.int64(_unsigned_be(buffer, at, 4))
-        if at + (elements % BLOCK_MULTIPLE) * itemsize != end:
-            return i, _STREAM
-        if elements:
-            source = buffer[start + BLOB_HEADER :].ctypes.data
-            read = function(source, out[i].ctypes.data, elements, itemsize, block)
-            if read != end - start - BLOB_HEADER:
-                return i, _STREAM
-    return -1, 0
+@functools.cache
+def _kernels() -> ModuleType:
+    """The numba kernels, imported (and loaded from numba's cache) on first use."""
+    from sf_daq_broker.buffers import api1_kernels
+
+    return api1_kernels
 
 
 @functools.cache
@@ -185,7 +105,7 @@ def decompress_values(
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     out = np.empty((value_start.size, nbytes), dtype=np.uint8)
     with openmp.single_threaded():
-        index, reason = _decompress(
+        index, reason = _kernels().decompress(
             _bitshuffle().bshuf_decompress_lz4, buffer, value_start, value_end, out, dtype.itemsize
         )
     if index >= 0:
@@ -205,51 +125,18 @@ def _refusal(
     type_name: str,
 ) -> str:
     """Why the compressed value at ``start`` was refused, in words."""
-    if reason == _SHORT:
+    if reason == SHORT_REFUSED:
         return f"channel {name}: compressed value shorter than its header"
     header = buffer[start : start + BLOB_HEADER].tobytes()
-    if reason == _SIZE:
+    if reason == SIZE_REFUSED:
         holds = int.from_bytes(header[:8], "big")
         return (
             f"channel {name}: compressed value holds {holds} bytes, "
             f"shape {shape} of {type_name} needs {expected}"
         )
-    if reason == _BLOCK:
+    if reason == BLOCK_REFUSED:
         return f"channel {name}: bad block size {int.from_bytes(header[8:], 'big')}"
     return f"channel {name}: cannot decompress a value: its bitshuffle-LZ4 stream is corrupt"
-
-
-@njit(cache=True, nogil=True)
-def _encode(
-    function: Any,
-    values: Any,
-    itemsize: int,
-    block: int,
-    timestamp: Any,
-    pulse_id: Any,
-    out: Any,
-) -> int:
-    nbytes = values.shape[1]
-    at = 0
-    for i in range(values.shape[0]):
-        stream = at + EVENT_HEAD + BLOB_HEADER
-        written = 0
-        if nbytes:
-            written = function(
-                values[i].ctypes.data, out[stream:].ctypes.data, nbytes // itemsize, itemsize, block
-            )
-            if written < 0:
-                return -1
-        length = EVENT_HEAD - 4 + BLOB_HEADER + written
-        _put_be(out, at, length, 4)
-        out[at + 4] = 1
-        _put_be(out, at + 5, timestamp[i], 8)
-        _put_be(out, at + 13, pulse_id[i], 8)
-        _put_be(out, at + EVENT_HEAD, nbytes, 8)
-        _put_be(out, at + EVENT_HEAD + 8, block * itemsize, 4)
-        _put_be(out, at + 4 + length, length, 4)
-        at += length + 8
-    return at
 
 
 def encode_compressed_events(
@@ -269,7 +156,9 @@ def encode_compressed_events(
     bound = int(library.bshuf_compress_lz4_bound(elements, itemsize, block)) if elements else 0
     out = np.empty(len(values) * (MIN_EVENT_FRAME + BLOB_HEADER + bound), dtype=np.uint8)
     with openmp.single_threaded():
-        size = _encode(library.bshuf_compress_lz4, raw, itemsize, block, timestamp, pulse_id, out)
+        size = _kernels().encode(
+            library.bshuf_compress_lz4, raw, itemsize, block, timestamp, pulse_id, out
+        )
     if size < 0:
         raise RuntimeError("bitshuffle+LZ4 compression failed")
     return out[:size].tobytes()
