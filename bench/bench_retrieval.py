@@ -210,6 +210,10 @@ async def retrieve_into(
                 raise SystemExit(f"{event.source} failed: {event.message}")
     total = max(t["finished"] for t in times.values())
     cpu_retrieval = cpu_seconds() - cpu_begin
+    # Stop the workers only once every job is settled (acknowledged, its lease removed).
+    async with asyncio.timeout(60):
+        while list(raw.glob(".*.lease")):
+            await asyncio.sleep(0.01)
     worker.cancel()
     await asyncio.gather(worker, return_exceptions=True)
     await events.close()
