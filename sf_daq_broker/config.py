@@ -64,6 +64,9 @@ class DetectorConfig(_Strict):
     beamline: str
     gain_file: Path | None = None
     pedestal_file: Path | None = None
+    #: Modules allowed to be in the wrong gain in a pedestal frame that is still used (a
+    #: detector with broken modules would otherwise have every frame dropped; UPSTREAM_HEAD §4).
+    number_bad_modules: int = Field(default=0, ge=0)
 
 
 class BufferConfig(_Strict):

@@ -18,6 +18,15 @@ from typing import Any
 from sf_daq_broker.bookkeeping.paths import check_pgroup_name
 from sf_daq_broker.config import DETECTOR_NAME, PULSE_ID_LIMIT
 from sf_daq_broker.errors import BadRequest, Forbidden
+from sf_daq_broker.jungfrau.errors import ConversionError
+from sf_daq_broker.jungfrau.options import (
+    DOUBLE_PIXELS_ACTIONS,
+    MODULE_EDGE_ACTIONS,
+    ConversionOptions,
+    Roi,
+    check_options,
+    roi_items,
+)
 from sf_daq_broker.spelling import meant
 
 RATE_MULTIPLICATORS = (1, 2, 4, 8, 10, 20, 40, 50, 100)
@@ -34,6 +43,7 @@ REQUEST_KEYS: tuple[str, ...] = (
     "directory_name",
     *LIST_KEYS,
     "detectors",
+    "selected_pulse_ids",
     "scan_info",
     "run_number",
 )
@@ -42,34 +52,81 @@ _INTEGER_STRING = re.compile(r"^\s*[+-]?\d+\s*$")
 
 @dataclass(frozen=True)
 class DetectorOptions:
-    """Per-detector options of SPEC §5.4, with their defaults."""
+    """Per-detector options of SPEC §5.4 and of the facility's current broker (UPSTREAM_HEAD
+    §2), with SPEC's defaults: the one definition the request validation and
+    ``sf-daq-broker convert --options`` share. ``selected_pulse_ids`` is the request's key,
+    copied into every detector's options (detectors alone honour it, as upstream)."""
 
     adc_to_energy: bool = True
     compression: bool = True
     mask: bool = True
-    mask_double_pixels: bool = True
+    double_pixels_action: str = "mask"  # alias: mask_double_pixels (true = "mask")
+    module_edge_pixels: str = "keep"
     geometry: bool = False
     gap_pixels: bool = True
     factor: float | None = None
     disabled_modules: tuple[int, ...] = ()
-    keep_raw: bool = False
+    roi: tuple[Roi, ...] = ()
+    downsample: tuple[int, int] | None = None
+    keep_raw: bool = False  # alias: remove_raw_files (true = keep_raw false)
+    save_ppicker_events_only: bool = False
+    crystfel_lists_laser: bool = False
+    selected_pulse_ids: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         document = dataclasses.asdict(self)
         document["disabled_modules"] = list(self.disabled_modules)
+        document["roi"] = {label: list(box) for label, box in self.roi}
+        document["downsample"] = list(self.downsample) if self.downsample else None
+        document["selected_pulse_ids"] = list(self.selected_pulse_ids)
         return document
 
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> DetectorOptions:
         values = dict(document)
+        if "mask_double_pixels" in values:  # a job queued by a broker before double_pixels
+            flag = values.pop("mask_double_pixels")
+            values.setdefault("double_pixels_action", "mask" if flag else "keep")
         values["disabled_modules"] = tuple(values.get("disabled_modules", ()))
+        values["roi"] = roi_items(values.get("roi") or {})
+        if values.get("downsample") is not None:
+            values["downsample"] = tuple(values["downsample"])
+        values["selected_pulse_ids"] = tuple(values.get("selected_pulse_ids", ()))
         return cls(**values)
 
+    def conversion(self) -> ConversionOptions:
+        """The options of the conversion itself (file-level choices left out)."""
+        return ConversionOptions(
+            adc_to_energy=self.adc_to_energy,
+            mask=self.mask,
+            double_pixels=self.double_pixels_action,
+            module_edge_pixels=self.module_edge_pixels,
+            geometry=self.geometry,
+            gap_pixels=self.gap_pixels,
+            factor=self.factor,
+            disabled_modules=self.disabled_modules,
+            roi=self.roi,
+            downsample=self.downsample,
+        )
 
-_BOOL_OPTIONS = tuple(
-    f.name for f in dataclasses.fields(DetectorOptions) if f.type in ("bool", bool)
+
+#: Seed and upstream names of options, both booleans (see the fields' comments).
+OPTION_ALIASES = ("mask_double_pixels", "remove_raw_files")
+_BOOL_OPTIONS = (
+    *(f.name for f in dataclasses.fields(DetectorOptions) if f.type in ("bool", bool)),
+    *OPTION_ALIASES,
 )
-_KNOWN_OPTIONS = tuple(f.name for f in dataclasses.fields(DetectorOptions))
+#: Keys of a detector's options object (``selected_pulse_ids`` belongs to the request): what
+#: the parser accepts and the OpenAPI document lists.
+DETECTOR_OPTION_KEYS = (
+    *(f.name for f in dataclasses.fields(DetectorOptions) if f.name != "selected_pulse_ids"),
+    *OPTION_ALIASES,
+)
+_CHOICES = {
+    "double_pixels_action": DOUBLE_PIXELS_ACTIONS,
+    "module_edge_pixels": MODULE_EDGE_ACTIONS,
+}
+_ROI_LABEL = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -190,11 +247,10 @@ def parse_detector_options(detector: str, value: Any) -> DetectorOptions:
         return DetectorOptions()
     if not isinstance(value, dict):
         raise BadRequest(f"{key} must be an object of options, got {_show(value)}")
-    unknown = [name for name in value if name not in _KNOWN_OPTIONS]
+    unknown = [name for name in value if name not in DETECTOR_OPTION_KEYS]
     if unknown:
-        raise BadRequest(
-            f"{key}: unknown option {unknown[0]!r} (known options: {', '.join(_KNOWN_OPTIONS)})"
-        )
+        known = ", ".join(DETECTOR_OPTION_KEYS)
+        raise BadRequest(f"{key}: unknown option {unknown[0]!r} (known options: {known})")
     options: dict[str, Any] = {}
     for name in _BOOL_OPTIONS:
         if name in value:
@@ -215,7 +271,110 @@ def parse_detector_options(detector: str, value: Any) -> DetectorOptions:
         options["disabled_modules"] = _parse_disabled_modules(
             detector, value["disabled_modules"], f"{key}.disabled_modules"
         )
-    return DetectorOptions(**options)
+    options.update(_parse_upstream_options(value, key))
+    for alias in OPTION_ALIASES:
+        options.pop(alias, None)
+    parsed = DetectorOptions(**options)
+    if parsed.adc_to_energy:  # otherwise the conversion options are ignored (SPEC §5.4)
+        try:
+            check_options(detector, parsed.conversion())
+        except ConversionError as exc:
+            raise BadRequest(f"{key}: {exc}") from None
+    return parsed
+
+
+def _parse_upstream_options(value: dict[str, Any], key: str) -> dict[str, Any]:
+    """The options of UPSTREAM_HEAD §2 and the two aliases, each refusal naming its key."""
+    options: dict[str, Any] = {}
+    for name, choices in _CHOICES.items():
+        if name in value:
+            if value[name] not in choices:
+                raise BadRequest(
+                    f"{key}.{name} must be one of {', '.join(map(repr, choices))}, "
+                    f"got {_show(value[name])}"
+                )
+            options[name] = value[name]
+    if "mask_double_pixels" in value:
+        masks = value["mask_double_pixels"]
+        given = options.get("double_pixels_action")
+        if given is not None and masks != (given == "mask"):
+            raise BadRequest(
+                f"{key}: mask_double_pixels {_show(masks)} contradicts "
+                f"double_pixels_action {given!r} (give only one)"
+            )
+        options["double_pixels_action"] = given or ("mask" if masks else "keep")
+    if "remove_raw_files" in value:
+        if "keep_raw" in value and value["keep_raw"] == value["remove_raw_files"]:
+            raise BadRequest(
+                f"{key}: remove_raw_files {_show(value['remove_raw_files'])} contradicts "
+                f"keep_raw {_show(value['keep_raw'])} (give only one)"
+            )
+        options["keep_raw"] = not value["remove_raw_files"]
+    if value.get("roi") is not None:
+        options["roi"] = _parse_roi(value["roi"], f"{key}.roi")
+    if value.get("downsample") is not None:
+        options["downsample"] = _parse_downsample(value["downsample"], f"{key}.downsample")
+    return options
+
+
+def _parse_roi(value: Any, key: str) -> tuple[Roi, ...]:
+    """``{label: [y1, y2, x1, x2]}`` or a list of such lists (labels 0, 1, ...)."""
+    if isinstance(value, list) and value and not isinstance(value[0], list):
+        raise BadRequest(
+            f"{key} must be an object of label: [y1, y2, x1, x2] or a list of such lists, got "
+            f"{_show(value)} (one region is [[y1, y2, x1, x2]])"
+        )
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, list):
+        pairs = [(str(index), box) for index, box in enumerate(value)]
+    else:
+        raise BadRequest(
+            f"{key} must be an object of label: [y1, y2, x1, x2] or a list of such lists, "
+            f"got {_show(value)}"
+        )
+    rois: list[Roi] = []
+    for label, box in pairs:
+        if not _ROI_LABEL.match(label):
+            raise BadRequest(
+                f"{key}: label {label!r} must be 1 to 64 letters, digits or _ . + - (it names "
+                "an HDF5 group)"
+            )
+        if (
+            not isinstance(box, list)
+            or len(box) != 4
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in box)
+        ):
+            raise BadRequest(f"{key}.{label} must be [y1, y2, x1, x2] (4 integers), got {box!r}")
+        y1, y2, x1, x2 = box
+        rois.append((label, (y1, y2, x1, x2)))
+    return tuple(rois)
+
+
+def _parse_downsample(value: Any, key: str) -> tuple[int, int] | None:
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
+    ):
+        raise BadRequest(f"{key} must be [N, M] (two positive integers), got {_show(value)}")
+    factors = (int(value[0]), int(value[1]))
+    return None if factors == (1, 1) else factors
+
+
+def parse_selected_pulse_ids(body: dict[str, Any]) -> tuple[int, ...]:
+    """The request's ``selected_pulse_ids``: pulse ids whose detector frames are kept (ids
+    outside the range are ignored, as upstream); empty or null = every frame."""
+    value = body.get("selected_pulse_ids")
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise BadRequest(f"selected_pulse_ids must be a list of pulse ids, got {_show(value)}")
+    ids = [parse_integer(entry, f"selected_pulse_ids[{i}]") for i, entry in enumerate(value)]
+    negative = [pid for pid in ids if pid < 0]
+    if negative:
+        raise BadRequest(f"selected_pulse_ids must not be negative, got {negative[0]}")
+    return tuple(sorted(set(ids)))
 
 
 def _parse_disabled_modules(detector: str, value: Any, key: str) -> tuple[int, ...]:
@@ -243,6 +402,8 @@ def _parse_detectors(
     beamline: str,
     known_detectors: Collection[str] | None = None,
 ) -> dict[str, DetectorOptions]:
+    """The detectors' options, each with the request's ``selected_pulse_ids``."""
+    selected = parse_selected_pulse_ids(body)
     value = body.get("detectors")
     if value is None:
         return {}
@@ -266,7 +427,8 @@ def _parse_detectors(
                 f"detectors: {name} is not allowed for beamline {beamline} "
                 f"(allowed: {', '.join(allowed_detectors) or 'none'})"
             )
-        detectors[name] = parse_detector_options(name, options)
+        parsed = parse_detector_options(name, options)
+        detectors[name] = dataclasses.replace(parsed, selected_pulse_ids=selected)
     return detectors
 
 

@@ -24,7 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema
 
 from sf_daq_broker.bookkeeping.paths import COMPONENT_MAX, PGROUP_PATTERN
 from sf_daq_broker.config import PULSE_ID_LIMIT
-from sf_daq_broker.retrieval import CAMERA_SUFFIX, RATE_MULTIPLICATORS, DetectorOptions
+from sf_daq_broker.retrieval import (
+    CAMERA_SUFFIX,
+    DETECTOR_OPTION_KEYS,
+    OPTION_ALIASES,
+    RATE_MULTIPLICATORS,
+    DetectorOptions,
+)
 
 #: Run numbers are stored as signed 64-bit integers (SQLite, the run JSON's readers).
 MAX_RUN_NUMBER = 2**63 - 1
@@ -57,6 +63,10 @@ def _detector_options_schema() -> dict[str, Any]:
     """The schema of ``DetectorOptions``, generated from the dataclass; unknown options are
     refused by the parser, so the document says so."""
     schema = TypeAdapter(DetectorOptions).json_schema()
+    properties = schema["properties"]
+    for alias in OPTION_ALIASES:
+        properties[alias] = {"type": "boolean", "description": "an older name (see README)"}
+    schema["properties"] = {key: properties[key] for key in DETECTOR_OPTION_KEYS}
     schema["additionalProperties"] = False
     schema["description"] = "per-detector options (SPEC §5.4); null or {} for the defaults"
     schema.pop("required", None)  # every option has a default
@@ -99,6 +109,11 @@ class RetrieveBody(BaseModel):
     detectors: (
         dict[Annotated[str, Field(pattern=r"^JF\d\dT\d\dV\d\d$")], DetectorOptionsBody] | None
     ) = Field(default=None, description="Jungfrau detectors allowed for the beamline, with options")
+    selected_pulse_ids: list[PulseId] | None = Field(
+        default=None,
+        description="detectors keep only the good frames of these pulses, in file order "
+        "(ids outside the range are ignored); channels, cameras and PVs are not affected",
+    )
     scan_info: ScanInfo | None = Field(default=None, description="a scan step (SPEC §4)")
     run_number: Annotated[int, Field(ge=1, le=MAX_RUN_NUMBER)] | None = Field(
         default=None, description="a run number reserved with /advance_run_number"

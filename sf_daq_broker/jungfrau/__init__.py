@@ -8,7 +8,12 @@
 
 Modules: ``calibration`` (gain/pedestal files), ``tables`` (the §3 constants), ``geometry``
 (placement table, configs/geometry.toml), ``layout`` (output index image), ``plan`` (the
-kernel's schedule), ``kernel`` (numba), ``converter`` (ties them together), ``cli`` (convert).
+kernel's schedule), ``kernel`` (numba), ``converter`` (ties them together), ``interp`` and
+``downsample`` (the upstream options' kernels), ``export`` (what a file holds, batch by batch),
+``pedestal`` (pedestal files from pedestal runs), ``cli`` / ``pedestal_cli`` (commands).
+
+The names below are imported on first use: the broker validates detector options with
+``options`` and must not pay for compiling or loading numba kernels it never runs.
 """
 
 from __future__ import annotations
@@ -28,8 +33,6 @@ if TYPE_CHECKING:
     from sf_daq_broker.jungfrau.geometry import GeometryTable, load_geometry_table
     from sf_daq_broker.jungfrau.options import ConversionOptions
 
-#: Where each public name lives. Imported on first use: the package is reached by processes
-#: that never convert (a channel worker needs only ``errors``), which must not pay for numba.
 _EXPORTS = {
     "Calibration": "calibration",
     "load_calibration": "calibration",
@@ -42,6 +45,7 @@ _EXPORTS = {
     "load_geometry_table": "geometry",
     "ConversionOptions": "options",
 }
+
 __all__ = [
     "Calibration",
     "CalibrationError",

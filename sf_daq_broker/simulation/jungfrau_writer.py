@@ -270,6 +270,7 @@ class JungfrauBufferWriter:
         header["pulse_id"] = pid
         header["frame_index"] = pid - self.frame_index_origin
         header["daq_rec"] = 1 if self._highgain[detector] else 0
+        header["daq_rec"] |= self.faults.event_bits_for(pid)
         header["n_recv_packets"] = packets
         header["module_id"] = module
 
