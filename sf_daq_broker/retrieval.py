@@ -17,6 +17,7 @@ from typing import Any
 from sf_daq_broker.bookkeeping.paths import check_pgroup_name
 from sf_daq_broker.config import DETECTOR_NAME
 from sf_daq_broker.errors import BadRequest, Forbidden
+from sf_daq_broker.run_options import RunOptions, parse_run_options
 
 RATE_MULTIPLICATORS = (1, 2, 4, 8, 10, 20, 40, 50, 100)
 CAMERA_SUFFIX = ":FPICTURE"
@@ -72,6 +73,8 @@ class RetrieveRequest:
     scan_info: dict[str, Any] | None = None
     run_number: int | None = None
     record: dict[str, Any] = field(default_factory=dict)
+    #: user_tag / append_user_tag_to_data_dir / run_log_level (run_options.py)
+    run_options: RunOptions = field(default_factory=RunOptions)
 
     @property
     def scan_name(self) -> str | None:
@@ -297,6 +300,8 @@ def parse_retrieve_request(
                 f"scan_info.scan_name must be a string, got {_show(scan_info['scan_name'])}"
             )
 
+    run_options = parse_run_options(body)
+
     run_number = None
     if body.get("run_number") is not None:
         run_number = parse_integer(body["run_number"], "run_number")
@@ -325,4 +330,5 @@ def parse_retrieve_request(
         scan_info=scan_info,
         run_number=run_number,
         record=record,
+        run_options=run_options,
     )

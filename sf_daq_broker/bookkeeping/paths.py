@@ -91,8 +91,11 @@ class PgroupDirs:
     def output_dir(self, directory_name: str | None) -> Path:
         return self.raw / directory_name if directory_name else self.raw
 
-    def data_file(self, directory_name: str | None, run_number: int, suffix: str) -> Path:
-        return self.output_dir(directory_name) / f"run_{run_number:06d}.{suffix}.h5"
+    def data_file(
+        self, directory_name: str | None, run_number: int, suffix: str, tag: str | None = None
+    ) -> Path:
+        """A run's data file; ``tag`` is the user tag of ``append_user_tag_to_data_dir``."""
+        return self.output_dir(directory_name) / f"{run_prefix(run_number, tag)}.{suffix}.h5"
 
     def ensure_inside(self, path: Path, what: str) -> Path:
         """Refuse ``path`` if it resolves (symlinks followed) outside ``raw/``."""
@@ -105,6 +108,11 @@ class PgroupDirs:
         self.ensure_inside(path, what)
         path.mkdir(parents=True, exist_ok=True)
         return self.ensure_inside(path, what)
+
+
+def run_prefix(run_number: int, tag: str | None = None) -> str:
+    """What every data file of a run starts with: ``run_NNNNNN`` or ``run_NNNNNN-<tag>``."""
+    return f"run_{run_number:06d}-{tag}" if tag else f"run_{run_number:06d}"
 
 
 def open_pgroup(data_root: Path, beamline: str, pgroup: object) -> PgroupDirs:

@@ -37,6 +37,9 @@ class ClockConfig(_Strict):
     start_pulse_id: int = Field(default=DEFAULT_START_PULSE_ID, ge=0)
     #: Epoch milliseconds of the start pulse; None = the wall-clock time at start-up.
     t0_ms: int | None = None
+    #: How much faster than real time the pulses come (1 = 100 Hz); tests that wait for
+    #: buffer files to close use more. Timestamps keep their 10 ms per pulse.
+    speed: float = Field(default=1.0, gt=0, le=1000)
 
 
 class ServerConfig(_Strict):

@@ -55,13 +55,28 @@ class RetryPolicy:
 class Progress:
     """``write_progress`` events, at most one per ``interval`` seconds (and the last one)."""
 
-    def __init__(self, transport: Transport, job: Job, total: int, interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        job: Job,
+        total: int,
+        interval: float = 0.5,
+        *,
+        phase: str = "",
+    ) -> None:
         self._transport = transport
         self._job = job
         self.total = total
         self._interval = interval
         self._last_sent = 0.0
         self.done = 0
+        #: What the job is doing now (a job of several steps, e.g. a pedestal): the events'
+        #: message says "{phase}: {done} of {total}".
+        self.phase = phase
+
+    def for_phase(self, phase: str, total: int) -> Progress:
+        """Progress of one step of the job, announced as the job's progress."""
+        return Progress(self._transport, self._job, total, self._interval, phase=phase)
 
     async def update(self, done: int, total: int | None = None) -> None:
         self.done = done
@@ -71,11 +86,12 @@ class Progress:
         if now - self._last_sent < self._interval and done < self.total:
             return
         self._last_sent = now
+        message = f"{done} of {self.total}"
         await self._transport.publish_status(
             StatusEvent.for_job(
                 Action.WRITE_PROGRESS,
                 self._job,
-                f"{done} of {self.total}",
+                f"{self.phase}: {message}" if self.phase else message,
                 done=done,
                 total=self.total,
             )
@@ -104,7 +120,10 @@ def expected_total(job: Job) -> int:
 
 
 def rejection_reason(job: Job, problem: str) -> str:
-    """Which range and what happened (the problem names the buffer)."""
+    """Which range and what happened (the problem names the buffer). A pedestal job has no
+    range when it is queued: its problem says where it was."""
+    if job.kind is SourceKind.PEDESTAL:
+        return problem
     return f"pulses {job.start_pulse_id}-{job.stop_pulse_id}: {problem}"
 
 
@@ -120,7 +139,7 @@ class _JobLog:
     def __init__(self, job: Job) -> None:
         # One logger per job: two pgroups' runs of the same number must not share a log file.
         self.logger = logging.getLogger(f"sf_daq_broker.job.{job.job_id}")
-        self.logger.setLevel(logging.INFO)
+        self.logger.setLevel(job.log_level)  # the request's run_log_level
         self._handler: logging.Handler | None = None
         try:
             self._handler = logging.FileHandler(job.log_file, mode="a", encoding="utf-8")

@@ -24,7 +24,7 @@ import pytest
 from sf_daq_broker.bookkeeping.atomic import partial_path
 from sf_daq_broker.h5.atomic import temporary_name
 from sf_daq_broker.h5.channels import ChannelRows, CompressedImages, provenance, write_channels
-from sf_daq_broker.jobs import Job, SourceKind
+from sf_daq_broker.jobs import RETRIEVAL_KINDS, Job
 from sf_daq_broker.tools.check import main
 from tests.tools.support import REPO, LiveBroker, take_job
 
@@ -66,7 +66,7 @@ async def make_run(broker: LiveBroker) -> Callable[..., Awaitable[Run]]:
         ):
             assert response.status == 200, await response.text()
         jobs = {}
-        for kind in SourceKind:
+        for kind in RETRIEVAL_KINDS:
             job = await take_job(broker.transport, kind)
             jobs[job.source] = job
         return Run(Path(next(iter(jobs.values())).run_info_file), jobs)
