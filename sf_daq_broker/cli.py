@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "sf_daq_broker.workers.cli",
     "sf_daq_broker.simulation.cli",
     "sf_daq_broker.jungfrau.cli",
+    "sf_daq_broker.jungfrau.pedestal_cli",
     "sf_daq_broker.demo.cli",
 )
 

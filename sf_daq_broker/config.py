@@ -63,6 +63,9 @@ class DetectorConfig(_Strict):
     #: Shown by /get_allowed_detectors (upstream's ``descriptions``, ``visualisation_address``).
     description: str = ""
     visualisation_address: str = ""
+    #: Modules allowed to be in the wrong gain in a pedestal frame that is still used (a
+    #: detector with broken modules would otherwise have every frame dropped; UPSTREAM_HEAD §4).
+    number_bad_modules: int = Field(default=0, ge=0)
 
 
 class BufferConfig(_Strict):

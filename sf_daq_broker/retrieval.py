@@ -17,6 +17,15 @@ from typing import Any
 from sf_daq_broker.bookkeeping.paths import check_pgroup_name
 from sf_daq_broker.config import DETECTOR_NAME
 from sf_daq_broker.errors import BadRequest, Forbidden
+from sf_daq_broker.jungfrau.errors import ConversionError
+from sf_daq_broker.jungfrau.options import (
+    DOUBLE_PIXELS_ACTIONS,
+    MODULE_EDGE_ACTIONS,
+    ConversionOptions,
+    Roi,
+    check_options,
+    roi_items,
+)
 from sf_daq_broker.run_options import RunOptions, parse_run_options
 
 RATE_MULTIPLICATORS = (1, 2, 4, 8, 10, 20, 40, 50, 100)
@@ -27,34 +36,79 @@ _INTEGER_STRING = re.compile(r"^\s*[+-]?\d+\s*$")
 
 @dataclass(frozen=True)
 class DetectorOptions:
-    """Per-detector options of SPEC §5.4, with their defaults."""
+    """Per-detector options of SPEC §5.4 and of the facility's current broker (UPSTREAM_HEAD
+    §2), with SPEC's defaults: the one definition the request validation and
+    ``sf-daq-broker convert --options`` share. ``selected_pulse_ids`` is the request's key,
+    copied into every detector's options (detectors alone honour it, as upstream)."""
 
     adc_to_energy: bool = True
     compression: bool = True
     mask: bool = True
-    mask_double_pixels: bool = True
+    double_pixels_action: str = "mask"  # alias: mask_double_pixels (true = "mask")
+    module_edge_pixels: str = "keep"
     geometry: bool = False
     gap_pixels: bool = True
     factor: float | None = None
     disabled_modules: tuple[int, ...] = ()
-    keep_raw: bool = False
+    roi: tuple[Roi, ...] = ()
+    downsample: tuple[int, int] | None = None
+    keep_raw: bool = False  # alias: remove_raw_files (true = keep_raw false)
+    save_ppicker_events_only: bool = False
+    crystfel_lists_laser: bool = False
+    selected_pulse_ids: tuple[int, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         document = dataclasses.asdict(self)
         document["disabled_modules"] = list(self.disabled_modules)
+        document["roi"] = {label: list(box) for label, box in self.roi}
+        document["downsample"] = list(self.downsample) if self.downsample else None
+        document["selected_pulse_ids"] = list(self.selected_pulse_ids)
         return document
 
     @classmethod
     def from_json(cls, document: dict[str, Any]) -> DetectorOptions:
         values = dict(document)
+        if "mask_double_pixels" in values:  # a job queued by a broker before double_pixels
+            flag = values.pop("mask_double_pixels")
+            values.setdefault("double_pixels_action", "mask" if flag else "keep")
         values["disabled_modules"] = tuple(values.get("disabled_modules", ()))
+        values["roi"] = roi_items(values.get("roi") or {})
+        if values.get("downsample") is not None:
+            values["downsample"] = tuple(values["downsample"])
+        values["selected_pulse_ids"] = tuple(values.get("selected_pulse_ids", ()))
         return cls(**values)
 
+    def conversion(self) -> ConversionOptions:
+        """The options of the conversion itself (file-level choices left out)."""
+        return ConversionOptions(
+            adc_to_energy=self.adc_to_energy,
+            mask=self.mask,
+            double_pixels=self.double_pixels_action,
+            module_edge_pixels=self.module_edge_pixels,
+            geometry=self.geometry,
+            gap_pixels=self.gap_pixels,
+            factor=self.factor,
+            disabled_modules=self.disabled_modules,
+            roi=self.roi,
+            downsample=self.downsample,
+        )
 
-_BOOL_OPTIONS = tuple(
-    f.name for f in dataclasses.fields(DetectorOptions) if f.type in ("bool", bool)
+
+_ALIASES = ("mask_double_pixels", "remove_raw_files")
+_BOOL_OPTIONS = (
+    *(f.name for f in dataclasses.fields(DetectorOptions) if f.type in ("bool", bool)),
+    *_ALIASES,
 )
-_KNOWN_OPTIONS = tuple(f.name for f in dataclasses.fields(DetectorOptions))
+#: Keys of a detector's options object (``selected_pulse_ids`` belongs to the request).
+_KNOWN_OPTIONS = (
+    *(f.name for f in dataclasses.fields(DetectorOptions) if f.name != "selected_pulse_ids"),
+    *_ALIASES,
+)
+_CHOICES = {
+    "double_pixels_action": DOUBLE_PIXELS_ACTIONS,
+    "module_edge_pixels": MODULE_EDGE_ACTIONS,
+}
+_ROI_LABEL = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -185,7 +239,110 @@ def parse_detector_options(detector: str, value: Any) -> DetectorOptions:
         options["disabled_modules"] = _parse_disabled_modules(
             detector, value["disabled_modules"], f"{key}.disabled_modules"
         )
-    return DetectorOptions(**options)
+    options.update(_parse_upstream_options(value, key))
+    for alias in _ALIASES:
+        options.pop(alias, None)
+    parsed = DetectorOptions(**options)
+    if parsed.adc_to_energy:  # otherwise the conversion options are ignored (SPEC §5.4)
+        try:
+            check_options(detector, parsed.conversion())
+        except ConversionError as exc:
+            raise BadRequest(f"{key}: {exc}") from None
+    return parsed
+
+
+def _parse_upstream_options(value: dict[str, Any], key: str) -> dict[str, Any]:
+    """The options of UPSTREAM_HEAD §2 and the two aliases, each refusal naming its key."""
+    options: dict[str, Any] = {}
+    for name, choices in _CHOICES.items():
+        if name in value:
+            if value[name] not in choices:
+                raise BadRequest(
+                    f"{key}.{name} must be one of {', '.join(map(repr, choices))}, "
+                    f"got {_show(value[name])}"
+                )
+            options[name] = value[name]
+    if "mask_double_pixels" in value:
+        masks = value["mask_double_pixels"]
+        given = options.get("double_pixels_action")
+        if given is not None and masks != (given == "mask"):
+            raise BadRequest(
+                f"{key}: mask_double_pixels {_show(masks)} contradicts "
+                f"double_pixels_action {given!r} (give only one)"
+            )
+        options["double_pixels_action"] = given or ("mask" if masks else "keep")
+    if "remove_raw_files" in value:
+        if "keep_raw" in value and value["keep_raw"] == value["remove_raw_files"]:
+            raise BadRequest(
+                f"{key}: remove_raw_files {_show(value['remove_raw_files'])} contradicts "
+                f"keep_raw {_show(value['keep_raw'])} (give only one)"
+            )
+        options["keep_raw"] = not value["remove_raw_files"]
+    if value.get("roi") is not None:
+        options["roi"] = _parse_roi(value["roi"], f"{key}.roi")
+    if value.get("downsample") is not None:
+        options["downsample"] = _parse_downsample(value["downsample"], f"{key}.downsample")
+    return options
+
+
+def _parse_roi(value: Any, key: str) -> tuple[Roi, ...]:
+    """``{label: [y1, y2, x1, x2]}`` or a list of such lists (labels 0, 1, ...)."""
+    if isinstance(value, list) and value and not isinstance(value[0], list):
+        raise BadRequest(
+            f"{key} must be an object of label: [y1, y2, x1, x2] or a list of such lists, got "
+            f"{_show(value)} (one region is [[y1, y2, x1, x2]])"
+        )
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, list):
+        pairs = [(str(index), box) for index, box in enumerate(value)]
+    else:
+        raise BadRequest(
+            f"{key} must be an object of label: [y1, y2, x1, x2] or a list of such lists, "
+            f"got {_show(value)}"
+        )
+    rois: list[Roi] = []
+    for label, box in pairs:
+        if not _ROI_LABEL.match(label):
+            raise BadRequest(
+                f"{key}: label {label!r} must be 1 to 64 letters, digits or _ . + - (it names "
+                "an HDF5 group)"
+            )
+        if (
+            not isinstance(box, list)
+            or len(box) != 4
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in box)
+        ):
+            raise BadRequest(f"{key}.{label} must be [y1, y2, x1, x2] (4 integers), got {box!r}")
+        y1, y2, x1, x2 = box
+        rois.append((label, (y1, y2, x1, x2)))
+    return tuple(rois)
+
+
+def _parse_downsample(value: Any, key: str) -> tuple[int, int] | None:
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value)
+    ):
+        raise BadRequest(f"{key} must be [N, M] (two positive integers), got {_show(value)}")
+    factors = (int(value[0]), int(value[1]))
+    return None if factors == (1, 1) else factors
+
+
+def parse_selected_pulse_ids(body: dict[str, Any]) -> tuple[int, ...]:
+    """The request's ``selected_pulse_ids``: pulse ids whose detector frames are kept (ids
+    outside the range are ignored, as upstream); empty or null = every frame."""
+    value = body.get("selected_pulse_ids")
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise BadRequest(f"selected_pulse_ids must be a list of pulse ids, got {_show(value)}")
+    ids = [parse_integer(entry, f"selected_pulse_ids[{i}]") for i, entry in enumerate(value)]
+    negative = [pid for pid in ids if pid < 0]
+    if negative:
+        raise BadRequest(f"selected_pulse_ids must not be negative, got {negative[0]}")
+    return tuple(sorted(set(ids)))
 
 
 def _parse_disabled_modules(detector: str, value: Any, key: str) -> tuple[int, ...]:
@@ -275,6 +432,12 @@ def parse_retrieve_request(
 
     lists = {key: _parse_name_list(body, key) for key in LIST_KEYS}
     detectors = _parse_detectors(body, allowed_detectors, beamline)
+    selected = parse_selected_pulse_ids(body)
+    if selected:
+        detectors = {
+            name: dataclasses.replace(options, selected_pulse_ids=selected)
+            for name, options in detectors.items()
+        }
     if not any(lists.values()) and not detectors:
         raise BadRequest(
             "nothing to retrieve: channels_list, camera_list, pv_list and detectors are all empty"

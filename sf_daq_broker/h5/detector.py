@@ -15,9 +15,9 @@ directly. ``RawDetectorFile`` reads the raw layout back in batches (the ``conver
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,30 @@ class FrameColumns:
     def __len__(self) -> int:
         return len(self.pulse_id)
 
+    def take(self, rows: npt.NDArray[Any]) -> FrameColumns:
+        """The rows selected by ``rows`` (a boolean mask or indices), in order."""
+        return FrameColumns(
+            **{name: getattr(self, name)[rows] for name in FRAME_COLUMNS},
+        )
+
+
+@dataclass(frozen=True)
+class DataGroup:
+    """One ``data/<name>`` group of a detector file: frames of one shape and dtype, the frame
+    columns, and per-file datasets (``pixel_mask``, ``conversion_factor``, ``meta/…``).
+
+    A file normally has one, named after the detector; with regions of interest it has one
+    per region (``<DET>:ROI_<label>``), as the facility's converter writes them.
+    """
+
+    name: str
+    frame_shape: tuple[int, int]
+    dtype: np.dtype[Any]
+    pixel_mask: npt.NDArray[np.bool_] | None = None
+    conversion_factor: float | None = None
+    #: Datasets under ``meta/`` (the reference's description of the conversion).
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
 
 class DetectorFileWriter:
     """Writes one detector file; ``write`` batches in frame order, then ``close``.
@@ -86,6 +110,9 @@ class DetectorFileWriter:
     never produces a short file that looks complete. Use it as a context manager inside
     ``atomic_output`` (or the worker loop's temporary name): an exception closes the file without
     that check and the temporary file is discarded by the caller.
+
+    One data group of ``frame_shape``/``dtype`` (with ``pixel_mask`` and ``conversion_factor``),
+    or several given as ``groups``; ``write`` then takes one array of frames per group.
     """
 
     def __init__(
@@ -93,102 +120,139 @@ class DetectorFileWriter:
         path: Path | str,
         detector: str,
         n_frames: int,
-        frame_shape: tuple[int, int],
-        dtype: npt.DTypeLike,
+        frame_shape: tuple[int, int] | None = None,
+        dtype: npt.DTypeLike | None = None,
         *,
         compression: bool = True,
         attributes: Mapping[str, Any] | None = None,
         pixel_mask: npt.NDArray[np.bool_] | None = None,
         conversion_factor: float | None = None,
+        groups: Sequence[DataGroup] | None = None,
         threads: int = COMPRESSION_THREADS,
     ) -> None:
+        if groups is None:
+            if frame_shape is None or dtype is None:
+                raise DetectorFileError("give frame_shape and dtype, or groups")
+            groups = [
+                DataGroup(
+                    detector,
+                    (int(frame_shape[0]), int(frame_shape[1])),
+                    np.dtype(dtype),
+                    pixel_mask,
+                    conversion_factor,
+                )
+            ]
         self.detector = detector
         self.n_frames = n_frames
-        self.frame_shape = tuple(frame_shape)
-        self.dtype = np.dtype(dtype)
+        self.groups = list(groups)
+        self.frame_shape = self.groups[0].frame_shape
+        self.dtype = self.groups[0].dtype
         self.compression = compression
         self.frames_written = 0
-        self._buffers: list[npt.NDArray[np.uint8]] = []
+        self._buffers: list[list[npt.NDArray[np.uint8]]] = [[] for _ in self.groups]
         self._pool = (
             ThreadPoolExecutor(threads, thread_name_prefix="bslz4") if compression else None
         )
         self._file = h5py.File(path, "w")
         try:
-            self._create(attributes or {}, pixel_mask, conversion_factor)
+            self._file.attrs.update(attributes or {})
+            self._file.create_dataset(DETECTOR_NAME, data=self.detector, dtype=STRING)
+            self._data: list[h5py.Dataset] = []
+            self._columns: list[dict[str, h5py.Dataset]] = []
+            for group in self.groups:
+                self._create(group)
         except BaseException:
             self._abandon()
             raise
 
-    def _create(
-        self,
-        attributes: Mapping[str, Any],
-        pixel_mask: npt.NDArray[np.bool_] | None,
-        conversion_factor: float | None,
-    ) -> None:
-        file = self._file
-        file.attrs.update(attributes)
-        file.create_dataset(DETECTOR_NAME, data=self.detector, dtype=STRING)
-        group = file.create_group(data_group(self.detector))
-        shape = (self.n_frames, *self.frame_shape)
-        chunks = (1, *self.frame_shape)
+    def _create(self, spec: DataGroup) -> None:
+        group = self._file.create_group(data_group(spec.name))
+        shape = (self.n_frames, *spec.frame_shape)
+        chunks = (1, *spec.frame_shape)
         # A fixed-size dimension cannot be smaller than its chunk: an empty file is extensible.
-        maxshape = (None, *self.frame_shape) if self.n_frames == 0 else None
+        maxshape = (None, *spec.frame_shape) if self.n_frames == 0 else None
         if self.compression:
-            self._data = bslz4.create_dataset(group, "data", shape, self.dtype, chunks, maxshape)
+            data = bslz4.create_dataset(group, "data", shape, spec.dtype, chunks, maxshape)
         else:
-            self._data = group.create_dataset(
-                "data", shape=shape, dtype=self.dtype, chunks=chunks, maxshape=maxshape
+            data = group.create_dataset(
+                "data", shape=shape, dtype=spec.dtype, chunks=chunks, maxshape=maxshape
             )
-        self._columns = {
-            name: group.create_dataset(name, shape=(self.n_frames, 1), dtype=dtype)
-            for name, dtype in FRAME_COLUMNS.items()
-        }
-        if pixel_mask is not None:
-            if pixel_mask.shape != self.frame_shape:
+        self._data.append(data)
+        self._columns.append(
+            {
+                name: group.create_dataset(name, shape=(self.n_frames, 1), dtype=dtype)
+                for name, dtype in FRAME_COLUMNS.items()
+            }
+        )
+        if spec.pixel_mask is not None:
+            if spec.pixel_mask.shape != spec.frame_shape:
                 raise DetectorFileError(
-                    f"pixel_mask is {pixel_mask.shape}, frames are {self.frame_shape}"
+                    f"pixel_mask is {spec.pixel_mask.shape}, frames are {spec.frame_shape}"
                 )
-            group.create_dataset("pixel_mask", data=np.asarray(pixel_mask, dtype=bool))
-        if conversion_factor is not None:
-            group.create_dataset("conversion_factor", data=np.float64(conversion_factor))
+            group.create_dataset("pixel_mask", data=np.asarray(spec.pixel_mask, dtype=bool))
+        if spec.conversion_factor is not None:
+            group.create_dataset("conversion_factor", data=np.float64(spec.conversion_factor))
+        for name, value in spec.meta.items():
+            if name == "pixel_mask" and spec.pixel_mask is not None:
+                group[f"meta/{name}"] = group["pixel_mask"]  # a hard link: the same dataset
+            elif isinstance(value, str):
+                group.create_dataset(f"meta/{name}", data=value, dtype=STRING)
+            else:
+                group.create_dataset(f"meta/{name}", data=value)
 
-    def write(self, frames: npt.NDArray[Any], columns: FrameColumns) -> None:
-        """Append a batch: ``frames`` (k, *frame_shape) and its k rows of frame columns."""
-        count = frames.shape[0]
-        if frames.shape[1:] != self.frame_shape or frames.dtype != self.dtype:
+    def write(
+        self, frames: npt.NDArray[Any] | Sequence[npt.NDArray[Any]], columns: FrameColumns
+    ) -> None:
+        """Append a batch: ``frames`` (k, *frame_shape), one such array per group if there
+        are several, and its k rows of frame columns."""
+        batches = [frames] if isinstance(frames, np.ndarray) else list(frames)
+        if len(batches) != len(self.groups):
             raise DetectorFileError(
-                f"frames must be {self.dtype} (k, {self.frame_shape[0]}, {self.frame_shape[1]}),"
-                f" not {frames.dtype} {frames.shape}"
+                f"{len(batches)} arrays of frames for {len(self.groups)} groups"
             )
-        if len(columns) != count:
-            raise DetectorFileError(f"{count} frames but {len(columns)} rows of frame columns")
+        for spec, batch in zip(self.groups, batches, strict=True):
+            if batch.shape[1:] != spec.frame_shape or batch.dtype != spec.dtype:
+                raise DetectorFileError(
+                    f"frames must be {spec.dtype} (k, {spec.frame_shape[0]}, "
+                    f"{spec.frame_shape[1]}), not {batch.dtype} {batch.shape}"
+                )
+            if len(batch) != len(columns):
+                raise DetectorFileError(
+                    f"{len(batch)} frames but {len(columns)} rows of frame columns"
+                )
+        count = len(columns)
         start = self.frames_written
         if start + count > self.n_frames:
             raise DetectorFileError(
                 f"{start + count} frames written, the file was created for {self.n_frames}"
             )
-        frames = np.ascontiguousarray(frames)
+        for index, batch in enumerate(batches):
+            self._write_data(index, np.ascontiguousarray(batch), start)
+            for name, dataset in self._columns[index].items():
+                dataset[start : start + count, 0] = getattr(columns, name)
+        self.frames_written += count
+
+    def _write_data(self, index: int, frames: npt.NDArray[Any], start: int) -> None:
         if self._pool is not None:
-            buffers = self._chunk_buffers(frames)
+            buffers = self._chunk_buffers(index, frames)
             chunks: Any = self._pool.map(bslz4.compress_chunk_into, frames, buffers)
         else:
             chunks = frames  # an uncompressed chunk is the frame's bytes
-        offset = (0,) * len(self.frame_shape)
-        for index, chunk in enumerate(chunks, start):
-            self._data.id.write_direct_chunk((index, *offset), chunk)
-        for name, dataset in self._columns.items():
-            dataset[start : start + count, 0] = getattr(columns, name)
-        self.frames_written += count
+        offset = (0,) * (frames.ndim - 1)
+        data = self._data[index]
+        for position, chunk in enumerate(chunks, start):
+            data.id.write_direct_chunk((position, *offset), chunk)
 
-    def _chunk_buffers(self, frames: npt.NDArray[Any]) -> list[npt.NDArray[np.uint8]]:
+    def _chunk_buffers(self, index: int, frames: npt.NDArray[Any]) -> list[npt.NDArray[np.uint8]]:
         """One reusable output buffer per frame of the batch (allocated once: fresh memory
         costs a page fault per 4 KiB on first touch)."""
         if len(frames) == 0:
             return []
+        buffers = self._buffers[index]
         bound = bslz4.chunk_bound(frames[0])
-        while len(self._buffers) < len(frames):
-            self._buffers.append(np.empty(bound, dtype=np.uint8))
-        return self._buffers[: len(frames)]
+        while len(buffers) < len(frames):
+            buffers.append(np.empty(bound, dtype=np.uint8))
+        return buffers[: len(frames)]
 
     def close(self) -> None:
         """Finish the file; it must hold every announced frame."""
@@ -207,7 +271,7 @@ class DetectorFileWriter:
     def _shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
-        self._buffers = []
+        self._buffers = [[] for _ in self.groups]
 
     def __enter__(self) -> DetectorFileWriter:
         return self
@@ -280,11 +344,28 @@ class RawDetectorFile:
         """Frames [start, stop) into ``out[: stop - start]`` without an intermediate copy."""
         self.data.read_direct(out, np.s_[start:stop], np.s_[0 : stop - start])
 
+    def read_frames_at(self, indices: npt.NDArray[np.int64], out: npt.NDArray[np.uint16]) -> None:
+        """Frames ``indices`` (increasing) into ``out[: len(indices)]``, one read per run of
+        consecutive frames."""
+        if len(indices) == 0:
+            return
+        breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+        for run in np.split(np.arange(len(indices)), breaks):
+            first, last = int(indices[run[0]]), int(indices[run[-1]]) + 1
+            target = np.s_[int(run[0]) : int(run[-1]) + 1]
+            self.data.read_direct(out, np.s_[first:last], target)
+
     def columns(self, start: int, stop: int) -> FrameColumns:
         """The frame columns of rows [start, stop); a missing requested_pulse_id is pulse_id."""
         values = {name: dataset[start:stop] for name, dataset in self._columns.items()}
         values.setdefault("requested_pulse_id", values["pulse_id"])
         return FrameColumns.from_arrays(**values)
+
+    def column_rows(self, name: str, start: int, stop: int) -> npt.NDArray[Any]:
+        """Rows [start, stop) of one frame column as stored, (k, m): a file written by the
+        facility's writer may hold one value per module (m > 1)."""
+        values: npt.NDArray[Any] = self._columns[name][start:stop]
+        return values.reshape(len(values), -1) if values.size else values.reshape(len(values), 1)
 
     def highgain(self) -> bool:
         """High-gain mode: bit 0 of ``daq_rec`` of the first good frame (False if none is)."""

@@ -1,15 +1,27 @@
-"""`sf-daq-broker convert RAW_FILE OUTPUT_FILE --gain-file G --pedestal-file P [options]`.
+"""`sf-daq-broker convert RAW_FILE OUTPUT_FILE --gain-file G --pedestal-file P
+[--options JSON] [--selected-pulse-ids ID ...] [option flags]`.
 
 Converts a detector file in the raw layout (SPEC §5.4) into the converted layout, streaming in
 batches of frames so memory does not grow with the run. The detector comes from the file, the
-gain mode from its data (bit 0 of ``daq_rec`` of the first good frame); every frame is kept
-with its ``is_good_frame`` flag. The output appears only when complete (temporary name, fsync,
-rename). Errors are one line on stderr, without a traceback, and exit status 1.
+gain mode from its data (bit 0 of ``daq_rec`` of the first good frame). ``--options`` takes a
+request's options object for the detector, checked by the same rules (``retrieval``) and
+written by the same code (``export``, ``events``) as the detector worker; without a selection
+every frame is kept with its ``is_good_frame`` flag. File options about the raw file
+(``keep_raw``, ``remove_raw_files``) do not apply: the raw file is the input and stays.
+
+The option flags are the converter's own knobs (JUNGFRAU.md): with them ``--no-adc-to-energy``
+copies raw values into the converted layout (gaps, masking, geometry), whereas a request's
+``adc_to_energy: false`` means the raw layout, untouched.
+
+The output appears only when complete (temporary name, fsync, rename). Errors are one line on
+stderr, without a traceback, and exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import sys
 import time
@@ -19,11 +31,15 @@ from typing import Any
 import numpy as np
 
 from sf_daq_broker import __version__
+from sf_daq_broker.errors import BadRequest
 from sf_daq_broker.h5.atomic import atomic_output
 from sf_daq_broker.h5.detector import DetectorFileError, DetectorFileWriter, RawDetectorFile
 from sf_daq_broker.jungfrau.converter import Converter
 from sf_daq_broker.jungfrau.errors import ConversionError
+from sf_daq_broker.jungfrau.events import kept_frames, write_crystfel_lists
+from sf_daq_broker.jungfrau.export import Export
 from sf_daq_broker.jungfrau.options import ConversionOptions, parse_module_list
+from sf_daq_broker.retrieval import DetectorOptions, parse_detector_options
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +52,8 @@ def add_parser(subparsers: Any) -> None:
         "convert",
         help="convert a raw Jungfrau file to energy (gain and pedestal correction)",
         description="Convert a Jungfrau file in the raw layout into the converted layout "
-        "(JUNGFRAU.md): gain/pedestal correction, masking, gap pixels, geometry, compression.",
+        "(JUNGFRAU.md): gain/pedestal correction, masking, gap pixels, geometry, compression; "
+        "with --options, exactly as the detector worker does for a request's options.",
     )
     parser.add_argument("raw_file", metavar="RAW_FILE", type=Path)
     parser.add_argument("output_file", metavar="OUTPUT_FILE", type=Path)
@@ -45,42 +62,80 @@ def add_parser(subparsers: Any) -> None:
         "--pedestal-file", required=True, type=Path, help="pedestal file (/gains, /pixel_mask)"
     )
     parser.add_argument(
+        "--options",
+        metavar="JSON",
+        help="a request's options object for this detector, e.g. "
+        '\'{"roi": {"spot": [100, 200, 300, 400]}, "factor": 12.4}\' (SPEC defaults for '
+        "what it leaves out); replaces the option flags below",
+    )
+    parser.add_argument(
+        "--selected-pulse-ids",
+        nargs="+",
+        type=int,
+        default=[],
+        metavar="ID",
+        help="keep only the good frames of these pulses (the request's selected_pulse_ids)",
+    )
+    flags = parser.add_argument_group("option flags (without --options)")
+    flags.add_argument(
         "--no-adc-to-energy",
         dest="adc_to_energy",
         action="store_false",
+        default=None,
         help="keep raw uint16 values (masking, gaps and geometry still apply)",
     )
-    parser.add_argument("--no-mask", dest="mask", action="store_false", help="keep bad pixels")
-    parser.add_argument(
+    flags.add_argument(
+        "--no-mask", dest="mask", action="store_false", default=None, help="keep bad pixels"
+    )
+    flags.add_argument(
         "--no-mask-double-pixels",
         dest="mask_double_pixels",
         action="store_false",
+        default=None,
         help="keep the double-size pixels at chip borders",
     )
-    parser.add_argument("--geometry", action="store_true", help="place modules as mounted")
-    parser.add_argument(
-        "--no-gap-pixels", dest="gap_pixels", action="store_false", help="no gaps between chips"
+    flags.add_argument(
+        "--geometry", action="store_true", default=None, help="place modules as mounted"
     )
-    parser.add_argument("--factor", type=float, help="divide by this factor, round, store int32")
-    parser.add_argument(
+    flags.add_argument(
+        "--no-gap-pixels",
+        dest="gap_pixels",
+        action="store_false",
+        default=None,
+        help="no gaps between chips",
+    )
+    flags.add_argument("--factor", type=float, help="divide by this factor, round, store int32")
+    flags.add_argument(
         "--disabled-modules",
-        default="",
         metavar="LIST",
         help="comma-separated module indices to leave out, e.g. 0,2",
     )
-    parser.add_argument(
+    flags.add_argument(
         "--no-compression",
         dest="compression",
         action="store_false",
+        default=None,
         help="store data uncompressed (default: bitshuffle+LZ4)",
     )
     parser.set_defaults(func=run)
 
 
+FLAGS = (
+    "adc_to_energy",
+    "mask",
+    "mask_double_pixels",
+    "geometry",
+    "gap_pixels",
+    "factor",
+    "disabled_modules",
+    "compression",
+)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         convert(args)
-    except (ConversionError, DetectorFileError) as exc:
+    except (ConversionError, DetectorFileError, BadRequest) as exc:
         print(f"sf-daq-broker convert: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
@@ -89,16 +144,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def convert(args: argparse.Namespace) -> None:
-    options = ConversionOptions(
-        adc_to_energy=args.adc_to_energy,
-        mask=args.mask,
-        mask_double_pixels=args.mask_double_pixels,
-        geometry=args.geometry,
-        gap_pixels=args.gap_pixels,
+def _request_options(args: argparse.Namespace, detector: str) -> DetectorOptions:
+    """The options of ``--options``, validated as a request's (the same rules, messages)."""
+    given = [f"--{flag.replace('_', '-')}" for flag in FLAGS if getattr(args, flag) is not None]
+    if given:
+        raise ConversionError(f"--options replaces the option flags; drop {', '.join(given)}")
+    try:
+        document = json.loads(args.options)
+    except json.JSONDecodeError as exc:
+        raise ConversionError(f"--options is not JSON: {exc}") from None
+    return parse_detector_options(detector, document)
+
+
+def _flag_options(args: argparse.Namespace) -> tuple[ConversionOptions, bool]:
+    """The conversion options and compression of the option flags (JUNGFRAU.md semantics:
+    --no-adc-to-energy copies raw values into the converted layout)."""
+    conversion = ConversionOptions(
+        adc_to_energy=args.adc_to_energy is not False,
+        mask=args.mask is not False,
+        double_pixels="keep" if args.mask_double_pixels is False else "mask",
+        geometry=bool(args.geometry),
+        gap_pixels=args.gap_pixels is not False,
         factor=args.factor,
-        disabled_modules=parse_module_list(args.disabled_modules),
+        disabled_modules=parse_module_list(args.disabled_modules or ""),
     )
+    return conversion, args.compression is not False
+
+
+def convert(args: argparse.Namespace) -> None:
     output: Path = args.output_file
     if output.exists() and output.resolve() == args.raw_file.resolve():
         raise ConversionError(f"{output} is the input file; choose another output file")
@@ -106,61 +179,79 @@ def convert(args: argparse.Namespace) -> None:
         raise ConversionError(f"output directory {output.parent} does not exist")
     started = time.monotonic()
     with RawDetectorFile(args.raw_file) as raw:
-        converter = Converter.from_files(
-            raw.detector, args.gain_file, args.pedestal_file, options, highgain=raw.highgain()
-        )
-        if raw.frame_shape != converter.raw_frame_shape:
-            raise ConversionError(
-                f"{args.raw_file}: frames are {raw.frame_shape}, detector {raw.detector} has "
-                f"{converter.raw_frame_shape}"
+        if args.options is not None:
+            options = _request_options(args, raw.detector)
+            conversion = options.conversion() if options.adc_to_energy else None
+        else:
+            flag_conversion, compression = _flag_options(args)
+            options, conversion = DetectorOptions(compression=compression), flag_conversion
+        options = dataclasses.replace(options, selected_pulse_ids=tuple(args.selected_pulse_ids))
+        converter = None
+        if conversion is not None:
+            converter = Converter.from_files(
+                raw.detector,
+                args.gain_file,
+                args.pedestal_file,
+                conversion,
+                highgain=raw.highgain(),
             )
-        bad_frames = _convert_file(raw, converter, output, compression=args.compression)
+            if raw.frame_shape != converter.raw_frame_shape:
+                raise ConversionError(
+                    f"{args.raw_file}: frames are {raw.frame_shape}, detector {raw.detector} "
+                    f"has {converter.raw_frame_shape}"
+                )
+        export = Export(raw.detector, raw.frame_shape, converter)
+        kept = _convert_file(raw, export, output, options)
         n_frames = raw.n_frames
         raw_bytes = raw.data.nbytes
     elapsed = time.monotonic() - started
     log.info(
-        "%s: %d frames of %s (%d not good, kept and flagged), %s %s, %.1f s (%.2f GB/s raw)",
+        "%s: %d of %d frames of %s kept, %s, %.1f s (%.2f GB/s raw)",
         output,
+        kept,
         n_frames,
-        converter.name.full,
-        bad_frames,
-        converter.dtype,
-        converter.frame_shape,
+        raw.detector,
+        ", ".join(f"{g.name} {g.dtype} {g.frame_shape}" for g in export.groups),
         elapsed,
         raw_bytes / max(elapsed, 1e-9) / 1e9,
     )
 
 
 def _convert_file(
-    raw: RawDetectorFile, converter: Converter, output: Path, *, compression: bool
+    raw: RawDetectorFile, export: Export, output: Path, options: DetectorOptions
 ) -> int:
-    """Stream every frame through the converter into ``output``; returns the bad-frame count."""
+    """Stream the kept frames through ``export`` into ``output``; returns how many."""
+    columns = raw.columns(0, raw.n_frames)
+    keep = kept_frames(
+        columns.pulse_id,
+        columns.daq_rec,
+        columns.is_good_frame,
+        selected_pulse_ids=options.selected_pulse_ids,
+        ppicker_only=options.save_ppicker_events_only,
+    )
+    indices = np.flatnonzero(keep)
+    kept_columns = columns.take(indices)
     frame_bytes = int(np.prod(raw.frame_shape)) * 2
-    batch = max(1, min(raw.n_frames, BATCH_BYTES // frame_bytes))
+    batch = max(1, min(len(indices), BATCH_BYTES // frame_bytes))
     raw_buffer = np.empty((batch, *raw.frame_shape), dtype=np.uint16)
-    out_buffer = converter.empty_output(batch)
+    buffers = export.buffers(batch)
     attributes = {**raw.attributes, "software_version": __version__}
-    bad_frames = 0
     with (
         atomic_output(output) as temporary,
         DetectorFileWriter(
             temporary,
             raw.detector,
-            raw.n_frames,
-            converter.frame_shape,
-            converter.dtype,
-            compression=compression,
+            len(indices),
+            groups=export.groups,
+            compression=options.compression,
             attributes=attributes,
-            pixel_mask=converter.pixel_mask,
-            conversion_factor=converter.conversion_factor,
         ) as writer,
     ):
-        for start in range(0, raw.n_frames, batch):
-            stop = min(start + batch, raw.n_frames)
-            count = stop - start
-            raw.read_frames(start, stop, raw_buffer)
-            converted = converter.convert(raw_buffer[:count], out_buffer[:count])
-            columns = raw.columns(start, stop)
-            bad_frames += int(np.count_nonzero(columns.is_good_frame == 0))
-            writer.write(converted, columns)
-    return bad_frames
+        for start in range(0, len(indices), batch):
+            rows = indices[start : start + batch]
+            raw.read_frames_at(rows, raw_buffer)
+            frames = export.process(raw_buffer[: len(rows)], buffers)
+            writer.write(frames, kept_columns.take(np.arange(start, start + len(rows))))
+    if options.crystfel_lists_laser:
+        write_crystfel_lists(output, kept_columns.daq_rec, kept_columns.is_good_frame)
+    return len(indices)

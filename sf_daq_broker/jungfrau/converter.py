@@ -18,13 +18,19 @@ import numpy.typing as npt
 
 from sf_daq_broker.jungfrau.calibration import Calibration, check_modules, load_calibration
 from sf_daq_broker.jungfrau.detectors import DetectorName, parse_detector_name
-from sf_daq_broker.jungfrau.errors import ConversionError, DetectorError
-from sf_daq_broker.jungfrau.geometry import GeometryTable, default_geometry_table
+from sf_daq_broker.jungfrau.errors import ConversionError
+from sf_daq_broker.jungfrau.geometry import GeometryTable
+from sf_daq_broker.jungfrau.interp import interpolate, interpolation_groups
 from sf_daq_broker.jungfrau.kernel import convert, place
 from sf_daq_broker.jungfrau.layout import Layout, build_layout
-from sf_daq_broker.jungfrau.options import ConversionOptions
+from sf_daq_broker.jungfrau.options import ConversionOptions, check_options
 from sf_daq_broker.jungfrau.plan import Plan, build_plan
-from sf_daq_broker.jungfrau.tables import bad_pixels, gain_tables
+from sf_daq_broker.jungfrau.tables import (
+    GAP_PIXEL_BIT,
+    bad_pixels,
+    gain_tables,
+    reserved_reasons,
+)
 
 
 class Converter:
@@ -42,23 +48,20 @@ class Converter:
         self.options = options or ConversionOptions()
         self.highgain = highgain
         self.name: DetectorName = parse_detector_name(detector)
-        table = geometry_table or default_geometry_table()
-        entry = table.lookup(self.name.base)
-        if entry is not None and entry.is_strip:
-            raise DetectorError(
-                f"{detector} has strip sensors, whose pixel remapping is not supported; "
-                "it cannot be converted (retrieve it with adc_to_energy false)"
-            )
-        if self.options.geometry and entry is None:
-            raise DetectorError(f"no geometry for {self.name.base} in {table.path}")
+        shape, placements, geometry = check_options(detector, self.options, geometry_table)
         check_modules(calibration, detector, self.name.n_modules)
         layout = build_layout(
             self.name.n_modules,
             self.options.active_modules(self.name.n_modules),
             gap_pixels=self.options.gap_pixels,
-            geometry=entry if self.options.geometry else None,
+            geometry=geometry,
         )
+        assert layout.shape == shape
         self._prepare(calibration, layout)
+        self._pairs = self._corners = np.zeros((0, 6), dtype=np.int64)
+        self.interpolates = self.options.adc_to_energy and self.options.double_pixels == "interp"
+        if self.interpolates:
+            self._pairs, self._corners = interpolation_groups(shape, placements)
 
     @classmethod
     def from_files(
@@ -79,16 +82,26 @@ class Converter:
         options = self.options
         source = layout.source.ravel()
         covered = source >= 0
+        # Double-pixel and module-edge masking act only with masking (as mask_double_pixels
+        # did in SPEC): without it the pixel mask shows the pedestal's bad pixels alone.
         bad = bad_pixels(
-            calibration.pixel_mask, mask_double_pixels=options.mask and options.mask_double_pixels
+            calibration.pixel_mask,
+            double_pixels=options.double_pixels if options.masks else "keep",
+            module_edge_pixels=options.module_edge_pixels if options.masks else "keep",
         )
         good_pixels = _in_output_order(~bad, source, fill=False)[0]
         self.frame_shape: tuple[int, int] = layout.shape
         self.pixel_mask: npt.NDArray[np.bool_] = good_pixels.reshape(layout.shape)
-        self._good = good_pixels if options.mask else covered
+        reasons = reserved_reasons(calibration.pixel_mask)
+        #: The reference's ``meta/pixel_mask_reasons``: the stored mask with its reserved bits,
+        #: gap pixels and empty space bit 20, in the output geometry.
+        self.pixel_mask_reasons: npt.NDArray[np.int64] = _in_output_order(
+            reasons, source, fill=GAP_PIXEL_BIT
+        )[0].reshape(layout.shape)
+        self._good = good_pixels if options.masks else covered
         self._plan: Plan = build_plan(layout.source)
         if options.adc_to_energy:
-            tables = gain_tables(calibration, highgain=self.highgain, factor=options.factor)
+            tables = gain_tables(calibration, highgain=self.highgain, factor=options.kernel_factor)
             self._pedestal = _in_output_order(tables.pedestal, source, fill=np.float32(0))
             self._inverse_gain = _in_output_order(tables.inverse_gain, source, fill=np.float32(0))
         else:  # raw values are copied; the kernel never reads the tables
@@ -99,7 +112,7 @@ class Converter:
         """uint16 (raw values), int32 (``factor``) or float32 (energy in keV)."""
         if not self.options.adc_to_energy:
             return np.dtype(np.uint16)
-        return np.dtype(np.int32 if self.options.factor is not None else np.float32)
+        return np.dtype(np.int32 if self.options.kernel_factor is not None else np.float32)
 
     @property
     def raw_frame_shape(self) -> tuple[int, int]:
@@ -152,6 +165,8 @@ class Converter:
                 self._good,
                 self._plan.scratch_size,
             )
+            if self.interpolates:
+                interpolate(out.reshape(out.shape[0], -1), self._pairs, self._corners)
         return out
 
 

@@ -46,19 +46,34 @@ def module_image(module: int, gap_pixels: bool) -> IndexImage:
     return image
 
 
-def build_layout(
+@dataclass(frozen=True)
+class Placement:
+    """Where one module goes: its (rotated) region of the output and its quarter turns."""
+
+    module: int
+    oy: int
+    ox: int
+    height: int
+    width: int
+    turns: int  # counter-clockwise quarter turns of the module image (np.rot90's k)
+
+
+def plan_placements(
     n_modules: int,
     active: list[int],
     *,
     gap_pixels: bool,
     geometry: DetectorGeometry | None,
-) -> Layout:
-    """The output placement; ``geometry`` None stacks the active modules along y."""
-    images = {m: module_image(m, gap_pixels) for m in active}
+) -> tuple[tuple[int, int], list[Placement]]:
+    """Output shape and each active module's placement (JUNGFRAU.md §6), without pixels.
+
+    Cheap (no image is built), so the request validation can check regions of interest
+    against the output shape before anything is converted.
+    """
     msy, msx = GAPPED_MODULE if gap_pixels else (MODULE_ROWS, MODULE_COLUMNS)
     if geometry is None:
-        source = np.concatenate([images[m] for m in active], axis=0)
-        return Layout(shape=(source.shape[0], source.shape[1]), source=source)
+        stacked = [Placement(m, i * msy, 0, msy, msx, 0) for i, m in enumerate(active)]
+        return (len(active) * msy, msx), stacked
     if len(geometry.origin_y) != n_modules:
         raise DetectorError(
             f"the geometry has {len(geometry.origin_y)} modules, the detector {n_modules}"
@@ -66,7 +81,7 @@ def build_layout(
     sy, sx = _output_size(geometry, msy, msx)
     d = geometry.det_rot90
     shape = (sx, sy) if d % 2 else (sy, sx)
-    source = np.full(shape, -1, dtype=np.int64)
+    placements = []
     for module in active:
         oy, ox = geometry.origin_y[module], geometry.origin_x[module]
         if d == 1:
@@ -78,13 +93,38 @@ def build_layout(
         r = (geometry.mod_rot90[module] + d) % 4
         oy, ox = _shift(oy, ox, r, msy, msx)
         h, w = (msy, msx) if r % 2 == 0 else (msx, msy)
-        region = source[oy : oy + h, ox : ox + w]
-        if oy < 0 or ox < 0 or region.shape != (h, w):
+        if oy < 0 or ox < 0 or oy + h > shape[0] or ox + w > shape[1]:
             raise DetectorError(f"the geometry places module {module} outside the image")
+        placements.append(Placement(module, oy, ox, h, w, r))
+    return shape, placements
+
+
+def build_layout(
+    n_modules: int,
+    active: list[int],
+    *,
+    gap_pixels: bool,
+    geometry: DetectorGeometry | None,
+) -> Layout:
+    """The output placement; ``geometry`` None stacks the active modules along y."""
+    shape, placements = plan_placements(n_modules, active, gap_pixels=gap_pixels, geometry=geometry)
+    source = np.full(shape, -1, dtype=np.int64)
+    for place in placements:
+        region = source[place.oy : place.oy + place.height, place.ox : place.ox + place.width]
         if (region >= 0).any():
-            raise DetectorError(f"the geometry places module {module} over another module")
-        region[...] = np.rot90(images[module], k=r)
+            raise DetectorError(f"the geometry places module {place.module} over another module")
+        region[...] = np.rot90(module_image(place.module, gap_pixels), k=place.turns)
     return Layout(shape=shape, source=source)
+
+
+def module_positions(shape: tuple[int, int], place: Placement) -> IndexImage:
+    """Flat output index of every pixel of the module as it was before placement (in its own
+    gapped 514 x 1030, or 512 x 1024, frame): what module-level processing needs to find
+    its pixels in the placed image."""
+    rows = np.arange(place.oy, place.oy + place.height, dtype=np.int64)[:, None]
+    cols = np.arange(place.ox, place.ox + place.width, dtype=np.int64)[None, :]
+    region = rows * shape[1] + cols
+    return np.ascontiguousarray(np.rot90(region, k=-place.turns))
 
 
 def _shift(oy: int, ox: int, r: int, msy: int, msx: int) -> tuple[int, int]:

@@ -21,6 +21,13 @@ from sf_daq_broker.jungfrau.detectors import MODULE_COLUMNS, MODULE_ROWS
 #: Module-local columns and rows of the double-size pixels at chip borders (JUNGFRAU.md §4).
 DOUBLE_PIXEL_COLUMNS = (255, 256, 511, 512, 767, 768)
 DOUBLE_PIXEL_ROWS = (255, 256)
+#: The first and last row and column of every module (raw coordinates).
+EDGE_COLUMNS = (0, MODULE_COLUMNS - 1)
+EDGE_ROWS = (0, MODULE_ROWS - 1)
+#: The reference's reserved pixel-mask bits (UPSTREAM_HEAD §3) and its gap-pixel reason.
+GAP_PIXEL_BIT = np.int64(1 << 20)
+DOUBLE_PIXEL_BIT = np.int64(1 << 21)
+MODULE_EDGE_BIT = np.int64(1 << 22)
 
 Planes = npt.NDArray[np.float32]
 
@@ -50,15 +57,34 @@ def gain_tables(calibration: Calibration, *, highgain: bool, factor: float | Non
     )
 
 
-def bad_pixels(pixel_mask: npt.NDArray[Any], *, mask_double_pixels: bool) -> npt.NDArray[np.bool_]:
+def reserved_reasons(pixel_mask: npt.NDArray[Any]) -> npt.NDArray[np.int64]:
+    """The pedestal mask with the reference's reserved bits (UPSTREAM_HEAD §3): bit 21 on
+    every double pixel, bit 22 on every module-edge pixel; an int64 mask only (a bool mask
+    gets no bits, as in the reference). A new array: the input is never modified."""
+    reasons = pixel_mask.astype(np.int64)
+    if pixel_mask.dtype == np.int64:
+        modules = reasons.reshape(-1, MODULE_ROWS, MODULE_COLUMNS)
+        modules[:, :, DOUBLE_PIXEL_COLUMNS] |= DOUBLE_PIXEL_BIT
+        modules[:, DOUBLE_PIXEL_ROWS, :] |= DOUBLE_PIXEL_BIT
+        modules[:, :, EDGE_COLUMNS] |= MODULE_EDGE_BIT
+        modules[:, EDGE_ROWS, :] |= MODULE_EDGE_BIT
+    return reasons
+
+
+def bad_pixels(
+    pixel_mask: npt.NDArray[Any], *, double_pixels: str = "mask", module_edge_pixels: str = "keep"
+) -> npt.NDArray[np.bool_]:
     """Pixels to leave at 0 (True = bad), in raw coordinates; the input is never modified.
 
-    The reference marks the double pixels in an int64 mask only: with a bool mask it ignores
-    ``mask_double_pixels``, and so do we, to produce the same files.
+    The reserved bits count only when their option masks: bit 21 with double_pixels "mask",
+    bit 22 with module_edge_pixels "mask". So a stored value made only of those bits is a
+    good pixel otherwise, and with a bool mask both options have no effect (as upstream).
     """
-    bad = pixel_mask != 0
-    if mask_double_pixels and pixel_mask.dtype == np.int64:
-        modules = bad.reshape(-1, MODULE_ROWS, MODULE_COLUMNS)
-        modules[:, :, DOUBLE_PIXEL_COLUMNS] = True
-        modules[:, DOUBLE_PIXEL_ROWS, :] = True
+    ignored = np.int64(0)
+    if double_pixels != "mask":
+        ignored |= DOUBLE_PIXEL_BIT
+    if module_edge_pixels != "mask":
+        ignored |= MODULE_EDGE_BIT
+    reasons = reserved_reasons(pixel_mask)
+    bad: npt.NDArray[np.bool_] = (reasons & ~ignored) != 0
     return bad

@@ -149,6 +149,8 @@ class JungfrauFaults:
     - ``incomplete_frames[module]``: pulses written with ``lost_packets`` packets missing:
       ``n_recv_packets = 128 - lost_packets`` and the lost packets' rows zero
       (one packet = 4 rows). ``("*", -1)`` as key applies to every module.
+    - ``event_bits[bit]``: pulses whose ``daq_rec`` has that bit set in every module (the
+      timing system's event flags: 16 laser, 17 darkshot, 18 FEL, 19 pulse picker).
     Files aged out of retention: ``JungfrauBufferWriter.age_out(before_pid)``.
     """
 
@@ -156,6 +158,11 @@ class JungfrauFaults:
     dropped_frames: dict[ModuleKey, PulseSelection] = field(default_factory=dict)
     incomplete_frames: dict[ModuleKey, PulseSelection] = field(default_factory=dict)
     lost_packets: int = 3
+    event_bits: dict[int, PulseSelection] = field(default_factory=dict)
+
+    def event_bits_for(self, pid: int) -> int:
+        """The ``daq_rec`` event bits of pulse ``pid``."""
+        return sum(1 << bit for bit, pulses in self.event_bits.items() if pid in pulses)
 
     def dropped_for(self, module: ModuleKey) -> PulseSelection | None:
         return self.dropped_frames.get(module, self.dropped_frames.get((ALL, -1)))

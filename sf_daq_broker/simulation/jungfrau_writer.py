@@ -323,6 +323,7 @@ class JungfrauBufferWriter:
         header["pulse_id"] = pid
         header["frame_index"] = pid - self.frame_index_origin
         header["daq_rec"] = daq_rec(kind)
+        header["daq_rec"] |= self.faults.event_bits_for(pid)
         header["n_recv_packets"] = packets
         header["module_id"] = module
 

@@ -69,7 +69,8 @@ from sf_daq_broker.h5.detector import DetectorFileWriter, FrameColumns
 from sf_daq_broker.jobs import Job, SourceKind
 from sf_daq_broker.jungfrau.converter import Converter
 from sf_daq_broker.jungfrau.errors import CalibrationError
-from sf_daq_broker.jungfrau.options import ConversionOptions
+from sf_daq_broker.jungfrau.events import kept_frames, selects, write_crystfel_lists
+from sf_daq_broker.jungfrau.export import Export
 from sf_daq_broker.retrieval import DetectorOptions
 from sf_daq_broker.workers.loop import Progress, Source
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
@@ -97,9 +98,64 @@ class _Batch:
 
     count: int
     raw: npt.NDArray[np.uint16]  # (count, n*512, 1024), a view of a reused buffer
-    converted: npt.NDArray[Any]  # what goes into the file (``raw`` itself if not converting)
-    columns: FrameColumns
+    converted: list[npt.NDArray[Any]]  # one array per data group of the file (kept rows)
+    columns: FrameColumns  # every row read
+    kept_columns: FrameColumns  # the rows of ``converted``
     incomplete: npt.NDArray[np.int64]  # (n_modules,) records not complete in this batch
+
+
+@dataclass
+class _Selection:
+    """A selection's outcome over the whole range, from the record headers."""
+
+    keep: npt.NDArray[np.bool_]
+    good: npt.NDArray[np.bool_]
+    incomplete: npt.NDArray[np.int64]  # per module
+
+
+@dataclass
+class _StreamPlan:
+    """What the pipeline reads (every row if the raw file is kept, else the kept rows) and
+    where it writes."""
+
+    pulse_ids: npt.NDArray[np.int64]
+    keep: npt.NDArray[np.bool_] | None  # None: every row
+    export: Export
+    target: Path
+    raw_target: Path | None
+    compression: bool
+
+    @property
+    def read_ids(self) -> npt.NDArray[np.int64]:
+        if self.keep is None or self.raw_target is not None:
+            return self.pulse_ids
+        return self.pulse_ids[self.keep]
+
+    @property
+    def read_kept(self) -> npt.NDArray[np.bool_]:
+        """For each row read, whether the file keeps it."""
+        if self.keep is None or self.raw_target is None:
+            return np.ones(self.read_ids.size, dtype=bool)
+        return self.keep
+
+
+@dataclass
+class _Streamed:
+    """What the pipeline saw: completeness of the rows read, columns of the rows written."""
+
+    all_good: npt.NDArray[np.bool_]
+    incomplete: npt.NDArray[np.int64]
+    daq_rec: npt.NDArray[Any]
+    good: npt.NDArray[Any]
+
+    @classmethod
+    def empty(cls, rows: int, n_modules: int) -> _Streamed:
+        return cls(
+            np.zeros(rows, dtype=bool),
+            np.zeros(n_modules, dtype=np.int64),
+            np.zeros(0, dtype=np.uint32),
+            np.zeros(0, dtype=np.uint8),
+        )
 
 
 class DetectorSource(Source):
@@ -165,19 +221,27 @@ class DetectorSource(Source):
                 self.buffer_root / detector,
             )
         await asyncio.to_thread(self._check_retention, reader, job, missing_modules)
+        selection = None
+        if selects(options.selected_pulse_ids, options.save_ppicker_events_only):
+            selection = await asyncio.to_thread(self._select, reader, pulse_ids, options)
+            _log_selection(job_log, detector, options, pulse_ids, selection)
         converter = None
         if options.adc_to_energy:
             converter = await asyncio.to_thread(self._converter, reader, pulse_ids, options)
+        export = Export(detector, _raw_shape(reader), converter)
+        if converter is not None:
             job_log.info(
-                "%s: converting to %s %s%s, %s",
+                "%s: converting to %s, %s",
                 detector,
-                converter.dtype,
-                converter.frame_shape,
-                ", high-gain mode" if converter.highgain else "",
+                _describe(converter, export),
                 "bitshuffle+LZ4" if options.compression else "uncompressed",
             )
-        keep_raw = options.keep_raw and converter is not None
-        if options.keep_raw and converter is None:
+        kept = int(selection.keep.sum()) if selection is not None else int(pulse_ids.size)
+        # The raw file is kept if asked (or if the selection kept nothing: nothing is lost);
+        # without conversion or selection the file is the raw file already.
+        raw_differs = converter is not None or selection is not None
+        keep_raw = (options.keep_raw or kept == 0) and raw_differs
+        if options.keep_raw and not raw_differs:
             job_log.info("keep_raw: the file is the raw file already (adc_to_energy false)")
         raw_final = raw_data_file(job) if keep_raw else None
         started = time.monotonic()
@@ -185,10 +249,16 @@ class DetectorSource(Source):
         if raw_final is not None:
             await asyncio.to_thread(raw_final.parent.mkdir, parents=True, exist_ok=True)
             raw_target = temporary_name(raw_final)
+        plan = _StreamPlan(
+            pulse_ids,
+            None if selection is None else selection.keep,
+            export,
+            target,
+            raw_target,
+            options.compression,
+        )
         try:
-            incomplete, good = await self._stream(
-                reader, job, options, converter, pulse_ids, target, raw_target, progress
-            )
+            streamed = await self._stream(reader, job, plan, progress)
             if raw_final is not None and raw_target is not None:
                 # fsync of gigabytes and a rename: not on the event loop
                 await asyncio.to_thread(publish_file, raw_target, raw_final)
@@ -197,27 +267,68 @@ class DetectorSource(Source):
                 raw_target.unlink(missing_ok=True)
             raise
         elapsed = time.monotonic() - started
-        raw_bytes = pulse_ids.size * reader.n_modules * fmt.MODULE_ROWS * fmt.MODULE_COLS * 2
+        raw_bytes = plan.read_ids.size * _raw_frame_bytes(reader)
         job_log.info(
-            "%s: %d frames in %.1f s (%.0f frames/s, %.2f GB/s of raw frames)%s",
+            "%s: %d frames read, %d written in %.1f s (%.0f frames/s, %.2f GB/s of raw frames)%s",
             detector,
-            pulse_ids.size,
+            plan.read_ids.size,
+            kept,
             elapsed,
-            pulse_ids.size / max(elapsed, 1e-9),
+            plan.read_ids.size / max(elapsed, 1e-9),
             raw_bytes / max(elapsed, 1e-9) / 1e9,
             f", raw file kept as {raw_final}" if raw_final is not None else "",
         )
+        if options.crystfel_lists_laser:
+            lists = await asyncio.to_thread(
+                write_crystfel_lists, Path(job.output_file), streamed.daq_rec, streamed.good
+            )
+            job_log.info("%s: CrystFEL lists %s", detector, ", ".join(map(str, lists)) or "none")
+        incomplete, good = (
+            (selection.incomplete, selection.good)
+            if selection is not None
+            else (streamed.incomplete, streamed.all_good)
+        )
         expected = beam_pulses(job.requested_start, job.requested_stop, job.rate_multiplicator)
+        extra: dict[str, Any] = {"frames_written": kept}
+        if selection is not None:
+            extra["frames_selected"] = kept
         report = NameReport.judge(
             detector,
             expected,
             pulse_ids[good],
-            frames_written=int(pulse_ids.size),
+            **extra,
             bad_frames=int(pulse_ids.size - np.count_nonzero(good)),
             bad_frames_per_module=[int(n) for n in incomplete],
             missing_modules=missing_modules,
         )
         return CompletenessReport(names=[report])
+
+    def _select(
+        self,
+        reader: JungfrauBufferReader,
+        pulse_ids: npt.NDArray[np.int64],
+        options: DetectorOptions,
+    ) -> _Selection:
+        """Which rows a selection keeps, from the record headers of the whole range (also the
+        completeness of the rows that will not be read again)."""
+        step = max(1, self.batch_bytes // _raw_frame_bytes(reader))
+        keep = np.zeros(pulse_ids.size, dtype=bool)
+        good = np.zeros(pulse_ids.size, dtype=bool)
+        incomplete = np.zeros(reader.n_modules, dtype=np.int64)
+        for first in range(0, pulse_ids.size, step):
+            headers = reader.read(pulse_ids[first : first + step], missing="flag", pixels=False)
+            columns = frame_columns(headers)
+            rows = slice(first, first + len(headers))
+            good[rows] = headers.is_good_frame()
+            incomplete += (~headers.complete()).sum(axis=0)
+            keep[rows] = kept_frames(
+                columns.pulse_id,
+                columns.daq_rec,
+                columns.is_good_frame,
+                selected_pulse_ids=options.selected_pulse_ids,
+                ppicker_only=options.save_ppicker_events_only,
+            )
+        return _Selection(keep, good, incomplete)
 
     def _hook(self, detector: str, pulse_ids: np.ndarray) -> None:
         """The configured ``before_read``, with its failures as transient buffer errors."""
@@ -322,12 +433,11 @@ class DetectorSource(Source):
                 f"{detector}: no gain_file and pedestal_file configured in {self.config_source} "
                 "(detectors section): cannot convert; ask for adc_to_energy false to get raw data"
             )
-        conversion = ConversionOptions.from_mapping(options.to_json())
         return Converter.from_files(
             detector,
             files.gain_file,
             files.pedestal_file,
-            conversion,
+            options.conversion(),
             highgain=self._highgain(reader, pulse_ids),
         )
 
@@ -342,70 +452,64 @@ class DetectorSource(Source):
         return False
 
     async def _stream(
-        self,
-        reader: JungfrauBufferReader,
-        job: Job,
-        options: DetectorOptions,
-        converter: Converter | None,
-        pulse_ids: npt.NDArray[np.int64],
-        target: Path,
-        raw_target: Path | None,
-        progress: Progress,
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
-        """The pipeline; returns incomplete records per module and the good-frame mask."""
-        count = int(pulse_ids.size)
-        raw_shape = (reader.n_modules * fmt.MODULE_ROWS, fmt.MODULE_COLS)
+        self, reader: JungfrauBufferReader, job: Job, plan: _StreamPlan, progress: Progress
+    ) -> _Streamed:
+        """The pipeline over the rows to read: the kept ones go through ``plan.export``
+        into ``plan.target``, all of them into ``plan.raw_target`` if given."""
+        read_ids, read_kept, export = plan.read_ids, plan.read_kept, plan.export
+        count = int(read_ids.size)
+        raw_shape = _raw_shape(reader)
         batch = max(1, min(count, self.batch_bytes // _raw_frame_bytes(reader)))
         raw_buffers = [np.empty((batch, *raw_shape), dtype=np.uint16) for _ in range(2)]
-        out_buffers = [converter.empty_output(batch) for _ in range(2)] if converter else []
-        incomplete = np.zeros(reader.n_modules, dtype=np.int64)
-        good = np.zeros(count, dtype=bool)
+        out_buffers = [export.buffers(batch) for _ in range(2)]
+        streamed = _Streamed.empty(count, reader.n_modules)
+        written: list[FrameColumns] = []
         attributes = provenance(job)
 
         def prepare(index: int) -> _Batch:
             first = index * batch
-            pids = pulse_ids[first : first + batch]
+            pids = read_ids[first : first + batch]
             frames = reader.read(pids, out=raw_buffers[index % 2], missing="flag")
-            raw = frames.data
-            converted = raw
-            if converter is not None:
-                converted = converter.convert(raw, out_buffers[index % 2][: len(pids)])
-            complete = frames.complete()
-            good[first : first + len(pids)] = frames.is_good_frame()
-            return _Batch(len(pids), raw, converted, frame_columns(frames), (~complete).sum(axis=0))
+            streamed.all_good[first : first + len(pids)] = frames.is_good_frame()
+            columns = frame_columns(frames)
+            kept = read_kept[first : first + len(pids)]
+            rows = frames.data if kept.all() else frames.data[kept]
+            return _Batch(
+                len(pids),
+                frames.data,
+                export.process(rows, out_buffers[index % 2]),
+                columns,
+                columns.take(np.flatnonzero(kept)),
+                (~frames.complete()).sum(axis=0),
+            )
 
-        writers: list[DetectorFileWriter] = []
         with contextlib.ExitStack() as stack:
             writer = stack.enter_context(
                 DetectorFileWriter(
-                    target,
+                    plan.target,
                     job.source,
-                    count,
-                    converter.frame_shape if converter else raw_shape,
-                    converter.dtype if converter else np.uint16,
-                    compression=options.compression,
+                    int(read_kept.sum()),
+                    groups=export.groups,
+                    compression=plan.compression,
                     attributes=attributes,
-                    pixel_mask=converter.pixel_mask if converter else None,
-                    conversion_factor=converter.conversion_factor if converter else None,
                 )
             )
-            writers.append(writer)
             raw_writer = None
-            if raw_target is not None:
+            if plan.raw_target is not None:
                 raw_writer = stack.enter_context(
                     DetectorFileWriter(
-                        raw_target,
+                        plan.raw_target,
                         job.source,
                         count,
                         raw_shape,
                         np.uint16,
-                        compression=options.compression,
+                        compression=plan.compression,
                         attributes=attributes,
                     )
                 )
 
             def write(item: _Batch) -> None:
-                writer.write(item.converted, item.columns)
+                writer.write(item.converted, item.kept_columns)
                 if raw_writer is not None:
                     raw_writer.write(item.raw, item.columns)
 
@@ -422,14 +526,18 @@ class DetectorSource(Source):
                     if index + 1 < n_batches:
                         pending = asyncio.ensure_future(asyncio.to_thread(prepare, index + 1))
                     await asyncio.to_thread(write, item)
-                    incomplete += item.incomplete
+                    streamed.incomplete += item.incomplete
+                    written.append(item.kept_columns)
                     done += item.count
                     await progress.update(done)
             finally:
                 if pending is not None:  # let the reading thread finish before the buffers go
                     with contextlib.suppress(BaseException):
                         await asyncio.shield(pending)
-        return incomplete, good
+        if written:
+            streamed.daq_rec = np.concatenate([c.daq_rec for c in written])
+            streamed.good = np.concatenate([c.is_good_frame for c in written])
+        return streamed
 
 
 def frame_columns(frames: DetectorFrames) -> FrameColumns:
@@ -460,6 +568,52 @@ def raw_data_file(job: Job) -> Path:
     raw_dir = Path(job.run_info_file).parents[2]
     relative = Path(job.output_file).relative_to(raw_dir)
     return raw_dir / RAW_DATA / relative
+
+
+def _raw_shape(reader: JungfrauBufferReader) -> tuple[int, int]:
+    return (reader.n_modules * fmt.MODULE_ROWS, fmt.MODULE_COLS)
+
+
+def _describe(converter: Converter, export: Export) -> str:
+    text = ", ".join(f"{g.name} {g.dtype} {g.frame_shape}" for g in export.groups)
+    if converter.highgain:
+        text += ", high-gain mode"
+    if converter.options.double_pixels == "interp":
+        text += ", double pixels interpolated"
+    if converter.options.downsample:
+        n, m = converter.options.downsample
+        text += f", downsampled {n}x{m} from {converter.frame_shape}"
+    return text
+
+
+def _log_selection(
+    job_log: logging.Logger,
+    detector: str,
+    options: DetectorOptions,
+    pulse_ids: npt.NDArray[np.int64],
+    selection: _Selection,
+) -> None:
+    kept = int(selection.keep.sum())
+    reasons = []
+    if options.selected_pulse_ids:
+        inside = np.isin(np.asarray(options.selected_pulse_ids), pulse_ids).sum()
+        reasons.append(
+            f"{len(options.selected_pulse_ids)} selected pulse ids ({inside} in the range)"
+        )
+    if options.save_ppicker_events_only:
+        reasons.append("pulse-picker events only")
+    job_log.info(
+        "%s: keeping %d of %d frames (good frames, %s)",
+        detector,
+        kept,
+        pulse_ids.size,
+        " and ".join(reasons),
+    )
+    if kept == 0:
+        job_log.warning(
+            "%s: the selection keeps no frame: the file is empty and the raw file is kept",
+            detector,
+        )
 
 
 def _raw_frame_bytes(reader: JungfrauBufferReader) -> int:

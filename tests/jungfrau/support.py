@@ -18,14 +18,15 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def shared_testdata() -> Path:
+def shared_testdata(name: str = "jungfrau") -> Path:
+    """``jungfrau`` (SPEC options) or ``jungfrau_next`` (upstream HEAD options, pedestals)."""
     shared = Path(os.environ.get("SF_DAQ_SHARED_DIR") or REPO_ROOT.parent / "shared")
-    return shared / "testdata" / "jungfrau"
+    return shared / "testdata" / name
 
 
-def require_testdata() -> Path:
+def require_testdata(name: str = "jungfrau") -> Path:
     """The reference vector directory, or skip (fail under CI) when it is missing."""
-    directory = shared_testdata()
+    directory = shared_testdata(name)
     if not (directory / "manifest.json").is_file():
         reason = f"Jungfrau reference vectors not found in {directory} (set SF_DAQ_SHARED_DIR)"
         if os.environ.get("CI"):

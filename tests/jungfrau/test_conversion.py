@@ -17,7 +17,7 @@ def _single(gain: float, pedestal: float, factor: float | None, raws: list[int])
     calibration = Calibration.from_arrays(
         np.full((4, H, W), gain), np.full((3, H, W), pedestal), np.zeros((H, W), np.int64)
     )
-    options = ConversionOptions(factor=factor, gap_pixels=False, mask_double_pixels=False)
+    options = ConversionOptions(factor=factor, gap_pixels=False, double_pixels="keep")
     raw = np.zeros((1, H, W), np.uint16)
     raw[0, 0, : len(raws)] = raws
     out = Converter("JF13T01V01", calibration, options).convert(raw)
@@ -129,7 +129,7 @@ def test_pixel_mask_does_not_depend_on_mask_option_except_double_pixels() -> Non
     gain, pedestal, mask = random_calibration(1)
     calibration = Calibration.from_arrays(gain, pedestal, mask)
     unmasked = Converter("JF13T01V01", calibration, ConversionOptions(mask=False)).pixel_mask
-    plain = Converter("JF13T01V01", calibration, ConversionOptions(mask_double_pixels=False))
+    plain = Converter("JF13T01V01", calibration, ConversionOptions(double_pixels="keep"))
     np.testing.assert_array_equal(unmasked, plain.pixel_mask)
     assert not unmasked[0, 256] and not unmasked[0, 773] and not unmasked[257, 0]  # gaps
     assert unmasked[0, 255] == (mask[0, 255] == 0)  # a double pixel, kept
