@@ -181,6 +181,12 @@ class StatusStore:
             ).fetchall()
         return [_job_view(row) for row in rows]
 
+    def job_status(self, job_id: str) -> dict[str, Any] | None:
+        """One job by its id (a pedestal, which has no run number), None if unknown."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return _job_view(row) if row is not None else None
+
     def state_counts(self) -> dict[tuple[str, str], int]:
         """Number of jobs per (source kind, state), for /metrics."""
         with self._lock:

@@ -381,7 +381,9 @@ async def test_running_detectors_from_latest_age(
     status, reply = await call(client, "GET", "/get_running_detectors")
     assert status == 200
     assert reply["running_detectors"] == ["JF13T01V01"]
-    assert reply["limping_detectors"] == ["JF07T03V01"]
+    assert reply["detectors"] == ["JF13T01V01"]  # upstream's older key
+    # upstream's shape: the modules whose LATEST is stale
+    assert reply["limping_detectors"] == {"JF07T03V01": {"missing_modules": [2]}}
     assert reply["missing_detectors"] == [
         "JF01T03V01",
         "JF03T01V02",

@@ -1,0 +1,233 @@
+"""The pedestal worker: one ``/take_pedestal`` from the detectors to the installed pedestal.
+
+For the job's detectors, together: the gain-stage procedure (``pedestals.procedure``: the
+detectors are switched through G0, G1, G2 — or pedestal mode — and always brought back to
+their settings), then per detector:
+
+1. the pedestal's range is retrieved from the Jungfrau buffer as a raw file
+   ``<name>.<DET>.h5`` (the detector worker's own streaming, ``adc_to_energy`` false, the
+   beam pulses of the range at the request's rate);
+2. the pedestal file ``<name>.<DET>.res.h5`` is computed from it
+   (``jungfrau.pedestal.compute_pedestal``; a result without a good pixel is written, then the
+   job fails with the reason);
+3. it is installed as the detector's newest pedestal (``pedestals.store``): runs accepted from
+   then on convert with it.
+
+The job's own file is ``<name>.json``: the request as the broker recorded it, with the
+``result`` added (range, files, frames per gain stage, good pixels). Progress is announced per
+step ("gain stage G1: 400 of 1000", "JF07T32V01: retrieving …", "… computing …").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sf_daq_broker.bookkeeping.atomic import dump_json, partial_path, publish_file
+from sf_daq_broker.config import Settings
+from sf_daq_broker.detector_control.interface import DetectorConnector, PedestalMode
+from sf_daq_broker.jobs import Job, SourceKind
+from sf_daq_broker.pedestals.procedure import (
+    PedestalError,
+    Plan,
+    Procedure,
+    PulseIdSource,
+    PulseMapPulseIds,
+)
+from sf_daq_broker.pedestals.store import install_pedestal
+from sf_daq_broker.retrieval import DetectorOptions, beam_pulse_bounds
+from sf_daq_broker.workers.detector_source import DetectorSource
+from sf_daq_broker.workers.loop import Progress, Source
+from sf_daq_broker.workers.report import CompletenessReport, NameReport
+
+
+class _Stages:
+    """The procedure's progress as the job's: one phase per gain stage."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._phases: dict[str, Progress] = {}
+
+    async def stage(self, phase: str, done: int, total: int) -> None:
+        if phase not in self._phases:
+            self._phases[phase] = self._progress.for_phase(phase, total)
+        await self._phases[phase].update(done)
+
+
+class PedestalSource(Source):
+    kind = SourceKind.PEDESTAL
+
+    def __init__(
+        self,
+        detectors: DetectorSource,
+        connector: DetectorConnector | None,
+        pulse_ids: Callable[[], PulseIdSource],
+        *,
+        config_source: str = "the configuration",
+        poll_s: float = 0.1,
+    ) -> None:
+        self.detectors = detectors
+        self.connector = connector
+        self.pulse_ids = pulse_ids
+        self.config_source = config_source
+        self.poll_s = poll_s
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PedestalSource:
+        from sf_daq_broker.api.detector_handlers import connector_from_settings
+
+        url = settings.buffers.databuffer_url
+        return cls(
+            DetectorSource.from_settings(settings),
+            connector_from_settings(settings),
+            lambda: PulseMapPulseIds(url),
+            config_source=settings.source,
+        )
+
+    async def retrieve(
+        self, job: Job, target: Path, progress: Progress, job_log: logging.Logger
+    ) -> CompletenessReport:
+        if self.connector is None:
+            raise PedestalError(
+                f"this worker has no detector control (detector_control.url in "
+                f"{self.config_source}): it cannot take pedestals"
+            )
+        options = job.options
+        plan = Plan(
+            rate=job.rate_multiplicator,
+            pedestalmode=bool(options["pedestalmode"]),
+            frames_per_stage=int(options["frames_per_stage"]),
+            mode=PedestalMode(int(options["mode_frames"]), int(options["mode_loops"])),
+            settle_s=float(options["settle_s"]),
+            poll_s=self.poll_s,
+        )
+        connector = self.connector
+        controls = [connector(name) for name in job.names]
+        job_log.info(
+            "pedestal %s of %s (%s), rate 1/%d, %s",
+            options["name"],
+            ", ".join(job.names),
+            job.pgroup,
+            job.rate_multiplicator,
+            "pedestal mode" if plan.pedestalmode else f"{plan.frames_per_stage} frames per stage",
+        )
+        procedure = Procedure(
+            controls, self.pulse_ids(), plan, Path(options["pedestal_root"]), job_log
+        )
+        start, stop = await procedure.run(_Stages(progress))
+        bounds = beam_pulse_bounds(start, stop, job.rate_multiplicator)
+        if bounds is None:
+            raise PedestalError(f"no beam pulse between {start} and {stop}")
+        job_log.info("pedestal frames: pulses %d-%d", *bounds)
+        reports: list[NameReport] = []
+        results: dict[str, Any] = {}
+        for detector in job.names:
+            files = options["detectors"][detector]
+            report = await self._retrieve_raw(job, detector, bounds, files, progress, job_log)
+            summary = await self._compute(detector, files, progress, job_log)
+            installed = await asyncio.to_thread(
+                install_pedestal, Path(files["result_file"]), Path(files["installed_file"])
+            )
+            job_log.info("%s: pedestal installed as %s", detector, installed)
+            report.extra.update(
+                pedestal=files["result_file"],
+                frames_per_stage=summary["stage_frames"],
+                good_pixels=summary["good_pixels"],
+            )
+            reports.append(report)
+            results[detector] = {
+                **{key: files[key] for key in ("raw_file", "result_file", "installed_file")},
+                **summary,
+            }
+        record = await asyncio.to_thread(_read_record, Path(job.run_info_file))
+        record["result"] = {
+            "start_pulse_id": bounds[0],
+            "stop_pulse_id": bounds[1],
+            "detectors": results,
+        }
+        await asyncio.to_thread(target.write_bytes, dump_json(record))
+        return CompletenessReport(names=reports)
+
+    async def _retrieve_raw(
+        self,
+        job: Job,
+        detector: str,
+        bounds: tuple[int, int],
+        files: dict[str, Any],
+        progress: Progress,
+        job_log: logging.Logger,
+    ) -> NameReport:
+        """The pedestal's frames of one detector into its raw file (the detector worker's
+        streaming, raw layout)."""
+        raw_file = Path(files["raw_file"])
+        frames = (bounds[1] - bounds[0]) // job.rate_multiplicator + 1
+        sub_job = dataclasses.replace(
+            job,
+            kind=SourceKind.DETECTOR,
+            source=detector,
+            names=(detector,),
+            start_pulse_id=bounds[0],
+            stop_pulse_id=bounds[1],
+            requested_start=bounds[0],
+            requested_stop=bounds[1],
+            output_file=str(raw_file),
+            options=DetectorOptions(adc_to_energy=False, compression=True).to_json(),
+            pedestal_file=None,
+        )
+        temporary = partial_path(raw_file, "pedestal")
+        try:
+            report = await self.detectors.retrieve(
+                sub_job, temporary, progress.for_phase(f"{detector}: retrieving", frames), job_log
+            )
+            await asyncio.to_thread(publish_file, temporary, raw_file)
+        finally:
+            await asyncio.to_thread(temporary.unlink, missing_ok=True)
+        return report.names[0]
+
+    async def _compute(
+        self, detector: str, files: dict[str, Any], progress: Progress, job_log: logging.Logger
+    ) -> dict[str, Any]:
+        from sf_daq_broker.jungfrau.pedestal import compute_pedestal
+
+        loop = asyncio.get_running_loop()
+        phase = progress.for_phase(f"{detector}: computing", 1)
+
+        def report(done: int, total: int) -> None:
+            asyncio.run_coroutine_threadsafe(phase.update(done, total), loop)
+
+        summary = await asyncio.to_thread(
+            compute_pedestal,
+            Path(files["raw_file"]),
+            Path(files["result_file"]),
+            number_bad_modules=int(files["number_bad_modules"]),
+            progress=report,
+        )
+        job_log.info(
+            "%s: pedestal %s: %d of %d pixels good, frames per stage %s",
+            detector,
+            files["result_file"],
+            summary.good_pixels,
+            summary.pixels,
+            summary.stage_frames,
+        )
+        return {
+            "frames": summary.frames,
+            "good_frames": summary.good_frames,
+            "stage_frames": dict(summary.stage_frames),
+            "highgain_frames": summary.highgain_frames,
+            "good_pixels": summary.good_pixels,
+            "bad_pixels": summary.bad_pixels,
+        }
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
