@@ -94,6 +94,7 @@ class Plan:
     mode: PedestalMode
     settle_s: float
     poll_s: float = 0.1
+    stall_s: float = STALL_SECONDS
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,9 @@ class Procedure:
         self.plan = plan
         self.pedestal_root = pedestal_root
         self.log = log
+        #: In pedestal mode, after ``run``: the frames each detector took (the rest of the
+        #: range has none).
+        self.mode_frames: int | None = None
 
     async def run(self, progress: StageProgress) -> tuple[int, int]:
         """Take the frames; returns the first and last pulse id of the pedestal."""
@@ -176,15 +180,17 @@ class Procedure:
         frames = await self._all("pedestal mode on", lambda c: c.enable_pedestal_mode(plan.mode))
         start = await self.pulse_ids.current_pulse_id()
         await self._all("start", lambda c: c.start())
-        total = max(frames)
+        # The frames start after the start command: count them from a pulse read after it.
+        begin = await self.pulse_ids.current_pulse_id()
+        total = self.mode_frames = max(frames)
         self.log.info(
             "pedestal mode (%d frames x %d loops): %d frames from pulse %d",
             plan.mode.frames,
             plan.mode.loops,
             total,
-            start,
+            begin,
         )
-        await self._wait_frames("pedestal mode", start, total, progress)
+        await self._wait_frames("pedestal mode", begin, total, progress)
         stop = await self.pulse_ids.current_pulse_id()
         return start, stop
 
@@ -217,14 +223,16 @@ class Procedure:
             except BufferClientError as exc:
                 current = last_seen
                 self.log.warning("%s: pulse id not read (%s)", phase, exc)
-            await progress.stage(phase, min(frames, max(0, current - begin) // rate), frames)
+            done = min(frames, max(0, current - begin) // rate)
+            self.log.debug("%s: pulse %d, %d of %d frames", phase, current, done, frames)
+            await progress.stage(phase, done, frames)
             if current >= target:
                 return
             if current != last_seen:
                 last_seen, last_change = current, time.monotonic()
-            elif time.monotonic() - last_change > STALL_SECONDS:
+            elif time.monotonic() - last_change > self.plan.stall_s:
                 raise PedestalError(
-                    f"{phase}: the pulse id stayed at {current} for {STALL_SECONDS:.0f} s "
+                    f"{phase}: the pulse id stayed at {current} for {self.plan.stall_s:g} s "
                     f"(pulse map {getattr(self.pulse_ids, 'url', '?')}): is the machine running?"
                 )
             await asyncio.sleep(self.plan.poll_s)  # following the machine's clock

@@ -55,6 +55,9 @@ class Api1Config(ServerConfig):
 
 class ArchiverConfig(ServerConfig):
     pvs: list[PvSpec] = []
+    #: Record exactly the PVs of the EPICS buffer's lists in this directory
+    #: (``sf.{beamline}.epics_buffer.json``, written by the broker's /set_pvlist).
+    pv_list_dir: Path | None = None
 
 
 class JungfrauConfig(_Strict):

@@ -50,7 +50,9 @@ class Simulation:
         )
         self.databuffer = _api1_buffer(config.databuffer, self.clock, "data buffer")
         self.imagebuffer = _api1_buffer(config.imagebuffer, self.clock, "image buffer")
-        self.archiver = SimulatedArchiver(config.archiver.pvs, self.clock)
+        self.archiver = SimulatedArchiver(
+            config.archiver.pvs, self.clock, pv_list_dir=config.archiver.pv_list_dir
+        )
         self.jungfrau = JungfrauBufferWriter(
             config.jungfrau.buffer_root,
             config.jungfrau.detectors,

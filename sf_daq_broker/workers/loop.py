@@ -155,6 +155,27 @@ class _JobLog:
             self._handler.close()
 
 
+def _announce(job: Job, redelivered: bool, job_log: logging.Logger) -> None:
+    """The job log's first line: what is to be done."""
+    again = ", delivered again" if redelivered else ""
+    if job.kind is SourceKind.PEDESTAL:  # no run and no range yet: the source says more
+        job_log.info("pedestal job of %s (%s)%s", ", ".join(job.names), job.pgroup, again)
+        return
+    job_log.info(
+        "%s of run %d (%s): %d names, pulses %d-%d (requested %d-%d, rate 1/%d)%s",
+        job.source,
+        job.run_number,
+        job.pgroup,
+        len(job.names),
+        job.start_pulse_id,
+        job.stop_pulse_id,
+        job.requested_start,
+        job.requested_stop,
+        job.rate_multiplicator,
+        again,
+    )
+
+
 class Worker:
     def __init__(
         self,
@@ -200,19 +221,7 @@ class Worker:
 
     async def _handle(self, source: Source, delivery: JobDelivery, job_log: logging.Logger) -> None:
         job = delivery.job
-        job_log.info(
-            "%s of run %d (%s): %d names, pulses %d-%d (requested %d-%d, rate 1/%d)%s",
-            job.source,
-            job.run_number,
-            job.pgroup,
-            len(job.names),
-            job.start_pulse_id,
-            job.stop_pulse_id,
-            job.requested_start,
-            job.requested_stop,
-            job.rate_multiplicator,
-            ", delivered again" if delivery.redelivered else "",
-        )
+        _announce(job, delivery.redelivered, job_log)
         lease = JobLease(job, self.lease)
         settled = await self._acquire(lease, delivery, job_log)
         if settled:

@@ -130,6 +130,8 @@ class PedestalSource(Source):
             files = options["detectors"][detector]
             report = await self._retrieve_raw(job, detector, bounds, files, progress, job_log)
             summary = await self._compute(detector, files, progress, job_log)
+            if procedure.mode_frames is not None:
+                report = _judged_by_mode(report, procedure.mode_frames, summary["good_frames"])
             installed = await asyncio.to_thread(
                 install_pedestal, Path(files["result_file"]), Path(files["installed_file"])
             )
@@ -223,6 +225,20 @@ class PedestalSource(Source):
             "good_pixels": summary.good_pixels,
             "bad_pixels": summary.bad_pixels,
         }
+
+
+def _judged_by_mode(report: NameReport, taken: int, good: int) -> NameReport:
+    """In pedestal mode the range also holds pulses before the detector started and after its
+    last frame: completeness is the frames it took, found good."""
+    found = min(taken, good)
+    return dataclasses.replace(
+        report,
+        expected=taken,
+        found=found,
+        missing=taken - found,
+        missing_pulse_ids=[],
+        unit="pedestal-mode frames",
+    )
 
 
 def _read_record(path: Path) -> dict[str, Any]:
