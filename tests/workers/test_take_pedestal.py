@@ -119,7 +119,11 @@ async def system(
             "jungfrau_control_url": simulation.addresses["control"],
         },
         detectors={
-            DETECTOR: {"beamline": "bernina", "gain_file": str(gain), "pedestal_file": str(pedestal)}
+            DETECTOR: {
+                "beamline": "bernina",
+                "gain_file": str(gain),
+                "pedestal_file": str(pedestal),
+            }
         },
         detector_control={"url": simulation.addresses["control"]},
         pedestals={
@@ -180,15 +184,16 @@ async def events_of(events: StatusSubscription, source: str, until: Action) -> l
 async def test_a_pedestal_recovers_the_true_pedestals_and_the_next_run_uses_it(
     system: System, caplog: pytest.LogCaptureFixture
 ) -> None:
-    status, before = await system.call("GET", "/get_detector_settings", params={
-        "detector_name": DETECTOR
-    })
+    status, before = await system.call(
+        "GET", "/get_detector_settings", params={"detector_name": DETECTOR}
+    )
     assert status == 200
     done = await system.pedestal(run_log_level="debug")
     assert done["state"] == "done", done
     name = done["pedestal"]
     reply = done["reply"]
-    assert reply["message"] == f"request to take pedestal sent, wait at least {3 * 16 / 100 + 10:g} seconds"
+    # 3 stages of 16 frames at 100 Hz, plus 10 s (upstream's estimate)
+    assert reply["message"] == "request to take pedestal sent, wait at least 10.48 seconds"
     directory = system.raw_dir / "JF_pedestals"
     raw_file = directory / f"{name}.{DETECTOR}.h5"
     result_file = directory / f"{name}.{DETECTOR}.res.h5"
@@ -234,13 +239,18 @@ async def test_a_pedestal_recovers_the_true_pedestals_and_the_next_run_uses_it(
     result = done["result"]
     assert result["start_pulse_id"] == int(pids[0]) and result["stop_pulse_id"] == int(pids[-1])
     assert result["detectors"][DETECTOR]["stage_frames"] == {
-        "G0": counts[0], "G1": counts[1], "G2": counts[3]
+        "G0": counts[0],
+        "G1": counts[1],
+        "G2": counts[3],
     }
     assert result["detectors"][DETECTOR]["good_pixels"] == 512 * 1024 - constant.sum()
     record = json.loads((directory / f"{name}.json").read_text())
     assert record["result"] == result
     assert {key: record[key] for key in ("pgroup", "beamline", "pedestal", "run_log_level")} == {
-        "pgroup": "p12345", "beamline": "bernina", "pedestal": name, "run_log_level": "debug"
+        "pgroup": "p12345",
+        "beamline": "bernina",
+        "pedestal": name,
+        "run_log_level": "debug",
     }
     log_text = (directory / f"{name}.log").read_text()
     assert " DEBUG gain stage G1: pulse " in log_text  # run_log_level debug
@@ -248,9 +258,9 @@ async def test_a_pedestal_recovers_the_true_pedestals_and_the_next_run_uses_it(
     assert f"pedestal installed as {installed}" in log_text
 
     # The detector is back where it was; the procedure went G0 → G1 → G2 → back.
-    status, after = await system.call("GET", "/get_detector_settings", params={
-        "detector_name": DETECTOR
-    })
+    status, after = await system.call(
+        "GET", "/get_detector_settings", params={"detector_name": DETECTOR}
+    )
     assert after["parameters"] == before["parameters"]
     gains_set = [
         json.loads(c.split(" ", 1)[1].replace("'", '"'))["gain_mode"]
@@ -320,7 +330,10 @@ async def test_pedestal_mode_in_low_noise_restores_the_settings_and_is_followed_
         "GET", "/get_detector_settings", params={"detector_name": DETECTOR}
     )
     assert after["parameters"] == {
-        "delay": 0.0, "detector_mode": "low_noise", "exptime": 7e-06, "gain_mode": "dynamic"
+        "delay": 0.0,
+        "detector_mode": "low_noise",
+        "exptime": 7e-06,
+        "gain_mode": "dynamic",
     }
     status, state = await system.call(
         "GET", "/get_detector_status", params={"detector_name": DETECTOR}
