@@ -191,9 +191,11 @@ class SimulatedJungfrau:
         return self._n_modules
 
     def status(self) -> DetectorStatus:
+        """The state last commanded (as a real detector answers right after a command),
+        finished or not by the current pulse."""
         with self._lock:
             now = self.clock.current_pulse_id()
-            state = self._state_at(now)
+            state = self._timeline[-1]
             modules = tuple(state.module_state(m, now) for m in range(self._n_modules))
             return DetectorStatus(modules, state.pedestal_mode)
 
