@@ -94,11 +94,12 @@ def _copy_one(source: Path, target: Path, group: int, outcome: CopyOutcome) -> s
         fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         return f"cannot be opened: {exc.strerror}"
+    info = os.fstat(fd)
+    problem = _may_copy(info, group)
+    if problem is not None:
+        os.close(fd)
+        return problem
     with os.fdopen(fd, "rb") as reader:
-        info = os.fstat(fd)
-        problem = _may_copy(info, group)
-        if problem is not None:
-            return problem
         final = target / source.name
         temporary = target / f".{source.name}.{uuid.uuid4().hex}.partial"
         try:
