@@ -3,7 +3,10 @@
 The options and the output lines are those of the facility's original daq_client.py (users
 have them in their scripts and logbooks): ``success: run number(request_id) is N`` on
 acceptance, ``Error, reason : …`` with the broker's reason on refusal. New: ``--broker``,
-``--timeout`` and ``--wait``, which follows the run with a progress bar per source.
+``--timeout`` and ``--wait``, which follows the run with a progress bar per source; the run
+options ``--user-tag`` (with ``--append-user-tag``) and ``--run-log-level``; and
+``--take-pedestal DET …`` (with ``-r``, ``--pedestalmode``, ``--run-log-level``, ``--wait``),
+which takes a pedestal instead of retrieving a range.
 
 Exit status: 0 accepted (with ``--wait``: every source written), 1 refused or a source failed,
 2 a bad command line or input file, 3 the broker not reachable.
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sf_daq_broker.tools.follow import follow_run
+from sf_daq_broker.tools.pedestal import follow_pedestal, pedestal_request
 from sf_daq_broker.tools.remote import (
     DEFAULT_TIMEOUT,
     Accepted,
@@ -70,7 +74,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--wait",
         action="store_true",
-        help="follow the run until every source is written; exit 1 if one failed",
+        help="follow the run (or pedestal) until every source is written; exit 1 if one failed",
+    )
+    run = parser.add_argument_group("run options")
+    run.add_argument("--user-tag", metavar="TAG", help="a tag kept in the run's JSON")
+    run.add_argument(
+        "--append-user-tag",
+        action="store_true",
+        help="also put the tag into the run's file names (run_NNNNNN-TAG.*.h5)",
+    )
+    run.add_argument(
+        "--run-log-level",
+        metavar="LEVEL",
+        help="level of the run's (or pedestal's) job logs: DEBUG, INFO (default), WARNING, …",
+    )
+    pedestal = parser.add_argument_group("pedestal")
+    pedestal.add_argument(
+        "--take-pedestal",
+        nargs="+",
+        metavar="DET",
+        help="take a pedestal of these detectors (at the rate of -r) instead of a retrieval",
+    )
+    pedestal.add_argument(
+        "--pedestalmode",
+        action="store_true",
+        help="with --take-pedestal: use the detectors' pedestal mode",
     )
     return parser
 
@@ -125,11 +153,60 @@ def submit(remote: RemoteBroker, request: dict[str, Any]) -> Accepted | None:
     return accepted
 
 
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run option keys of the request, as the command line gives them."""
+    options: dict[str, Any] = {}
+    if args.user_tag is not None:
+        options["user_tag"] = args.user_tag
+    if args.append_user_tag:
+        options["append_user_tag_to_data_dir"] = True
+    if args.run_log_level is not None:
+        options["run_log_level"] = args.run_log_level
+    return options
+
+
+def take_pedestal(args: argparse.Namespace) -> int:
+    """``--take-pedestal``: request it, then (``--wait``) follow it to its result."""
+    remote = RemoteBroker(args.broker, args.timeout)
+    body = pedestal_request(
+        args.pgroup,
+        args.take_pedestal,
+        args.rate_multiplicator,
+        args.pedestalmode,
+        args.run_log_level,
+    )
+    try:
+        try:
+            reply = remote.take_pedestal(body)
+        except BrokerRefused as exc:
+            print(f"Error, reason : {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        name = str(reply.get("pedestal"))
+        print(f"success: pedestal {name}: {reply['message']}", flush=True)
+        if not args.wait:
+            return EXIT_OK
+        try:
+            result = follow_pedestal(remote, args.pgroup, name)
+        except KeyboardInterrupt:
+            print(f"stopped following pedestal {name}; the broker goes on with it", file=sys.stderr)
+            return 130
+        for line in result.lines():
+            print(line)
+        return EXIT_OK if result.ok else EXIT_FAILED
+    except (BrokerUnreachable, BrokerRefused) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE if isinstance(exc, BrokerUnreachable) else EXIT_FAILED
+    finally:
+        remote.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.pgroup is None:
         parser.error("a pgroup is needed (-p/--pgroup)")
+    if args.take_pedestal:
+        return take_pedestal(args)
     if args.start_pulseid is None or args.stop_pulseid is None:
         parser.error("the pulse range is needed (--start_pulseid and --stop_pulseid)")
     try:
@@ -141,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             detectors_file=args.file_detectors,
             scan_step_file=args.scan_step_file,
             rate_multiplicator=args.rate_multiplicator,
+            run_options=run_options(args),
         )
     except InputFileError as exc:
         print(f"error: {exc}", file=sys.stderr)

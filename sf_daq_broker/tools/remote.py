@@ -105,6 +105,13 @@ class RemoteBroker:
             "GET", "/run_status", params={"pgroup": pgroup, "run_number": str(run_number)}
         )
 
+    def take_pedestal(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``POST /take_pedestal``: the reply (``pedestal`` is its name)."""
+        return self.call("POST", "/take_pedestal", json=request)
+
+    def pedestal_status(self, pgroup: str, pedestal: str) -> dict[str, Any]:
+        return self.call("GET", "/pedestal_status", params={"pgroup": pgroup, "pedestal": pedestal})
+
     def current_run_number(self, pgroup: str) -> int:
         """The last run number given out in the pgroup (0 if none)."""
         reply = self.call("GET", "/get_current_run_number", params={"pgroup": pgroup})

@@ -83,6 +83,8 @@ class RequestTemplate:
     detectors: dict[str, Any] = field(default_factory=dict)
     scan_info: dict[str, Any] | None = None
     rate_multiplicator: int = 1
+    #: user_tag, append_user_tag_to_data_dir, run_log_level (when given)
+    run_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_files(
@@ -95,6 +97,7 @@ class RequestTemplate:
         detectors_file: str | Path | None = None,
         scan_step_file: str | Path | None = None,
         rate_multiplicator: int = 1,
+        run_options: dict[str, Any] | None = None,
     ) -> RequestTemplate:
         """Read every given file; camera images (``…:FPICTURE``) of the channels file go apart."""
         names = read_names(channels_file, "channels file") if channels_file else []
@@ -108,6 +111,7 @@ class RequestTemplate:
             detectors=read_json_object(detectors_file, "detectors file") if detectors_file else {},
             scan_info=scan_info,
             rate_multiplicator=rate_multiplicator,
+            run_options=dict(run_options or {}),
         )
 
     @property
@@ -133,4 +137,5 @@ class RequestTemplate:
             "scan_info": self.scan_info,
         }
         body.update({key: value for key, value in optional.items() if value})
+        body.update(self.run_options)
         return body
