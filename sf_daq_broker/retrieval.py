@@ -168,6 +168,19 @@ def parse_integer(value: Any, key: str) -> int:
     raise BadRequest(f"{key} must be an integer, got {_show(value)}")
 
 
+def parse_rate_multiplicator(body: dict[str, Any]) -> int:
+    """The request's ``rate_multiplicator`` (default 1), one of the beam rates."""
+    if body.get("rate_multiplicator") is None:
+        return 1
+    rate = parse_integer(body["rate_multiplicator"], "rate_multiplicator")
+    if rate not in RATE_MULTIPLICATORS:
+        raise BadRequest(
+            f"rate_multiplicator must be one of {', '.join(map(str, RATE_MULTIPLICATORS))}, "
+            f"got {rate}"
+        )
+    return rate
+
+
 def _show(value: Any) -> str:
     """A value as the client wrote it in JSON, for messages."""
     if value is None:
@@ -421,14 +434,7 @@ def parse_retrieve_request(
             f"the limit of {max_pulse_range} pulses"
         )
 
-    rate = 1
-    if body.get("rate_multiplicator") is not None:
-        rate = parse_integer(body["rate_multiplicator"], "rate_multiplicator")
-        if rate not in RATE_MULTIPLICATORS:
-            raise BadRequest(
-                f"rate_multiplicator must be one of {', '.join(map(str, RATE_MULTIPLICATORS))}, "
-                f"got {rate}"
-            )
+    rate = parse_rate_multiplicator(body)
 
     lists = {key: _parse_name_list(body, key) for key in LIST_KEYS}
     detectors = _parse_detectors(body, allowed_detectors, beamline)

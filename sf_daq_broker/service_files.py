@@ -49,7 +49,8 @@ def dap_settings_file(dap_config_dir: Path, detector: str) -> Path:
     return dap_config_dir / f"pipeline_parameters.{detector}.json"
 
 
-def _read_object(path: Path, what: str) -> dict[str, Any]:
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; missing 404, unreadable 503, not an object 409."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -85,7 +86,7 @@ def parse_pv_list(value: Any) -> list[str]:
 
 def read_pv_list(pv_list_dir: Path, beamline: str) -> list[str]:
     path = pv_list_file(pv_list_dir, beamline)
-    pv_list = _read_object(path, f"the PV list of {beamline}").get("pv_list", [])
+    pv_list = read_json_object(path, f"the PV list of {beamline}").get("pv_list", [])
     if not isinstance(pv_list, list):
         raise Conflict(f"{path}: pv_list is not a list: fix or replace the file")
     return [str(name) for name in pv_list]
@@ -99,7 +100,7 @@ def write_pv_list(pv_list_dir: Path, beamline: str, pv_list: list[str]) -> list[
     with _lock(path):
         document: dict[str, Any] = {"pulse_id_pv": DEFAULT_PULSE_ID_PV}
         if path.exists():
-            document = _read_object(path, f"the PV list of {beamline}")
+            document = read_json_object(path, f"the PV list of {beamline}")
             _backup(path, path.parent)
         document = {"pulse_id_pv": document.get("pulse_id_pv", DEFAULT_PULSE_ID_PV)}
         document["pv_list"] = pv_list
@@ -108,7 +109,7 @@ def write_pv_list(pv_list_dir: Path, beamline: str, pv_list: list[str]) -> list[
 
 
 def read_dap_settings(dap_config_dir: Path, detector: str) -> dict[str, Any]:
-    return _read_object(
+    return read_json_object(
         dap_settings_file(dap_config_dir, detector), f"the DAP settings of {detector}"
     )
 
@@ -119,7 +120,7 @@ def update_dap_settings(
     """Merge ``parameters`` into the detector's DAP settings; ``{name: [old, new]}``."""
     path = dap_settings_file(dap_config_dir, detector)
     with _lock(path):
-        current = _read_object(path, f"the DAP settings of {detector}")
+        current = read_json_object(path, f"the DAP settings of {detector}")
         changed = {
             name: [current.get(name), value]
             for name, value in parameters.items()

@@ -9,9 +9,9 @@ only of its detectors, user files only into its pgroups.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -22,11 +22,12 @@ from sf_daq_broker.api.handlers import caller_beamline, caller_pgroup, read_para
 from sf_daq_broker.api.state import SETTINGS
 from sf_daq_broker.bookkeeping.runs import check_open
 from sf_daq_broker.bookkeeping.user_files import aux_directory, copy_user_files, parse_file_list
-from sf_daq_broker.errors import BadRequest, Conflict, Forbidden, NotFound
+from sf_daq_broker.errors import BadRequest, Forbidden, NotFound
 from sf_daq_broker.retrieval import parse_integer
 from sf_daq_broker.service_files import (
     parse_pv_list,
     read_dap_settings,
+    read_json_object,
     read_pv_list,
     update_dap_settings,
     write_pv_list,
@@ -111,16 +112,11 @@ async def copy_user_files_handler(request: web.Request) -> web.Response:
     )
 
 
-def _run_record(path: Any, run: int, pgroup: str) -> dict[str, Any]:
+def _run_record(path: Path, run: int, pgroup: str) -> dict[str, Any]:
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        return read_json_object(path, "the run JSON")
+    except NotFound:
         raise NotFound(f"run {run} of {pgroup} does not exist") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Conflict(f"the run JSON {path} is not valid JSON ({exc})") from None
-    if not isinstance(document, dict):
-        raise Conflict(f"the run JSON {path} does not hold an object")
-    return document
 
 
 async def upload_custom_dap_script(request: web.Request) -> web.Response:

@@ -12,7 +12,6 @@ stage, good pixels) or the reason it failed.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from sf_daq_broker.pedestals.request import (
     pedestal_job,
     pedestal_job_id,
     pedestal_name_now,
+    read_record,
 )
 from sf_daq_broker.status.store import JobState
 from sf_daq_broker.transport import HandoverError
@@ -154,17 +154,9 @@ async def pedestal_status(request: web.Request) -> web.Response:
         message += f": {step}"
     result = None
     if status["state"] == JobState.DONE:
-        record = await asyncio.to_thread(_read_json, Path(status["file"]))
+        record = await asyncio.to_thread(read_record, Path(status["file"]))
         result = record.get("result")
     return reply(message, pgroup=dirs.pgroup, pedestal=name, result=result, **status)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return document if isinstance(document, dict) else {}
 
 
 def _is_name(name: str) -> bool:

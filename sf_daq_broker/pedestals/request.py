@@ -22,6 +22,7 @@ status events carry run number 0 and source ``pedestal``.
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,7 +33,7 @@ from sf_daq_broker.bookkeeping.paths import PgroupDirs, check_pgroup_name
 from sf_daq_broker.config import DETECTOR_NAME, Settings
 from sf_daq_broker.errors import BadRequest, Forbidden
 from sf_daq_broker.jobs import Job, SourceKind, job_id_for
-from sf_daq_broker.retrieval import RATE_MULTIPLICATORS, parse_integer
+from sf_daq_broker.retrieval import parse_rate_multiplicator
 from sf_daq_broker.run_options import DEFAULT_LOG_LEVEL, parse_log_level
 
 PEDESTAL_DIRECTORY = "JF_pedestals"
@@ -63,14 +64,7 @@ def parse_pedestal_request(
             raise BadRequest(f"{key} is missing (pgroup and detectors are mandatory)")
     pgroup = check_pgroup_name(body["pgroup"])
     detectors = _parse_detectors(body["detectors"], beamline, allowed_detectors)
-    rate = 1
-    if body.get("rate_multiplicator") is not None:
-        rate = parse_integer(body["rate_multiplicator"], "rate_multiplicator")
-        if rate not in RATE_MULTIPLICATORS:
-            raise BadRequest(
-                f"rate_multiplicator must be one of {', '.join(map(str, RATE_MULTIPLICATORS))}, "
-                f"got {rate}"
-            )
+    rate = parse_rate_multiplicator(body)
     pedestalmode = body.get("pedestalmode", False)
     if pedestalmode is None:
         pedestalmode = False
@@ -103,6 +97,15 @@ def _parse_detectors(value: Any, beamline: str, allowed: list[str]) -> tuple[str
         if name not in detectors:
             detectors.append(name)
     return tuple(detectors)
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A pedestal's JSON (``{}`` if it cannot be read: the status still answers)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
 
 
 def pedestal_name_now() -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -118,21 +119,41 @@ def follow_run(
     not answered for ``patience`` seconds.
     """
     bars = bars or ProgressBars(sys.stderr)
-    last_answer = time.monotonic()
     try:
-        while True:
-            try:
-                reply = broker.run_status(pgroup, run_number)
-                sources: dict[str, dict[str, Any]] = reply["sources"]
-                last_answer = time.monotonic()
-            except BrokerUnreachable:
-                if time.monotonic() - last_answer > patience:
-                    raise
-            else:
-                bars.show(sources)
-                if all(status["state"] in FINAL_STATES for status in sources.values()):
-                    results = [SourceResult.from_status(name, s) for name, s in sources.items()]
-                    return RunResult(pgroup, run_number, results)
-            time.sleep(poll_interval or POLL_INTERVAL)  # polling: the pause is the poll rate
+        reply = poll_status(
+            lambda: broker.run_status(pgroup, run_number),
+            lambda reply: all(s["state"] in FINAL_STATES for s in reply["sources"].values()),
+            lambda reply: bars.show(reply["sources"]),
+            poll_interval=poll_interval or POLL_INTERVAL,
+            patience=patience,
+        )
     finally:
         bars.close()
+    sources: dict[str, dict[str, Any]] = reply["sources"]
+    results = [SourceResult.from_status(name, s) for name, s in sources.items()]
+    return RunResult(pgroup, run_number, results)
+
+
+def poll_status(
+    fetch: Callable[[], dict[str, Any]],
+    final: Callable[[dict[str, Any]], bool],
+    show: Callable[[dict[str, Any]], None],
+    *,
+    poll_interval: float,
+    patience: float,
+) -> dict[str, Any]:
+    """``fetch`` a status until ``final`` says it is, showing each; a broker that does not
+    answer is waited for up to ``patience`` seconds (then BrokerUnreachable)."""
+    last_answer = time.monotonic()
+    while True:
+        try:
+            reply = fetch()
+            last_answer = time.monotonic()
+        except BrokerUnreachable:
+            if time.monotonic() - last_answer > patience:
+                raise
+        else:
+            show(reply)
+            if final(reply):
+                return reply
+        time.sleep(poll_interval)  # polling: the pause is the poll rate

@@ -9,13 +9,13 @@ it failed. A broker that is briefly away is waited for, up to ``patience``.
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from sf_daq_broker.tools.remote import BrokerUnreachable, RemoteBroker
+from sf_daq_broker.tools.follow import poll_status
+from sf_daq_broker.tools.remote import RemoteBroker
 
 FINAL_STATES = frozenset({"done", "failed"})
 POLL_INTERVAL = 0.5
@@ -106,19 +106,14 @@ def follow_pedestal(
     answered for ``patience`` seconds.
     """
     bar = bar or StepBar(sys.stderr)
-    last_answer = time.monotonic()
     try:
-        while True:
-            try:
-                status = broker.pedestal_status(pgroup, pedestal)
-                last_answer = time.monotonic()
-            except BrokerUnreachable:
-                if time.monotonic() - last_answer > patience:
-                    raise
-            else:
-                bar.show(status)
-                if status["state"] in FINAL_STATES:
-                    return PedestalResult(pgroup, pedestal, status)
-            time.sleep(poll_interval or POLL_INTERVAL)  # polling: the pause is the poll rate
+        status = poll_status(
+            lambda: broker.pedestal_status(pgroup, pedestal),
+            lambda status: status["state"] in FINAL_STATES,
+            bar.show,
+            poll_interval=poll_interval or POLL_INTERVAL,
+            patience=patience,
+        )
     finally:
         bar.close()
+    return PedestalResult(pgroup, pedestal, status)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +38,7 @@ from sf_daq_broker.pedestals.procedure import (
     PulseIdSource,
     PulseMapPulseIds,
 )
+from sf_daq_broker.pedestals.request import read_record
 from sf_daq_broker.pedestals.store import install_pedestal
 from sf_daq_broker.retrieval import DetectorOptions, beam_pulse_bounds
 from sf_daq_broker.workers.detector_source import DetectorSource
@@ -146,7 +146,7 @@ class PedestalSource(Source):
                 **{key: files[key] for key in ("raw_file", "result_file", "installed_file")},
                 **summary,
             }
-        record = await asyncio.to_thread(_read_record, Path(job.run_info_file))
+        record = await asyncio.to_thread(read_record, Path(job.run_info_file))
         record["result"] = {
             "start_pulse_id": bounds[0],
             "stop_pulse_id": bounds[1],
@@ -239,11 +239,3 @@ def _judged_by_mode(report: NameReport, taken: int, good: int) -> NameReport:
         missing_pulse_ids=[],
         unit="pedestal-mode frames",
     )
-
-
-def _read_record(path: Path) -> dict[str, Any]:
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return document if isinstance(document, dict) else {}

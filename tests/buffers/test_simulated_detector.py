@@ -30,6 +30,7 @@ from sf_daq_broker.simulation.clock import ManualClock
 from sf_daq_broker.simulation.jungfrau_detector import SimulatedJungfrau
 from sf_daq_broker.simulation.jungfrau_frames import expected_frame
 from sf_daq_broker.simulation.jungfrau_writer import JungfrauBufferWriter
+from tests.support import simulation_config
 
 START = 15_000_000_000
 ONE = "JF13T01V01"
@@ -177,27 +178,10 @@ def test_temperatures_monitor_and_module_power() -> None:
 
 
 async def test_the_control_routes_speak_the_interface(tmp_path: Path) -> None:
-    from sf_daq_broker.simulation.config import (
-        Api1Config,
-        ArchiverConfig,
-        JungfrauConfig,
-        ServerConfig,
-        SimulationConfig,
-    )
     from sf_daq_broker.simulation.jungfrau_writer import DetectorSpec
     from sf_daq_broker.simulation.runner import Simulation
 
-    config = SimulationConfig(
-        databuffer=Api1Config(port=0),
-        imagebuffer=Api1Config(port=0),
-        archiver=ArchiverConfig(port=0),
-        control=ServerConfig(port=0),
-        jungfrau=JungfrauConfig(
-            buffer_root=tmp_path / "b",
-            calibration_root=tmp_path / "c",
-            detectors=[DetectorSpec(name=ONE, highgain=True)],
-        ),
-    )
+    config = simulation_config(tmp_path, [DetectorSpec(name=ONE, highgain=True)])
     simulation = Simulation(config, ManualClock(START, 1_700_000_000_000))
     await simulation.start(follow_clock=False)
     try:

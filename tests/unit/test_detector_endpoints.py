@@ -18,17 +18,9 @@ from aiohttp.test_utils import TestClient
 from sf_daq_broker.api.app import create_app
 from sf_daq_broker.detector_control.interface import ModuleState
 from sf_daq_broker.simulation.clock import ManualClock
-from sf_daq_broker.simulation.config import (
-    Api1Config,
-    ArchiverConfig,
-    JungfrauConfig,
-    ServerConfig,
-    SimulationConfig,
-)
-from sf_daq_broker.simulation.jungfrau_writer import DetectorSpec
 from sf_daq_broker.simulation.runner import Simulation
 from sf_daq_broker.transport.embedded import EmbeddedTransport
-from tests.support import async_wait_until
+from tests.support import async_wait_until, simulation_config
 
 START = 15_000_000_000
 ONE, THREE, ALVRA = "JF13T01V01", "JF07T03V01", "JF02T09V02"
@@ -52,17 +44,7 @@ ENDPOINTS = [
 
 @pytest.fixture
 async def simulation(tmp_path: Path) -> AsyncIterator[Simulation]:
-    config = SimulationConfig(
-        databuffer=Api1Config(port=0),
-        imagebuffer=Api1Config(port=0),
-        archiver=ArchiverConfig(port=0),
-        control=ServerConfig(port=0),
-        jungfrau=JungfrauConfig(
-            buffer_root=tmp_path / "buffer",
-            calibration_root=tmp_path / "calibration",
-            detectors=[DetectorSpec(name=ONE), DetectorSpec(name=THREE)],
-        ),
-    )
+    config = simulation_config(tmp_path, [ONE, THREE])
     simulation = Simulation(config, ManualClock(START, 1_700_000_000_000))
     await simulation.start(follow_clock=False)
     yield simulation
@@ -311,7 +293,9 @@ async def test_jfstats_says_whether_the_buffer_is_written(
 async def test_without_detector_control_or_with_one_that_is_down_the_answer_is_503(
     aiohttp_client: Any, make_settings: Any
 ) -> None:
-    none = await aiohttp_client(create_app(make_settings(), EmbeddedTransport()))
+    none = await aiohttp_client(
+        create_app(make_settings(detector_control={"url": ""}), EmbeddedTransport())
+    )
     status, reply = await call(none, "GET", "/get_detector_settings", detector_name=ONE)
     assert status == 503
     assert reply["message"].startswith(

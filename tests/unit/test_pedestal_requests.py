@@ -132,7 +132,9 @@ async def test_a_closed_pgroup_takes_no_pedestal(client: TestClient, raw_dir: Pa
 async def test_without_detector_control_no_pedestal(
     aiohttp_client: Any, make_settings: Any, raw_dir: Path
 ) -> None:
-    client = await aiohttp_client(create_app(make_settings(), EmbeddedTransport()))
+    client = await aiohttp_client(
+        create_app(make_settings(detector_control={"url": ""}), EmbeddedTransport())
+    )
     status, reply = await call(client, "POST", "/take_pedestal", GOOD)
     assert status == 503
     assert reply["message"].startswith("this broker has no detector control (set ")

@@ -33,15 +33,8 @@ from sf_daq_broker.pedestals.procedure import (
     PulseMapPulseIds,
 )
 from sf_daq_broker.simulation.clock import ManualClock
-from sf_daq_broker.simulation.config import (
-    Api1Config,
-    ArchiverConfig,
-    JungfrauConfig,
-    ServerConfig,
-    SimulationConfig,
-)
-from sf_daq_broker.simulation.jungfrau_writer import DetectorSpec
 from sf_daq_broker.simulation.runner import Simulation
+from tests.support import simulation_config
 
 START = 15_000_000_000
 DETECTORS = ("JF13T01V01", "JF07T03V01")
@@ -69,17 +62,7 @@ class ClockDriver:
 
 @pytest.fixture
 async def simulation(tmp_path: Path) -> AsyncIterator[Simulation]:
-    config = SimulationConfig(
-        databuffer=Api1Config(port=0),
-        imagebuffer=Api1Config(port=0),
-        archiver=ArchiverConfig(port=0),
-        control=ServerConfig(port=0),
-        jungfrau=JungfrauConfig(
-            buffer_root=tmp_path / "buffer",
-            calibration_root=tmp_path / "calibration",
-            detectors=[DetectorSpec(name=name) for name in DETECTORS],
-        ),
-    )
+    config = simulation_config(tmp_path, list(DETECTORS))
     simulation = Simulation(config, ManualClock(START, 1_700_000_000_000))
     await simulation.start(follow_clock=False)
     simulation.clock.advance(100)  # type: ignore[attr-defined]

@@ -24,16 +24,7 @@ import pytest
 from sf_daq_broker.api.app import create_app
 from sf_daq_broker.jobs import Action, StatusEvent
 from sf_daq_broker.jungfrau import ConversionOptions, Converter
-from sf_daq_broker.simulation.config import (
-    Api1Config,
-    ArchiverConfig,
-    ClockConfig,
-    JungfrauConfig,
-    ServerConfig,
-    SimulationConfig,
-)
 from sf_daq_broker.simulation.jungfrau_frames import expected_frame, module_calibration
-from sf_daq_broker.simulation.jungfrau_writer import DetectorSpec
 from sf_daq_broker.simulation.runner import Simulation
 from sf_daq_broker.transport import StatusSubscription
 from sf_daq_broker.transport.amqp import AmqpTransport
@@ -41,7 +32,7 @@ from sf_daq_broker.workers.detector_source import DetectorSource
 from sf_daq_broker.workers.lease import LeasePolicy
 from sf_daq_broker.workers.loop import RetryPolicy, Worker
 from sf_daq_broker.workers.pedestal_source import PedestalSource
-from tests.support import async_wait_until
+from tests.support import async_wait_until, simulation_config
 
 pytestmark = pytest.mark.slow
 
@@ -91,19 +82,8 @@ async def system(
     amqp_url: str,
     amqp_prefix: str,
 ) -> AsyncIterator[System]:
-    config = SimulationConfig(
-        clock=ClockConfig(speed=SPEED),
-        databuffer=Api1Config(port=0),
-        imagebuffer=Api1Config(port=0),
-        archiver=ArchiverConfig(port=0),
-        control=ServerConfig(port=0),
-        jungfrau=JungfrauConfig(
-            buffer_root=tmp_path / "buffer",
-            calibration_root=tmp_path / "calibration",
-            mode="lazy",
-            retention_pulses=1_000_000,
-            detectors=[DetectorSpec(name=DETECTOR)],
-        ),
+    config = simulation_config(
+        tmp_path, [DETECTOR], speed=SPEED, mode="lazy", retention_pulses=1_000_000
     )
     simulation = Simulation(config)
     await simulation.start()
