@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,7 @@ class PedestalSource(Source):
             options=DetectorOptions(adc_to_energy=False, compression=True).to_json(),
             pedestal_file=None,
         )
-        temporary = partial_path(raw_file, "pedestal")
+        temporary = partial_path(raw_file, uuid.uuid4().hex)  # this delivery's own
         try:
             report = await self.detectors.retrieve(
                 sub_job, temporary, progress.for_phase(f"{detector}: retrieving", frames), job_log
