@@ -26,6 +26,7 @@ from aiohttp import web
 from sf_daq_broker.api.handlers import caller_beamline, judge_detectors, read_params, reply
 from sf_daq_broker.api.state import SETTINGS
 from sf_daq_broker.config import DETECTOR_NAME, Settings
+from sf_daq_broker.detector_control.connect import connector_from_settings
 from sf_daq_broker.detector_control.interface import (
     DetectorConnector,
     DetectorControl,
@@ -68,16 +69,6 @@ class DetectorServices:
     @classmethod
     def from_settings(cls, settings: Settings) -> DetectorServices:
         return cls(connector_from_settings(settings))
-
-
-def connector_from_settings(settings: Settings) -> DetectorConnector | None:
-    """The configured detector control (None: none is configured)."""
-    url = settings.detector_control.url
-    if not url:
-        return None
-    from sf_daq_broker.detector_control.http import http_connector
-
-    return http_connector(url, settings.detector_control.timeout_s)
 
 
 DETECTOR_SERVICES = web.AppKey("detector_services", DetectorServices)

@@ -30,6 +30,7 @@ from typing import Any
 
 from sf_daq_broker.bookkeeping.atomic import dump_json, partial_path, publish_file
 from sf_daq_broker.config import Settings
+from sf_daq_broker.detector_control.connect import connector_from_settings
 from sf_daq_broker.detector_control.interface import DetectorConnector, PedestalMode
 from sf_daq_broker.jobs import Job, SourceKind
 from sf_daq_broker.pedestals.procedure import (
@@ -80,8 +81,6 @@ class PedestalSource(Source):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PedestalSource:
-        from sf_daq_broker.api.detector_handlers import connector_from_settings
-
         url = settings.buffers.databuffer_url
         return cls(
             DetectorSource.from_settings(settings),
