@@ -380,6 +380,8 @@ def _parse_disabled_modules(detector: str, value: Any, key: str) -> tuple[int, .
 def _parse_detectors(
     body: dict[str, Any], allowed_detectors: list[str], beamline: str
 ) -> dict[str, DetectorOptions]:
+    """The detectors' options, each with the request's ``selected_pulse_ids``."""
+    selected = parse_selected_pulse_ids(body)
     value = body.get("detectors")
     if value is None:
         return {}
@@ -398,7 +400,8 @@ def _parse_detectors(
                 f"detectors: {name} is not allowed for beamline {beamline} "
                 f"(allowed: {', '.join(allowed_detectors) or 'none'})"
             )
-        detectors[name] = parse_detector_options(name, options)
+        parsed = parse_detector_options(name, options)
+        detectors[name] = dataclasses.replace(parsed, selected_pulse_ids=selected)
     return detectors
 
 
@@ -438,12 +441,6 @@ def parse_retrieve_request(
 
     lists = {key: _parse_name_list(body, key) for key in LIST_KEYS}
     detectors = _parse_detectors(body, allowed_detectors, beamline)
-    selected = parse_selected_pulse_ids(body)
-    if selected:
-        detectors = {
-            name: dataclasses.replace(options, selected_pulse_ids=selected)
-            for name, options in detectors.items()
-        }
     if not any(lists.values()) and not detectors:
         raise BadRequest(
             "nothing to retrieve: channels_list, camera_list, pv_list and detectors are all empty"

@@ -72,17 +72,20 @@ def downsample(image: Any, counts: Any, n: int, m: int, factor: float, out: Any)
     n_frames, height, width = image.shape
     rows_out, cols_out = out.shape[1], out.shape[2]
     block = np.float64(n * m)
+    full = width // m  # blocks of the row that are not cut by the right edge
     for task in prange(n_frames * rows_out):
         f = task // rows_out
         by = task % rows_out
         sums = np.zeros(cols_out, dtype=np.float32)
         for y in range(by * n, min(height, (by + 1) * n)):
             line = image[f, y]
-            for bx in range(cols_out):
-                s = sums[bx]
-                for x in range(bx * m, min(width, (bx + 1) * m)):
-                    s += line[x]
-                sums[bx] = s
+            # Column k of every block in turn: each block still adds its pixels in row-major
+            # order, and the loop over blocks vectorises.
+            for k in range(m):
+                for bx in range(full):
+                    sums[bx] += line[bx * m + k]
+            for x in range(full * m, width):
+                sums[full] += line[x]
         for bx in range(cols_out):
             fraction = counts[by, bx] / block
             value = 0.0 if fraction == 0.0 else np.float64(sums[bx]) / fraction

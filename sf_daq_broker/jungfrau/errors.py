@@ -22,3 +22,8 @@ class DetectorError(ConversionError):
 
 class GeometryConfigError(ConversionError):
     """The geometry configuration file is malformed; the message names the file and the key."""
+
+
+class NoGoodPixel(ConversionError):
+    """A pedestal file was written, but every pixel in it is flagged bad (the reference writes
+    it too, then fails: the file shows which gain stage had no usable frame)."""

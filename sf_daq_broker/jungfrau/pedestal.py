@@ -39,7 +39,7 @@ import numpy.typing as npt
 from sf_daq_broker.h5.atomic import atomic_output
 from sf_daq_broker.h5.detector import RawDetectorFile
 from sf_daq_broker.jungfrau.detectors import MODULE_COLUMNS, MODULE_ROWS
-from sf_daq_broker.jungfrau.errors import CalibrationError, ConversionError
+from sf_daq_broker.jungfrau.errors import CalibrationError, ConversionError, NoGoodPixel
 from sf_daq_broker.jungfrau.pedestal_kernel import CHUNK, accumulate, count_in_gain
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,7 @@ ZERO_RMS_ATOL = 1e-8  # numpy.isclose's default, as the reference
 
 ProgressCallback = Callable[[int, int], None]
 
-
-class NoGoodPixel(ConversionError):
-    """The pedestal file was written, but every pixel in it is flagged bad."""
+__all__ = ["NoGoodPixel", "PedestalSummary", "compute_pedestal"]
 
 
 @dataclass(frozen=True)

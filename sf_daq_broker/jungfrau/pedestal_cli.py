@@ -10,6 +10,7 @@ take_pedestal job reads it from there too. Errors are one line on stderr and exi
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from sf_daq_broker.config import ConfigError, load_settings
 from sf_daq_broker.h5.detector import DetectorFileError, RawDetectorFile
 from sf_daq_broker.jungfrau.errors import ConversionError
 from sf_daq_broker.jungfrau.pedestal import FRAMES_AVERAGE, compute_pedestal
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -63,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             number_bad_modules=_number_bad_modules(args),
             frames_average=args.frames_average,
             pixel_mask_file=args.pixel_mask,
+            progress=_Progress(),
         )
     except (ConversionError, DetectorFileError, ConfigError) as exc:
         print(f"sf-daq-broker pedestal: {exc}", file=sys.stderr)
@@ -77,6 +81,18 @@ def run(args: argparse.Namespace) -> int:
         + ")"
     )
     return 0
+
+
+class _Progress:
+    """Logs every tenth of the run: a 16-module pedestal run takes a minute or more."""
+
+    def __init__(self) -> None:
+        self.next_tenth = 1
+
+    def __call__(self, done: int, total: int) -> None:
+        if total and done * 10 >= self.next_tenth * total:
+            log.info("pedestal: %d of %d frames", done, total)
+            self.next_tenth = done * 10 // total + 1
 
 
 def _number_bad_modules(args: argparse.Namespace) -> int:

@@ -124,6 +124,7 @@ class _StreamPlan:
     target: Path
     raw_target: Path | None
     compression: bool
+    lists: bool = False  # keep the written rows' daq_rec and is_good_frame
 
     @property
     def read_ids(self) -> npt.NDArray[np.int64]:
@@ -258,6 +259,7 @@ class DetectorSource(Source):
             target,
             raw_target,
             options.compression,
+            options.crystfel_lists_laser,
         )
         try:
             streamed = await self._stream(reader, job, plan, progress)
@@ -291,14 +293,11 @@ class DetectorSource(Source):
             else (streamed.incomplete, streamed.all_good)
         )
         expected = beam_pulses(job.requested_start, job.requested_stop, job.rate_multiplicator)
-        extra: dict[str, Any] = {"frames_written": kept}
-        if selection is not None:
-            extra["frames_selected"] = kept
         report = NameReport.judge(
             detector,
             expected,
             pulse_ids[good],
-            **extra,
+            frames_written=kept,
             bad_frames=int(pulse_ids.size - np.count_nonzero(good)),
             bad_frames_per_module=[int(n) for n in incomplete],
             missing_modules=missing_modules,
@@ -535,7 +534,8 @@ class DetectorSource(Source):
                         pending = asyncio.ensure_future(asyncio.to_thread(prepare, index + 1))
                     await asyncio.to_thread(write, item)
                     streamed.incomplete += item.incomplete
-                    written.append(item.kept_columns)
+                    if plan.lists:  # the CrystFEL lists need the written rows' event bits
+                        written.append(item.kept_columns)
                     done += item.count
                     await progress.update(done)
             finally:

@@ -85,3 +85,38 @@ def write_pedestal_inputs(case: dict[str, Any], directory: Path) -> tuple[Path, 
             with h5py.File(mask_file, "w") as file:
                 file["pixel_mask"] = inputs["add_pixel_mask"]
     return raw_file, mask_file
+
+
+def write_convert_inputs(
+    case: dict[str, Any], directory: Path, inputs_dir: Path | None = None
+) -> tuple[Path, Path, Path]:
+    """(raw file, gain file, pedestal file) of a convert case, as the README builds them.
+
+    ``inputs_dir`` is where the inputs npz lives (``jungfrau_next`` by default; the older
+    ``jungfrau`` vectors have the same arrays and the same defaults).
+    """
+    with np.load((inputs_dir or shared_testdata(NEXT)) / case["inputs"]) as inputs:
+        raw, gain = inputs["raw"], inputs["gain"]
+        pedestal, pixel_mask = inputs["pedestal"], inputs["pixel_mask"]
+    n = raw.shape[0]
+    overrides = case.get("raw", {})
+    highgain = bool(case["options"].get("highgain", False))
+    detector = case["detector"]
+    raw_file = directory / f"{case.get('name', 'case')}.{detector}.raw.h5"
+    write_raw_file(
+        raw_file,
+        detector,
+        raw,
+        pulse_id=15000000000 + np.arange(n),
+        frame_index=7 + np.arange(n),
+        daq_rec=overrides.get("daq_rec", [1 if highgain else 0] * n),
+        is_good_frame=overrides.get("is_good_frame", [1] * n),
+    )
+    gain_file, pedestal_file = directory / "gain.h5", directory / "pedestal.h5"
+    with h5py.File(gain_file, "w") as file:
+        file["gains"] = gain
+    with h5py.File(pedestal_file, "w") as file:
+        file["gains"] = pedestal
+        file["gainsRMS"] = np.ones_like(pedestal)
+        file["pixel_mask"] = pixel_mask
+    return raw_file, gain_file, pedestal_file

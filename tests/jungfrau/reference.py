@@ -118,3 +118,69 @@ def reference_convert(
         h, w = (msy, msx) if r % 2 == 0 else (msx, msy)
         out[:, oy : oy + h, ox : ox + w] = np.rot90(modules[m], k=r, axes=(1, 2))
     return out
+
+
+def reference_interp(image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """UPSTREAM_HEAD §2's double-pixel interpolation of stacked gapped modules (N, 514*n, 1030),
+    written from the text with numpy, one border at a time (a copy is returned)."""
+    out = image.copy()
+    n_modules = out.shape[1] // 514
+    corner_rows = list(range(255, 259))
+    corner_cols = [c + d for c in (255, 513, 771) for d in range(4)]
+
+    def split(d: Any, o: Any, other: Any) -> tuple[Any, Any]:
+        d, o, other = (np.asarray(v, dtype=np.float64) for v in (d, o, other))
+        with np.errstate(all="ignore"):
+            divisor = 6 * o + 3 * other
+            kept = np.where(divisor == 0, d / 2, d * (4 * o + other) / divisor).astype(np.float32)
+            gap = np.where(divisor == 0, d / 2, d - kept.astype(np.float64)).astype(np.float32)
+        return kept, gap
+
+    for m in range(n_modules):
+        module = out[:, 514 * m : 514 * (m + 1)]
+        rows = [y for y in range(514) if y not in corner_rows]
+        cols = [x for x in range(1030) if x not in corner_cols]
+        for b in (255, 513, 771):
+            o1, d1, d2, o2 = (module[:, rows, b + k].copy() for k in (-1, 0, 3, 4))
+            (k1, g1), (k2, g2) = split(d1, o1, d2), split(d2, o2, d1)
+            module[:, rows, b], module[:, rows, b + 1] = k1, g1
+            module[:, rows, b + 2], module[:, rows, b + 3] = g2, k2
+        o1, d1, d2, o2 = (module[:, 255 + k][:, cols].copy() for k in (-1, 0, 3, 4))
+        (k1, g1), (k2, g2) = split(d1, o1, d2), split(d2, o2, d1)
+        for row, values in ((255, k1), (256, g1), (257, g2), (258, k2)):
+            module[:, row, cols] = values
+        for top in (255, 257):
+            for left in (255, 257, 513, 515, 771, 773):
+                y = top if top == 255 else top + 1
+                x = left if left in (255, 513, 771) else left + 1
+                quarter = (module[:, y, x].astype(np.float64) / 4).astype(np.float32)
+                module[:, top : top + 2, left : left + 2] = quarter[:, None, None]
+    return out
+
+
+def reference_downsample(
+    image: npt.NDArray[np.float32],
+    good: npt.NDArray[np.bool_],
+    n: int,
+    m: int,
+    factor: float | None = None,
+) -> npt.NDArray[Any]:
+    """UPSTREAM_HEAD §2's downsampling, block by block with Python loops (slow, obvious)."""
+    frames, height, width = image.shape
+    rows, cols = -(-height // n), -(-width // m)
+    out = np.zeros((frames, rows, cols), np.float32 if factor is None else np.int32)
+    for by in range(rows):
+        for bx in range(cols):
+            block = image[:, by * n : (by + 1) * n, bx * m : (bx + 1) * m]
+            fraction = good[by * n : (by + 1) * n, bx * m : (bx + 1) * m].sum() / (n * m)
+            total = np.zeros(frames, np.float32)
+            for y in range(block.shape[1]):
+                for x in range(block.shape[2]):
+                    total = (total + block[:, y, x]).astype(np.float32)
+            with np.errstate(all="ignore"):
+                value = np.zeros(frames) if fraction == 0 else total.astype(np.float64) / fraction
+                if factor is None:
+                    out[:, by, bx] = value.astype(np.float32)
+                else:
+                    out[:, by, bx] = np.rint(value / factor).astype(np.int64).astype(np.int32)
+    return out

@@ -128,12 +128,18 @@ async def test_jobs_carry_everything_a_worker_needs(
         "adc_to_energy": True,
         "compression": True,
         "mask": True,
-        "mask_double_pixels": True,
+        "double_pixels_action": "mask",
+        "module_edge_pixels": "keep",
         "geometry": False,
         "gap_pixels": True,
         "factor": 1.5,
         "disabled_modules": [],
+        "roi": {},
+        "downsample": None,
         "keep_raw": False,
+        "save_ppicker_events_only": False,
+        "crystfel_lists_laser": False,
+        "selected_pulse_ids": [],
     }
 
 

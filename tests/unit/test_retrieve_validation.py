@@ -200,8 +200,9 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
         {"detectors": {"JF07T32V01": {"compresion": False}}},
         400,
         "detectors.JF07T32V01: unknown option 'compresion' (known options: adc_to_energy, "
-        "compression, mask, mask_double_pixels, geometry, gap_pixels, factor, disabled_modules, "
-        "keep_raw)",
+        "compression, mask, double_pixels_action, module_edge_pixels, geometry, gap_pixels, "
+        "factor, disabled_modules, roi, downsample, keep_raw, save_ppicker_events_only, "
+        "crystfel_lists_laser, mask_double_pixels, remove_raw_files)",
     ),
     (
         "bool option as string",
