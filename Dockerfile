@@ -15,8 +15,9 @@ RUN mkdir sf_daq_broker && touch sf_daq_broker/__init__.py \
 COPY sf_daq_broker ./sf_daq_broker
 COPY configs ./configs
 COPY daq_client.py check.py ./
-# Editable: the code finds configs/ beside itself, as in a checkout.
-RUN pip install --no-deps -e . \
+# A normal (non-editable) install: the default configuration is package data. configs/ stays in
+# /app for docker-compose.yml, which points SF_DAQ_CONFIG and --config at its files.
+RUN pip install --no-deps . && rm -rf build \
     && useradd --create-home --uid 1000 daq \
     && mkdir -p /data && chown daq /data
 USER daq

@@ -25,9 +25,14 @@ from pydantic import (
     model_validator,
 )
 
+from sf_daq_broker.defaults import BROKER_CONFIG, default_config
+
 IPNetwork = IPvAnyNetwork
 
 DETECTOR_NAME = re.compile(r"^JF(\d\d)T(\d\d)V(\d\d)$")
+#: The largest pulse id the buffers can hold: their pulse ids are signed 64-bit, and a channel
+#: job's range is widened by one pulse (SPEC §3), which must still fit.
+PULSE_ID_LIMIT = 2**63 - 2
 
 #: Environment variables that override the file, with the key each one sets.
 ENV_OVERRIDES: dict[str, str] = {
@@ -39,7 +44,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "SF_DAQ_STATE_DIR": "state_dir",
 }
 CONFIG_ENV = "SF_DAQ_CONFIG"
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sf-daq-broker.toml"
+DEFAULT_CONFIG = default_config(BROKER_CONFIG)
 
 
 class ConfigError(Exception):
@@ -126,7 +131,18 @@ class Settings(_Strict):
     local_beamline: str | None = None
     trusted_proxies: list[IPNetwork] = []
     max_pulse_range: int = Field(default=60000, ge=0)
+    #: Sanity bounds of pulse ids in requests. The default maximum, 2**53 - 1, is the largest
+    #: integer every JSON client (a float) represents exactly; at 100 Hz it is reached in 2.8
+    #: million years. The buffers cannot hold more than ``PULSE_ID_LIMIT``.
+    min_pulse_id: int = Field(default=0, ge=0, le=PULSE_ID_LIMIT)
+    max_pulse_id: int = Field(default=2**53 - 1, ge=0, le=PULSE_ID_LIMIT)
+    #: How far ahead of the buffers a range may end (30000 pulses: 5 minutes); further is a
+    #: typo, refused at the door (and failed by a detector worker that meets one).
+    max_pulses_ahead: int = Field(default=30000, ge=0)
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    #: Free space a pgroup's raw/ must have for a request to be accepted (bytes); below it the
+    #: broker answers 507 before a run number is spent, and /health reports the data root.
+    min_free_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
     detector_stale_seconds: float = Field(default=30.0, gt=0)
     #: The broker's own state (the job status store); survives restarts.
     state_dir: Path = Field(default=Path("~/.local/state/sf-daq-broker"), validate_default=True)
@@ -151,6 +167,10 @@ class Settings(_Strict):
 
     @model_validator(mode="after")
     def _cross_references(self) -> Settings:
+        if self.min_pulse_id > self.max_pulse_id:
+            raise ValueError(
+                f"min_pulse_id {self.min_pulse_id} is above max_pulse_id {self.max_pulse_id}"
+            )
         if self.local_beamline is not None and self.local_beamline not in self.beamlines:
             raise ValueError(
                 f"local_beamline {self.local_beamline!r} is not one of the configured beamlines "

@@ -41,3 +41,9 @@ class Unavailable(BrokerError):
     """A dependency (RabbitMQ, the file system) is down."""
 
     http_status = 503
+
+
+class InsufficientStorage(BrokerError):
+    """The file system is full: nothing was recorded, the request can be sent again later."""
+
+    http_status = 507

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from sf_daq_broker.bookkeeping.paths import check_pgroup_name
-from sf_daq_broker.config import DETECTOR_NAME
+from sf_daq_broker.config import DETECTOR_NAME, PULSE_ID_LIMIT
 from sf_daq_broker.errors import BadRequest, Forbidden
 from sf_daq_broker.jungfrau.errors import ConversionError
 from sf_daq_broker.jungfrau.options import (
@@ -26,11 +27,28 @@ from sf_daq_broker.jungfrau.options import (
     check_options,
     roi_items,
 )
-from sf_daq_broker.run_options import RunOptions, parse_run_options
+from sf_daq_broker.run_options import RUN_OPTION_KEYS, RunOptions, parse_run_options
+from sf_daq_broker.spelling import meant
 
 RATE_MULTIPLICATORS = (1, 2, 4, 8, 10, 20, 40, 50, 100)
 CAMERA_SUFFIX = ":FPICTURE"
 LIST_KEYS = ("channels_list", "camera_list", "pv_list")
+#: Every top-level key the broker interprets: THE list (add a new key here and a field to
+#: api.models.RetrieveBody; tests/unit/test_openapi.py checks they agree). Other keys are kept
+#: as the client's metadata, except one within a typo of a key here, which is refused.
+REQUEST_KEYS: tuple[str, ...] = (
+    "pgroup",
+    "start_pulseid",
+    "stop_pulseid",
+    "rate_multiplicator",
+    "directory_name",
+    *LIST_KEYS,
+    "detectors",
+    "selected_pulse_ids",
+    "scan_info",
+    "run_number",
+    *RUN_OPTION_KEYS,
+)
 _INTEGER_STRING = re.compile(r"^\s*[+-]?\d+\s*$")
 
 
@@ -164,7 +182,10 @@ def parse_integer(value: Any, key: str) -> int:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
     if isinstance(value, str) and _INTEGER_STRING.match(value):
-        return int(value)
+        try:
+            return int(value)
+        except ValueError:  # more digits than Python converts (4300)
+            pass
     raise BadRequest(f"{key} must be an integer, got {_show(value)}")
 
 
@@ -181,13 +202,27 @@ def parse_rate_multiplicator(body: dict[str, Any]) -> int:
     return rate
 
 
+def check_pulse_id(value: int, key: str, bounds: tuple[int, int]) -> None:
+    """A pulse id within the configured sanity bounds (at most what the buffers can hold)."""
+    low, high = bounds
+    if value > high:
+        raise BadRequest(
+            f"{key} must be at most {high} (the largest pulse id accepted), got {value}"
+        )
+    if value < low:
+        raise BadRequest(
+            f"{key} must be at least {low} (the smallest pulse id accepted), got {value}"
+        )
+
+
 def _show(value: Any) -> str:
-    """A value as the client wrote it in JSON, for messages."""
+    """A value as the client wrote it in JSON, for messages (a long one shortened)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _parse_name_list(body: dict[str, Any], key: str) -> list[str]:
@@ -378,7 +413,10 @@ def _parse_disabled_modules(detector: str, value: Any, key: str) -> tuple[int, .
 
 
 def _parse_detectors(
-    body: dict[str, Any], allowed_detectors: list[str], beamline: str
+    body: dict[str, Any],
+    allowed_detectors: list[str],
+    beamline: str,
+    known_detectors: Collection[str] | None = None,
 ) -> dict[str, DetectorOptions]:
     """The detectors' options, each with the request's ``selected_pulse_ids``."""
     selected = parse_selected_pulse_ids(body)
@@ -395,6 +433,11 @@ def _parse_detectors(
             raise BadRequest(
                 f"detectors: {name!r} is not a Jungfrau detector name (JFxxTyyVzz, e.g. JF07T32V01)"
             )
+        if known_detectors is not None and name not in known_detectors:
+            raise BadRequest(
+                f"detectors: {name} is an unknown detector: no beamline has it "
+                f"(allowed for {beamline}: {', '.join(allowed_detectors) or 'none'})"
+            )
         if name not in allowed_detectors:
             raise Forbidden(
                 f"detectors: {name} is not allowed for beamline {beamline} "
@@ -405,20 +448,50 @@ def _parse_detectors(
     return detectors
 
 
+def _parse_scan_info(scan_info: Any) -> dict[str, Any] | None:
+    """``scan_info`` needs a ``scan_name``: without one the step would be written nowhere."""
+    if scan_info is None:
+        return None
+    if not isinstance(scan_info, dict):
+        raise BadRequest(f"scan_info must be an object, got {_show(scan_info)}")
+    if "scan_name" not in scan_info:
+        raise BadRequest(
+            "scan_info.scan_name is missing: the scan step is written to "
+            "scan_info/{scan_name}.json, so a scan needs a name"
+        )
+    if not isinstance(scan_info["scan_name"], str):
+        raise BadRequest(
+            f"scan_info.scan_name must be a string, got {_show(scan_info['scan_name'])}"
+        )
+    return scan_info
+
+
+def _refuse_misspelt_keys(body: dict[str, Any]) -> None:
+    """A typo of a known key would be kept as metadata and its data silently not retrieved."""
+    for key in body:
+        intended = meant(str(key), REQUEST_KEYS)
+        if intended is not None:
+            raise BadRequest(f"unknown key {key!r}: did you mean {intended!r}?")
+
+
 def parse_retrieve_request(
     body: Any,
     *,
     beamline: str,
     allowed_detectors: list[str],
     max_pulse_range: int,
+    pulse_id_bounds: tuple[int, int] = (0, PULSE_ID_LIMIT),
+    known_detectors: Collection[str] | None = None,
 ) -> RetrieveRequest:
     """Check a ``/retrieve_from_buffers`` body against every rule that needs no file system.
 
     Path keys (``directory_name``, ``scan_info.scan_name``) are only type-checked here; they
-    are resolved against the pgroup's raw directory by the bookkeeping.
+    are resolved against the pgroup's raw directory by the bookkeeping. ``known_detectors``
+    (every configured detector) tells an unknown detector from another beamline's.
     """
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    _refuse_misspelt_keys(body)
     for key in ("pgroup", "start_pulseid", "stop_pulseid"):
         if key not in body:
             raise BadRequest(
@@ -429,6 +502,8 @@ def parse_retrieve_request(
     stop = parse_integer(body["stop_pulseid"], "stop_pulseid")
     if start < 0:
         raise BadRequest(f"start_pulseid must not be negative, got {start}")
+    check_pulse_id(start, "start_pulseid", pulse_id_bounds)
+    check_pulse_id(stop, "stop_pulseid", pulse_id_bounds)
     if stop < start:
         raise BadRequest(f"stop_pulseid {stop} is before start_pulseid {start}")
     if stop - start > max_pulse_range:
@@ -440,7 +515,7 @@ def parse_retrieve_request(
     rate = parse_rate_multiplicator(body)
 
     lists = {key: _parse_name_list(body, key) for key in LIST_KEYS}
-    detectors = _parse_detectors(body, allowed_detectors, beamline)
+    detectors = _parse_detectors(body, allowed_detectors, beamline, known_detectors)
     if not any(lists.values()) and not detectors:
         raise BadRequest(
             "nothing to retrieve: channels_list, camera_list, pv_list and detectors are all empty"
@@ -457,14 +532,7 @@ def parse_retrieve_request(
     if directory_name is not None and not isinstance(directory_name, str):
         raise BadRequest(f"directory_name must be a string, got {_show(directory_name)}")
 
-    scan_info = body.get("scan_info")
-    if scan_info is not None:
-        if not isinstance(scan_info, dict):
-            raise BadRequest(f"scan_info must be an object, got {_show(scan_info)}")
-        if "scan_name" in scan_info and not isinstance(scan_info["scan_name"], str):
-            raise BadRequest(
-                f"scan_info.scan_name must be a string, got {_show(scan_info['scan_name'])}"
-            )
+    scan_info = _parse_scan_info(body.get("scan_info"))
 
     run_options = parse_run_options(body)
 

@@ -25,7 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sf_daq_broker.bookkeeping.atomic import dump_json, write_atomic
+from sf_daq_broker.bookkeeping.atomic import dump_json
+from sf_daq_broker.bookkeeping.confined import replace_file
 from sf_daq_broker.errors import BadRequest, Conflict, NotFound, Unavailable
 
 #: What upstream writes as the pulse id source when the file has none.
@@ -104,7 +105,7 @@ def write_pv_list(pv_list_dir: Path, beamline: str, pv_list: list[str]) -> list[
             _backup(path, path.parent)
         document = {"pulse_id_pv": document.get("pulse_id_pv", DEFAULT_PULSE_ID_PV)}
         document["pv_list"] = pv_list
-        write_atomic(path, dump_json(document))
+        replace_file(path, dump_json(document))
     return pv_list
 
 
@@ -128,5 +129,5 @@ def update_dap_settings(
         }
         if changed:
             _backup(path, path.parent / "backup")
-            write_atomic(path, dump_json({**current, **parameters}))
+            replace_file(path, dump_json({**current, **parameters}))
     return changed

@@ -39,16 +39,28 @@ def raw_dir(data_root: Path) -> Path:
     return data_root / BEAMLINE / "data" / PGROUP / "raw"
 
 
+#: Where nothing listens: the shipped configuration points at the simulators' default ports,
+#: where someone may run ``sf-daq-broker simulate`` by hand; a test must not ask those.
+NO_BUFFER = "http://127.0.0.1:1"
+
+
 @pytest.fixture
 def make_settings(data_root: Path) -> Callable[..., Settings]:
-    """Settings of the shipped configuration on the temporary data root; loopback = bernina."""
+    """Settings of the shipped configuration on the temporary data root; loopback = bernina;
+    the buffers' addresses lead nowhere unless a test gives its own ``buffers``."""
+    nowhere = dict.fromkeys(("databuffer_url", "imagebuffer_url", "archiver_url"), NO_BUFFER)
+    shipped_buffers = load_settings(environ={}).buffers.model_dump(mode="json")
 
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "data_root": str(data_root),
             "local_beamline": BEAMLINE,
             "state_dir": str(data_root.parent / "state"),
+            "buffers": shipped_buffers | nowhere,
+            "detector_control": {"url": NO_BUFFER},  # the simulators' control port, likewise
         }
+        if "buffers" in overrides:  # the addresses a test does not give lead nowhere too
+            overrides = {**overrides, "buffers": nowhere | overrides["buffers"]}
         values.update(overrides)
         return load_settings(environ={}, **values)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import time
 import uuid
@@ -41,6 +42,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/current_pulse_id", handlers.current_pulse_id),
     ("GET", "/health", handlers.health),
     ("GET", "/metrics", handlers.metrics),
+    ("GET", "/openapi.json", handlers.openapi),
     *detector_handlers.ROUTES,
     *pedestal_handlers.ROUTES,
     *facility_handlers.ROUTES,
@@ -70,18 +72,31 @@ async def envelope(request: web.Request, handler: Handler) -> web.StreamResponse
         message = _http_error_message(request, exc)
         response = handlers.reply(message, status=exc.status)
         outcome = "refused"
-    except Exception:
-        reference = uuid.uuid4().hex[:12]
-        log.exception(
-            "%s %s failed unexpectedly (reference %s)", request.method, request.path, reference
-        )
-        response = handlers.reply(
-            f"internal error in the broker (reference {reference}, see the broker log)", status=500
-        )
+    except Exception as exc:
+        response = _unexpected(request, exc)
         outcome = "error"
     metrics.requests.labels(endpoint, outcome).inc()
     metrics.duration.labels(endpoint).observe(time.perf_counter() - started)
     return response
+
+
+def _unexpected(request: web.Request, exc: Exception) -> web.Response:
+    """507 for a full file system (the pre-check of free space passed, then the disk filled);
+    otherwise 500 with a reference to the full traceback in the log, never shown to clients."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.error("%s %s: file system full: %s", request.method, request.path, exc)
+        return handlers.reply(
+            f"the file system is full ({exc.strerror}: {exc.filename}); free space and send "
+            "the request again",
+            status=507,
+        )
+    reference = uuid.uuid4().hex[:12]
+    log.exception(
+        "%s %s failed unexpectedly (reference %s)", request.method, request.path, reference
+    )
+    return handlers.reply(
+        f"internal error in the broker (reference {reference}, see the broker log)", status=500
+    )
 
 
 def _http_error_message(request: web.Request, exc: web.HTTPException) -> str:

@@ -20,8 +20,12 @@ from sf_daq_broker.api import handlers
 from sf_daq_broker.api.detector_handlers import allowed_detector
 from sf_daq_broker.api.handlers import caller_beamline, caller_pgroup, read_params, reply
 from sf_daq_broker.api.state import SETTINGS
-from sf_daq_broker.bookkeeping.runs import check_open
-from sf_daq_broker.bookkeeping.user_files import aux_directory, copy_user_files, parse_file_list
+from sf_daq_broker.bookkeeping.user_files import (
+    aux_directory,
+    check_pgroup_open,
+    copy_user_files,
+    parse_file_list,
+)
 from sf_daq_broker.errors import BadRequest, Forbidden, NotFound
 from sf_daq_broker.retrieval import parse_integer
 from sf_daq_broker.service_files import (
@@ -90,7 +94,7 @@ async def copy_user_files_handler(request: web.Request) -> web.Response:
     if run < 1:
         raise BadRequest(f"run_number must be a positive integer, got {run}")
     files = parse_file_list(params.get("files", []))
-    await asyncio.to_thread(check_open, dirs)
+    await asyncio.to_thread(check_pgroup_open, dirs)
     record = await asyncio.to_thread(_run_record, dirs.run_json(run), run, dirs.pgroup)
     target = aux_directory(
         dirs, record.get("directory_name"), run, record.get("appended_directory_suffix")

@@ -7,8 +7,8 @@ slow file system delays one request, not the whole broker.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,12 +17,16 @@ from aiohttp import web
 
 from sf_daq_broker import __version__
 from sf_daq_broker.api.caller import beamline_of, client_address
-from sf_daq_broker.api.state import METRICS, PULSE_SEARCH, SETTINGS, STATUS, TRANSPORT
+from sf_daq_broker.api.horizon import buffers_now, check_range
+from sf_daq_broker.api.json_input import check_document, parse_json
+from sf_daq_broker.api.models import MAX_RUN_NUMBER
+from sf_daq_broker.api.openapi import openapi_document
+from sf_daq_broker.api.state import METRICS, SETTINGS, STATUS, TRANSPORT
 from sf_daq_broker.bookkeeping.ledger import accept_request, close_pgroup, record_handover_failure
 from sf_daq_broker.bookkeeping.paths import PgroupDirs, open_pgroup
 from sf_daq_broker.bookkeeping.runs import allocate_run_number, read_last_run
-from sf_daq_broker.buffers.errors import BufferClientError, DataNotYetAvailable
-from sf_daq_broker.buffers.pulse_map import PulseMapClient
+from sf_daq_broker.buffers.errors import BufferClientError
+from sf_daq_broker.buffers.horizon import WAITING_PREFIX
 from sf_daq_broker.errors import BadRequest, NotFound, Unavailable
 from sf_daq_broker.jobs import Action, StatusEvent
 from sf_daq_broker.pedestals.store import pedestals_in_use
@@ -47,15 +51,13 @@ async def read_json_body(request: web.Request) -> Any:
     raw = await request.read()  # raises 413 beyond the application's client_max_size
     if not raw.strip():
         return None
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    return parse_json(raw)
 
 
 async def read_params(request: web.Request) -> dict[str, Any]:
     """Parameters from the query string and/or a JSON object body (existing clients use both)."""
     params: dict[str, Any] = dict(request.query)
+    check_document(params, "the query string")
     body = await read_json_body(request)
     if body is not None:
         if not isinstance(body, dict):
@@ -88,11 +90,16 @@ async def retrieve_from_buffers(request: web.Request) -> web.Response:
         beamline=beamline,
         allowed_detectors=settings.detectors_of(beamline),
         max_pulse_range=settings.max_pulse_range,
+        pulse_id_bounds=(settings.min_pulse_id, settings.max_pulse_id),
+        known_detectors=settings.detectors.keys(),
     )
     dirs = await asyncio.to_thread(open_pgroup, settings.data_root, beamline, parsed.pgroup)
+    await check_range(request.app, parsed)
     converting = [name for name, options in parsed.detectors.items() if options.adc_to_energy]
     pedestals = await asyncio.to_thread(pedestals_in_use, settings, converting)
-    accepted = await asyncio.to_thread(accept_request, parsed, dirs, pedestals)
+    accepted = await asyncio.to_thread(
+        accept_request, parsed, dirs, settings.min_free_bytes, pedestals
+    )
     run = accepted.run_number
     await asyncio.to_thread(store.record_queued, accepted.jobs)
     try:
@@ -169,6 +176,14 @@ async def get_allowed_detectors(request: web.Request) -> web.Response:
     )
 
 
+def free_bytes(directory: Path) -> int | None:
+    """Bytes free for unprivileged writers below ``directory``; None if it is no directory."""
+    if not directory.is_dir():
+        return None
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize
+
+
 def judge_detectors(
     buffer_root: Path, detectors: list[str], stale_seconds: float
 ) -> dict[str, Any]:
@@ -221,21 +236,29 @@ async def get_running_detectors(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     settings, transport = request.app[SETTINGS], request.app[TRANSPORT]
     transport_ok = await transport.is_healthy()
-    data_root_ok = await asyncio.to_thread(settings.data_root.is_dir)
+    free = await asyncio.to_thread(free_bytes, settings.data_root)
+    data_root_ok = free is not None and free >= settings.min_free_bytes
     fields: dict[str, Any] = {
         "version": __version__,
         "transport": transport.name,
         "transport_ok": transport_ok,
         "data_root": str(settings.data_root),
         "data_root_ok": data_root_ok,
+        "data_root_free_bytes": free,
     }
     if transport_ok and data_root_ok:
         return reply("healthy", **fields)
+    data_root_problem = (
+        f"data root {settings.data_root} is not a directory"
+        if free is None
+        else f"data root {settings.data_root} is full ({free} bytes free, requests need "
+        f"{settings.min_free_bytes})"
+    )
     problems = [
         what
         for what, ok in (
             (f"{transport.name} transport is not reachable", transport_ok),
-            (f"data root {settings.data_root} is not a directory", data_root_ok),
+            (data_root_problem, data_root_ok),
         )
         if not ok
     ]
@@ -257,24 +280,67 @@ async def run_status(request: web.Request) -> web.Response:
     if params.get("run_number") is None:
         raise BadRequest("run_number is missing")
     run = parse_integer(params["run_number"], "run_number")
-    if run < 1:  # 0 is where pedestals (which have no run number) are kept
-        raise BadRequest(f"run_number must be a positive integer, got {run}")
+    if not 1 <= run <= MAX_RUN_NUMBER:  # 0 is where pedestals (no run number) are kept
+        raise BadRequest(f"run_number must be between 1 and {MAX_RUN_NUMBER}, got {run}")
     jobs = await asyncio.to_thread(request.app[STATUS].run_status, dirs.pgroup, run)
     if not jobs:
         if await asyncio.to_thread(dirs.run_json(run).is_file):
             raise NotFound(
                 f"run {run} of {dirs.pgroup} exists, but this broker has no job status for it"
             )
+        if 0 < run <= await asyncio.to_thread(read_last_run, dirs):
+            raise NotFound(
+                f"run {run} of {dirs.pgroup} is reserved (/advance_run_number) but not retrieved "
+                f"yet: send /retrieve_from_buffers with run_number {run} to fill it"
+            )
         raise NotFound(f"run {run} of {dirs.pgroup} does not exist")
     state = run_state(jobs)
-    finished = sum(job["state"] == JobState.DONE for job in jobs)
+    incomplete = incomplete_sources(jobs)
     return reply(
-        f"run {run} of {dirs.pgroup} is {state}: {finished} of {len(jobs)} sources done",
+        run_summary(f"run {run} of {dirs.pgroup}", state, jobs, incomplete),
         pgroup=dirs.pgroup,
         run_number=run,
         run_state=state,
+        incomplete_sources=incomplete,
         sources={job["source"]: job for job in jobs},
     )
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI document of this broker's endpoints (generated from the request models)."""
+    settings = request.app[SETTINGS]
+    routes = tuple(
+        (route.method, route.resource.canonical)
+        for route in request.app.router.routes()
+        if route.resource is not None and route.method != "HEAD"
+    )
+    document = openapi_document(routes, (settings.min_pulse_id, settings.max_pulse_id))
+    return web.json_response(document)
+
+
+def incomplete_sources(jobs: list[dict[str, Any]]) -> list[str]:
+    """Sources written but not complete (names without data, missing pulses)."""
+    return [
+        job["source"]
+        for job in jobs
+        if job["state"] == JobState.DONE
+        and isinstance(job["completeness"], dict)
+        and job["completeness"].get("complete") is False
+    ]
+
+
+def run_summary(run: str, state: str, jobs: list[dict[str, Any]], incomplete: list[str]) -> str:
+    """``run 2 of p12345 is done, incomplete: 4 of 4 sources done (BSDATA incomplete)``: an
+    incomplete run must not read like a success."""
+    finished = sum(job["state"] == JobState.DONE for job in jobs)
+    words = f"{state}, incomplete" if incomplete and state == JobState.DONE else state
+    line = f"{run} is {words}: {finished} of {len(jobs)} sources done"
+    if incomplete:
+        line += f" ({', '.join(incomplete)} incomplete)"
+    waiting = [job for job in jobs if job["message"].startswith(WAITING_PREFIX)]
+    if waiting and state == JobState.RUNNING:
+        line += f"; {waiting[0]['source']} {waiting[0]['message']}"
+    return line
 
 
 async def current_pulse_id(request: web.Request) -> web.Response:
@@ -282,15 +348,9 @@ async def current_pulse_id(request: web.Request) -> web.Response:
 
     The search starts from the last answer, so after the first call it costs a few requests.
     """
-    url = request.app[SETTINGS].buffers.databuffer_url
-    state = request.app[PULSE_SEARCH]
-    async with PulseMapClient(url) as pulse_map:
-        try:
-            try:
-                newest = await pulse_map.newest_pulse_id(state.get("known", 1))
-            except DataNotYetAvailable:  # the remembered pulse is no longer mapped
-                newest = await pulse_map.newest_pulse_id(1)
-        except BufferClientError as exc:
-            raise Unavailable(f"the pulse map at {url} does not answer: {exc}") from exc
-    state["known"] = newest
+    try:
+        newest = await buffers_now(request.app)
+    except BufferClientError as exc:
+        url = request.app[SETTINGS].buffers.databuffer_url
+        raise Unavailable(f"the pulse map at {url} does not answer: {exc}") from exc
     return reply(str(newest), pulse_id=newest)

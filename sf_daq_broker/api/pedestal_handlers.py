@@ -29,15 +29,14 @@ from sf_daq_broker.api.handlers import (
     reply,
 )
 from sf_daq_broker.api.state import SETTINGS, STATUS, TRANSPORT
-from sf_daq_broker.bookkeeping.atomic import create_atomic, dump_json
+from sf_daq_broker.bookkeeping.atomic import dump_json
 from sf_daq_broker.bookkeeping.ledger import request_time_now
-from sf_daq_broker.bookkeeping.paths import PgroupDirs, open_pgroup
+from sf_daq_broker.bookkeeping.paths import PEDESTAL_DIRECTORY, PgroupDirs, open_pgroup
 from sf_daq_broker.bookkeeping.runs import check_open, pgroup_lock
 from sf_daq_broker.errors import BadRequest, Conflict, NotFound, Unavailable
 from sf_daq_broker.jobs import Action, Job, StatusEvent
 from sf_daq_broker.pedestals.request import (
     NAME_FORMAT,
-    PEDESTAL_DIRECTORY,
     PedestalFiles,
     expected_frames,
     parse_pedestal_request,
@@ -103,24 +102,24 @@ async def take_pedestal(request: web.Request) -> web.Response:
 def _record_request(dirs: PgroupDirs, body: dict[str, Any], request_id: str) -> PedestalFiles:
     """Write ``JF_pedestals/<name>.json`` (a name used already this second is refused)."""
     directory = dirs.raw / PEDESTAL_DIRECTORY
-    with pgroup_lock(dirs):
-        check_open(dirs)
-        dirs.make_dir(directory, PEDESTAL_DIRECTORY)
-        files = PedestalFiles(directory, pedestal_name_now())
-        record = {
-            **body,
-            "beamline": dirs.beamline,
-            "pedestal": files.name,
-            "request_id": request_id,
-            "request_time": request_time_now(),
-        }
-        try:
-            create_atomic(files.record, dump_json(record))
-        except FileExistsError:
-            raise Conflict(
-                f"a pedestal of {dirs.pgroup} was requested in this second already "
-                f"({files.record}): send the request again"
-            ) from None
+    with pgroup_lock(dirs) as run_info:
+        check_open(dirs, run_info)
+        with dirs.open_dir(directory, PEDESTAL_DIRECTORY, create=True) as pedestals:
+            files = PedestalFiles(directory, pedestal_name_now())
+            record = {
+                **body,
+                "beamline": dirs.beamline,
+                "pedestal": files.name,
+                "request_id": request_id,
+                "request_time": request_time_now(),
+            }
+            try:
+                pedestals.create_atomic(files.record.name, dump_json(record))
+            except FileExistsError:
+                raise Conflict(
+                    f"a pedestal of {dirs.pgroup} was requested in this second already "
+                    f"({files.record}): send the request again"
+                ) from None
     return files
 
 

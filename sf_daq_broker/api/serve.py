@@ -7,15 +7,17 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
-from sf_daq_broker.api.state import SETTINGS, TRANSPORT
 from sf_daq_broker.config import ConfigError, load_settings
 from sf_daq_broker.jobs import SourceKind
 
+if TYPE_CHECKING:
+    from aiohttp import web
+
 log = logging.getLogger(__name__)
+# aiohttp and the application are imported when the broker runs: every `sf-daq-broker`
+# command loads this module to build its --help.
 
 
 def add_parser(subparsers: Any) -> None:
@@ -47,6 +49,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
     from sf_daq_broker.api.app import create_app
 
     try:
@@ -99,6 +103,7 @@ def workers_in_process(
     kinds: list[SourceKind],
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context running the workers on the broker's own transport and loop."""
+    from sf_daq_broker.api.state import SETTINGS, TRANSPORT
     from sf_daq_broker.workers.cli import make_source
     from sf_daq_broker.workers.loop import Worker
 

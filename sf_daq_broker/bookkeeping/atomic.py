@@ -3,6 +3,9 @@
 The recipe is the classic one: write a temporary file in the same directory, flush and fsync
 it, rename (or link) it over the final name, then fsync the directory so the rename itself is
 durable. Readers therefore see either the old content or the new one, never a torn file.
+Below a pgroup's ``raw/`` the recipe runs through ``confined`` (``ConfinedDir.write_atomic``,
+``create_atomic``, ``ConfinedFile.publish``); this module keeps the naming rules they share
+and ``publish_file`` for files written elsewhere (a conversion tool's output).
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,48 +26,6 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, temp_path: Path | None = None) -> None:
-    """Replace ``path`` with ``data`` atomically.
-
-    ``temp_path`` lets a caller that holds a lock reuse one fixed temporary name, so that a
-    crash never leaves a growing litter of temporary files behind.
-    """
-    temp = temp_path or path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        _write_synced(temp, data)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-
-
-def create_atomic(path: Path, data: bytes) -> None:
-    """Create ``path`` with ``data`` atomically; FileExistsError if it already exists.
-
-    A hard link, unlike a rename, refuses to replace an existing file, so two writers racing
-    for the same name cannot both believe they created it.
-    """
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        _write_synced(temp, data)
-        os.link(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-    fsync_directory(path.parent)
-
-
 def partial_path(final: Path, owner: str) -> Path:
     """The temporary name ``owner`` writes ``final`` under before publishing it.
 
@@ -73,13 +33,21 @@ def partial_path(final: Path, owner: str) -> Path:
     still being written; one per owner (a job lease's token, a random token), so two writers
     of one file never write into, publish or delete each other's file.
     """
-    return final.with_name(f".{final.name}.{owner}.partial")
+    return final.with_name(partial_name(final.name, owner))
+
+
+def partial_name(final_name: str, owner: str) -> str:
+    return f".{final_name}.{owner}.partial"
+
+
+def partial_pattern(final_name: str) -> str:
+    """A glob (and ``fnmatch``) pattern matching every temporary file of ``final_name``."""
+    return f".{glob.escape(final_name)}*.partial"
 
 
 def partial_files(final: Path) -> list[Path]:
     """Every temporary file of ``final``, whoever writes it."""
-    pattern = f".{glob.escape(final.name)}*.partial"
-    return sorted(final.parent.glob(pattern))
+    return sorted(final.parent.glob(partial_pattern(final.name)))
 
 
 def publish_file(temp: Path, final: Path) -> None:

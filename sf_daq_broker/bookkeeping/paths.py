@@ -1,21 +1,28 @@
 """Where a pgroup's files live, and paths from requests that can never leave ``raw/``.
 
-Every directory the broker writes into is checked after resolving symlinks, because a symlink
-planted inside ``raw/`` (or a ``..`` in a request) must not let a request write elsewhere.
+A request's path is checked when it is accepted (a symlink planted inside ``raw/``, or a ``..``
+in a request, must not let a request write elsewhere), and every write goes through a handle
+on a directory reached from ``raw/`` without the kernel following a symlink (``confined``),
+so a symlink planted after the check cannot redirect it either.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from sf_daq_broker.errors import BadRequest, NotFound
+from sf_daq_broker.bookkeeping.confined import ConfinedDir, OutsideRaw, open_below, reach_below
+from sf_daq_broker.errors import BadRequest, Conflict, NotFound
 
 PGROUP_PATTERN = re.compile(r"^p\d{5}$")
+#: Where /take_pedestal puts a pedestal's files (upstream's name).
+PEDESTAL_DIRECTORY = "JF_pedestals"
 #: Top-level directories of raw/ that belong to the bookkeeping, not to data.
 RESERVED_DIRECTORIES = frozenset({"run_info", "scan_info"})
+#: The longest path component a request may give, in bytes of UTF-8: file systems take 255,
+#: and the bookkeeping adds to some names (``.json``, temporary names while writing).
+COMPONENT_MAX = 200
 
 
 def check_pgroup_name(value: object) -> str:
@@ -25,27 +32,28 @@ def check_pgroup_name(value: object) -> str:
 
 
 def clean_relative_path(value: object, key: str) -> str:
-    """Validate a client-given relative path; return it with spaces turned into ``_``."""
+    """Validate a client-given relative path; return it with spaces turned into ``_`` and
+    without trailing ``/`` (``sample/`` is how people type a directory)."""
     if not isinstance(value, str):
         raise BadRequest(f"{key} must be a string, got {value!r}")
     if any(ord(char) < 32 or ord(char) == 127 for char in value):
         raise BadRequest(f"{key} {value!r} contains control characters")
     if value.startswith("/"):
         raise BadRequest(f"{key} {value!r} must be relative, not an absolute path")
-    cleaned = value.replace(" ", "_")
+    cleaned = value.replace(" ", "_").rstrip("/")
     for component in cleaned.split("/"):
         if component == "":
             raise BadRequest(f"{key} {value!r} has an empty path component")
         if component in (".", ".."):
             raise BadRequest(f"{key} {value!r} must not contain '{component}' components")
+        # A name the file system refuses must be refused here, before a run number is spent.
+        size = len(component.encode("utf-8", "surrogatepass"))
+        if size > COMPONENT_MAX:
+            raise BadRequest(
+                f"{key}: the path component {component[:20]!r}... is {size} bytes long, "
+                f"at most {COMPONENT_MAX} bytes are allowed"
+            )
     return cleaned
-
-
-def is_inside(path: Path, root: Path) -> bool:
-    """True if ``path``, with every symlink resolved, is ``root`` or below it."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(path)
-    return real == real_root or real.startswith(real_root + os.sep)
 
 
 @dataclass(frozen=True)
@@ -97,17 +105,29 @@ class PgroupDirs:
         """A run's data file; ``tag`` is the user tag of ``append_user_tag_to_data_dir``."""
         return self.output_dir(directory_name) / f"{run_prefix(run_number, tag)}.{suffix}.h5"
 
-    def ensure_inside(self, path: Path, what: str) -> Path:
-        """Refuse ``path`` if it resolves (symlinks followed) outside ``raw/``."""
-        if not is_inside(path, self.raw):
-            raise BadRequest(f"{what} leads outside the raw directory of {self.pgroup}")
-        return path
+    def below_raw(self, path: Path) -> PurePosixPath:
+        """``path`` (one of the paths above) relative to ``raw/``."""
+        return PurePosixPath(path.relative_to(self.raw))
 
-    def make_dir(self, path: Path, what: str) -> Path:
-        """Create a directory below ``raw/``, checking before and after against symlinks."""
-        self.ensure_inside(path, what)
-        path.mkdir(parents=True, exist_ok=True)
-        return self.ensure_inside(path, what)
+    def check_reachable(self, path: Path, what: str) -> None:
+        """Refuse ``path`` if the part of it that exists leads outside ``raw/`` by a symlink,
+        or is a file where a directory must be (before a run number is spent)."""
+        try:
+            reach_below(self.raw, self.below_raw(path))
+        except OutsideRaw:
+            raise BadRequest(f"{what} leads outside the raw directory of {self.pgroup}") from None
+        except NotADirectoryError:
+            raise Conflict(f"{what}: a file is in the way of a directory below raw/") from None
+
+    def open_dir(self, path: Path, what: str, *, create: bool = False) -> ConfinedDir:
+        """The directory ``path`` below ``raw/`` as a confined handle (created if ``create``);
+        writes through it cannot leave ``raw/``. The caller closes it."""
+        try:
+            return open_below(self.raw, self.below_raw(path), create=create)
+        except OutsideRaw:
+            raise BadRequest(f"{what} leads outside the raw directory of {self.pgroup}") from None
+        except NotADirectoryError:
+            raise Conflict(f"{what}: a file is in the way of a directory below raw/") from None
 
 
 def run_prefix(run_number: int, tag: str | None = None) -> str:
@@ -129,5 +149,5 @@ def check_directory_name(dirs: PgroupDirs, value: object, key: str) -> str:
     cleaned = clean_relative_path(value, key)
     if cleaned.split("/")[0] in RESERVED_DIRECTORIES:
         raise BadRequest(f"{key} {value!r} is inside a bookkeeping directory of raw/")
-    dirs.ensure_inside(dirs.raw / cleaned, f"{key} {value!r}")
+    dirs.check_reachable(dirs.raw / cleaned, f"{key} {value!r}")
     return cleaned

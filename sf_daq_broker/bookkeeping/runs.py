@@ -6,7 +6,8 @@ NFS — and is replaced atomically (fixed temporary name, fsync, rename, fsync o
 so after a crash at any instant it holds either the old or the new number, never garbage, and
 never less than a number already returned (the number is returned only after the rename is
 durable). POSIX locks belong to a process, so threads of one process are serialised in addition
-by an in-process lock per pgroup.
+by an in-process lock per pgroup. Every file here is opened relative to a confined handle on
+``run_info/`` (see ``confined``), so a symlink planted in ``run_info/`` is never written through.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sf_daq_broker.bookkeeping.atomic import write_atomic
+from sf_daq_broker.bookkeeping.confined import ConfinedDir
 from sf_daq_broker.bookkeeping.paths import PgroupDirs
 from sf_daq_broker.errors import Conflict
 
@@ -36,27 +37,42 @@ def _thread_lock(dirs: PgroupDirs) -> threading.Lock:
 
 
 @contextmanager
-def pgroup_lock(dirs: PgroupDirs) -> Iterator[None]:
-    """Hold the pgroup's bookkeeping lock (threads of this process and other processes)."""
-    dirs.make_dir(dirs.run_info, "run_info")
-    with _thread_lock(dirs):
-        fd = os.open(dirs.lock_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+def pgroup_lock(dirs: PgroupDirs) -> Iterator[ConfinedDir]:
+    """Hold the pgroup's bookkeeping lock (threads of this process and other processes);
+    yields the confined handle on ``run_info/`` that every bookkeeping write goes through."""
+    with dirs.open_dir(dirs.run_info, "run_info", create=True) as run_info, _thread_lock(dirs):
+        try:
+            fd = run_info.open_fd(dirs.lock_file.name, os.O_RDWR | os.O_CREAT)
+        except OSError as exc:  # a symlink planted at .lock (ELOOP): never locked through
+            raise Conflict(
+                f"the lock file {dirs.lock_file} cannot be opened ({exc.strerror}): "
+                "a person must look at it"
+            ) from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX)
             try:
-                yield
+                yield run_info
             finally:
                 fcntl.lockf(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
 
 
-def read_last_run(dirs: PgroupDirs) -> int:
+def read_last_run(dirs: PgroupDirs, run_info: ConfinedDir | None = None) -> int:
     """The last run number given out; 0 when LAST_RUN does not exist yet."""
     try:
-        text = dirs.last_run_file.read_text()
+        if run_info is not None:
+            data = run_info.read_bytes(dirs.last_run_file.name)
+        else:
+            with dirs.open_dir(dirs.run_info, "run_info") as opened:
+                data = opened.read_bytes(dirs.last_run_file.name)
     except FileNotFoundError:
         return 0
+    except OSError as exc:  # a symlink at LAST_RUN (ELOOP): never read through it
+        raise Conflict(
+            f"{dirs.last_run_file} cannot be read ({exc.strerror}): a person must look at it"
+        ) from None
+    text = data.decode("utf-8", "replace")
     try:
         value = int(text.strip())
     except ValueError:
@@ -68,25 +84,27 @@ def read_last_run(dirs: PgroupDirs) -> int:
     return value
 
 
-def next_run_number(dirs: PgroupDirs) -> int:
-    """Give out the next run number. The caller must hold :func:`pgroup_lock`."""
-    run_number = read_last_run(dirs) + 1
-    write_atomic(
-        dirs.last_run_file,
-        f"{run_number}\n".encode(),
-        temp_path=dirs.run_info / ".LAST_RUN.tmp",
-    )
+def next_run_number(dirs: PgroupDirs, run_info: ConfinedDir) -> int:
+    """Give out the next run number. The caller must hold :func:`pgroup_lock` (``run_info``)."""
+    run_number = read_last_run(dirs, run_info) + 1
+    write_last_run(dirs, run_info, run_number)
     return run_number
 
 
-def check_open(dirs: PgroupDirs) -> None:
+def write_last_run(dirs: PgroupDirs, run_info: ConfinedDir, run_number: int) -> None:
+    """Record ``run_number`` as given out (durably). The caller holds :func:`pgroup_lock`."""
+    name = dirs.last_run_file.name
+    run_info.write_atomic(name, f"{run_number}\n".encode(), temp_name=f".{name}.tmp")
+
+
+def check_open(dirs: PgroupDirs, run_info: ConfinedDir) -> None:
     """Refuse writing into a closed pgroup. The caller should hold :func:`pgroup_lock`."""
-    if dirs.closed_marker.exists():
+    if run_info.exists(dirs.closed_marker.name):
         raise Conflict(f"pgroup {dirs.pgroup} is closed for writing")
 
 
 def allocate_run_number(dirs: PgroupDirs) -> int:
     """Reserve the next run number on its own (``/advance_run_number``)."""
-    with pgroup_lock(dirs):
-        check_open(dirs)
-        return next_run_number(dirs)
+    with pgroup_lock(dirs) as run_info:
+        check_open(dirs, run_info)
+        return next_run_number(dirs, run_info)

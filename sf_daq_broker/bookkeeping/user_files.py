@@ -10,10 +10,11 @@ pgroup's group (the group of its ``raw/`` directory) and that group may read it;
 a regular file (a FIFO or a device is refused without being read). The checks are made on
 the opened file, so a path swapped after the check cannot slip another file in.
 
-Never outside the pgroup: the destination directory is created and checked inside ``raw/``
-(symlinks resolved), each file is written under a temporary name created exclusively without
-following symlinks, then renamed over the destination name (a symlink planted there is
-replaced, never followed). A copy that fails leaves nothing behind.
+Never outside the pgroup: the destination directory is reached through a confined handle
+(``bookkeeping.confined``: a symlink that leads out of ``raw/`` refuses the request), each file
+is written under a temporary name created exclusively in it, then renamed over the destination
+name (a symlink planted there is replaced, never followed). A copy that fails leaves nothing
+behind.
 
 Each file gets its own outcome: ``destination_files`` {source: destination} and
 ``error_files`` {source: reason}.
@@ -30,8 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sf_daq_broker.bookkeeping.atomic import fsync_directory
+from sf_daq_broker.bookkeeping.atomic import partial_name
+from sf_daq_broker.bookkeeping.confined import ConfinedDir, OutsideRaw
 from sf_daq_broker.bookkeeping.paths import PgroupDirs, run_prefix
+from sf_daq_broker.bookkeeping.runs import check_open
 from sf_daq_broker.errors import BadRequest
 
 MAX_FILES = 1000
@@ -60,23 +63,34 @@ def aux_directory(dirs: PgroupDirs, directory_name: str | None, run: int, tag: s
     return dirs.output_dir(directory_name) / f"{run_prefix(run, tag)}.{AUX_SUFFIX}"
 
 
+def check_pgroup_open(dirs: PgroupDirs) -> None:
+    """Refuse (409) copying into a closed pgroup (a pgroup without run_info has no run)."""
+    try:
+        with dirs.open_dir(dirs.run_info, "run_info") as run_info:
+            check_open(dirs, run_info)
+    except FileNotFoundError:
+        return
+
+
 def copy_user_files(dirs: PgroupDirs, target: Path, files: list[str]) -> CopyOutcome:
     """Copy each of ``files`` into ``target`` (a directory below ``raw/``, created here)."""
     outcome = CopyOutcome()
     group = os.stat(dirs.raw).st_gid
     names: dict[str, str] = {}
-    made = False
-    for source in files:
-        problem = _check_name(source, names)
-        if problem is None:
-            if not made:
-                dirs.make_dir(target, "the run's aux directory")
-                made = True
-            problem = _copy_one(Path(source), target, group, outcome)
-        if problem is not None:
-            outcome.error_files[source] = problem
-        else:
-            names[Path(source).name] = source
+    with contextlib.ExitStack() as stack:
+        directory: ConfinedDir | None = None
+        for source in files:
+            problem = _check_name(source, names)
+            if problem is None:
+                if directory is None:
+                    directory = stack.enter_context(
+                        dirs.open_dir(target, "the run's aux directory", create=True)
+                    )
+                problem = _copy_one(Path(source), directory, group, outcome)
+            if problem is not None:
+                outcome.error_files[source] = problem
+            else:
+                names[Path(source).name] = source
     return outcome
 
 
@@ -89,7 +103,7 @@ def _check_name(source: str, names: dict[str, str]) -> str | None:
     return None
 
 
-def _copy_one(source: Path, target: Path, group: int, outcome: CopyOutcome) -> str | None:
+def _copy_one(source: Path, target: ConfinedDir, group: int, outcome: CopyOutcome) -> str | None:
     try:
         fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -100,24 +114,16 @@ def _copy_one(source: Path, target: Path, group: int, outcome: CopyOutcome) -> s
         os.close(fd)
         return problem
     with os.fdopen(fd, "rb") as reader:
-        final = target / source.name
-        temporary = target / f".{source.name}.{uuid.uuid4().hex}.partial"
         try:
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            out = os.open(temporary, flags, 0o640)
-            with os.fdopen(out, "wb") as writer:
-                shutil.copyfileobj(reader, writer, 1024 * 1024)
-                writer.flush()
-                os.fsync(writer.fileno())
-            os.utime(temporary, ns=(info.st_atime_ns, info.st_mtime_ns))
-            os.chmod(temporary, stat.S_IMODE(info.st_mode) & 0o777)  # no set-id bits
-            os.replace(temporary, final)
-            fsync_directory(target)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-            return f"cannot be copied: {exc.strerror}"
-    outcome.destination_files[str(source)] = str(final)
+            with target.new_file(partial_name(source.name, uuid.uuid4().hex[:12])) as temp:
+                with open(temp.path, "wb") as writer:
+                    shutil.copyfileobj(reader, writer, 1024 * 1024)
+                os.utime(temp.path, ns=(info.st_atime_ns, info.st_mtime_ns))
+                os.chmod(temp.path, stat.S_IMODE(info.st_mode) & 0o777)  # no set-id bits
+                temp.publish(source.name)  # a symlink planted at the name is replaced
+        except (OSError, OutsideRaw) as exc:
+            return f"cannot be copied: {getattr(exc, 'strerror', None) or exc}"
+    outcome.destination_files[str(source)] = str(target.path / source.name)
     return None
 
 

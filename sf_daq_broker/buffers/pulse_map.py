@@ -72,3 +72,29 @@ class PulseMapClient(HttpClient):
             else:
                 low = middle
         return low
+
+    async def newest_pulse_id_near(self, hint: int) -> int:
+        """The newest pulse the map knows, searched from ``hint`` whether or not it is known.
+
+        A known ``hint`` gallops forward (``newest_pulse_id``); an unknown one (a range in the
+        future) gallops back 1, 2, 4, … pulses to a known pulse, then bisects. Raises
+        DataNotYetAvailable when the map knows no pulse at or below ``hint``.
+        """
+        hint = max(int(hint), 0)
+        if await self.timestamp_ns(hint) is not None:
+            return await self.newest_pulse_id(hint)
+        high, step = hint, 1  # high: unknown
+        while True:
+            low = max(high - step, 0)
+            if await self.timestamp_ns(low) is not None:
+                break
+            if low == 0:
+                raise DataNotYetAvailable(f"pulse map: no pulse at or below {hint} is known")
+            high, step = low, step * 2
+        while high - low > 1:
+            middle = (low + high) // 2
+            if await self.timestamp_ns(middle) is None:
+                high = middle
+            else:
+                low = middle
+        return low

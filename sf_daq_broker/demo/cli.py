@@ -162,6 +162,12 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise _Terminated()
 
 
+def _not_from_amqp_libraries(record: logging.LogRecord) -> bool:
+    """The demo says in its own words that RabbitMQ is not reachable; the AMQP libraries'
+    own log lines about it (an ERROR with a repr) would only confuse on the terminal."""
+    return not record.name.startswith(("aiormq", "aio_pika"))
+
+
 @contextlib.contextmanager
 def _quiet_console(log_file: Path, verbose: bool) -> Iterator[None]:
     """The full log goes to ``log_file``; the terminal shows warnings only (unless verbose),
@@ -174,6 +180,7 @@ def _quiet_console(log_file: Path, verbose: bool) -> Iterator[None]:
     if not verbose:
         for existing in root.handlers:
             existing.setLevel(max(existing.level, logging.WARNING))
+            existing.addFilter(_not_from_amqp_libraries)
     root.addHandler(handler)
     try:
         yield
@@ -182,6 +189,7 @@ def _quiet_console(log_file: Path, verbose: bool) -> Iterator[None]:
         handler.close()
         for existing, level in previous.items():
             existing.setLevel(level)
+            existing.removeFilter(_not_from_amqp_libraries)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -266,8 +274,13 @@ def _demo(system: Any, content: Any, pulses: Any, args: argparse.Namespace) -> i
     from sf_daq_broker.demo.report import Timings, report_lines
     from sf_daq_broker.demo.system import DemoError
     from sf_daq_broker.tools.consistency import check_run
-    from sf_daq_broker.tools.follow import ProgressBars, follow_run
-    from sf_daq_broker.tools.remote import BrokerRefused, ClientError, RemoteBroker
+    from sf_daq_broker.tools.daq_client import (
+        BrokerRefused,
+        ClientError,
+        ProgressBars,
+        RemoteBroker,
+        follow_run,
+    )
 
     began = time.monotonic()
     timings = Timings()
@@ -362,7 +375,9 @@ def _demo(system: Any, content: Any, pulses: Any, args: argparse.Namespace) -> i
             f"ready: the broker at {system.broker_url} keeps serving (data root "
             f"{options.data_root}); Ctrl-C stops everything"
         )
-        with contextlib.suppress(KeyboardInterrupt):
+        try:
             signal.pause()
-        _say("stopping")
+        except KeyboardInterrupt:
+            _say("stopping (Ctrl-C)")
+            return EXIT_INTERRUPTED
     return EXIT_OK if passed else EXIT_FAILED

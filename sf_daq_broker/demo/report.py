@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sf_daq_broker.tools.check import summary_lines
 from sf_daq_broker.tools.consistency import CheckResult
-from sf_daq_broker.tools.follow import RunResult
+from sf_daq_broker.tools.daq_client import RunResult
 
 
 def human_size(size: int) -> str:

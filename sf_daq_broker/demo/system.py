@@ -257,6 +257,7 @@ class DemoSystem:
         runner: web.AppRunner | None = None
         worker_task: asyncio.Task[None] | None = None
         worker_transport: Transport | None = None
+        connected = False  # to RabbitMQ: only then are there queues of ours to remove
         try:
             await simulation.start()
             settings = demo_settings(self.options, simulation)
@@ -265,6 +266,7 @@ class DemoSystem:
             if settings.uses_amqp:
                 worker_transport = create_transport(settings.amqp_url, settings.amqp_prefix)
                 await _connect(broker_transport, settings.amqp_url)
+                connected = True
             else:
                 worker_transport = broker_transport  # one in-process queue
             runner = await self._serve_broker(settings, broker_transport)
@@ -282,7 +284,7 @@ class DemoSystem:
                 await runner.cleanup()  # closes the broker's transport
             if worker_transport is not None and self.options.amqp_url:
                 await worker_transport.close()
-                if self.options.delete_topology:
+                if self.options.delete_topology and connected:
                     await _delete_topology(self.options.amqp_url, self.options.amqp_prefix)
             await simulation.stop()
 

@@ -26,22 +26,21 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from sf_daq_broker import __version__
 from sf_daq_broker.errors import BadRequest
-from sf_daq_broker.h5.atomic import atomic_output
-from sf_daq_broker.h5.detector import DetectorFileError, DetectorFileWriter, RawDetectorFile
-from sf_daq_broker.jungfrau.converter import Converter
 from sf_daq_broker.jungfrau.errors import ConversionError
-from sf_daq_broker.jungfrau.events import kept_frames, write_crystfel_lists
-from sf_daq_broker.jungfrau.export import Export
-from sf_daq_broker.jungfrau.options import ConversionOptions, parse_module_list
-from sf_daq_broker.retrieval import DetectorOptions, parse_detector_options
+
+if TYPE_CHECKING:
+    from sf_daq_broker.h5.detector import RawDetectorFile
+    from sf_daq_broker.jungfrau.export import Export
+    from sf_daq_broker.jungfrau.options import ConversionOptions
+    from sf_daq_broker.retrieval import DetectorOptions
 
 log = logging.getLogger(__name__)
+# numpy, h5py and numba are imported when a conversion runs: every `sf-daq-broker` command
+# loads this module to build its --help.
 
 #: Raw bytes read per batch (the converted batch is up to twice that, plus its compression).
 BATCH_BYTES = 256 * 1024 * 1024
@@ -133,6 +132,8 @@ FLAGS = (
 
 
 def run(args: argparse.Namespace) -> int:
+    from sf_daq_broker.h5.detector import DetectorFileError
+
     try:
         convert(args)
     except (ConversionError, DetectorFileError, BadRequest) as exc:
@@ -146,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _request_options(args: argparse.Namespace, detector: str) -> DetectorOptions:
     """The options of ``--options``, validated as a request's (the same rules, messages)."""
+    from sf_daq_broker.retrieval import parse_detector_options
+
     given = [f"--{flag.replace('_', '-')}" for flag in FLAGS if getattr(args, flag) is not None]
     if given:
         raise ConversionError(f"--options replaces the option flags; drop {', '.join(given)}")
@@ -159,6 +162,8 @@ def _request_options(args: argparse.Namespace, detector: str) -> DetectorOptions
 def _flag_options(args: argparse.Namespace) -> tuple[ConversionOptions, bool]:
     """The conversion options and compression of the option flags (JUNGFRAU.md semantics:
     --no-adc-to-energy copies raw values into the converted layout)."""
+    from sf_daq_broker.jungfrau.options import ConversionOptions, parse_module_list
+
     conversion = ConversionOptions(
         adc_to_energy=args.adc_to_energy is not False,
         mask=args.mask is not False,
@@ -172,6 +177,11 @@ def _flag_options(args: argparse.Namespace) -> tuple[ConversionOptions, bool]:
 
 
 def convert(args: argparse.Namespace) -> None:
+    from sf_daq_broker.h5.detector import RawDetectorFile
+    from sf_daq_broker.jungfrau.converter import Converter
+    from sf_daq_broker.jungfrau.export import Export
+    from sf_daq_broker.retrieval import DetectorOptions
+
     output: Path = args.output_file
     if output.exists() and output.resolve() == args.raw_file.resolve():
         raise ConversionError(f"{output} is the input file; choose another output file")
@@ -221,6 +231,12 @@ def _convert_file(
     raw: RawDetectorFile, export: Export, output: Path, options: DetectorOptions
 ) -> int:
     """Stream the kept frames through ``export`` into ``output``; returns how many."""
+    import numpy as np
+
+    from sf_daq_broker.h5.atomic import atomic_output
+    from sf_daq_broker.h5.detector import DetectorFileWriter
+    from sf_daq_broker.jungfrau.events import kept_frames, write_crystfel_lists
+
     columns = raw.columns(0, raw.n_frames)
     keep = kept_frames(
         columns.pulse_id,

@@ -10,13 +10,13 @@ worth selecting.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from sf_daq_broker.bookkeeping.atomic import write_atomic
+from sf_daq_broker.bookkeeping.confined import replace_file
 
 LASER_BIT = 16
 DARKSHOT_BIT = 17
@@ -76,13 +76,17 @@ def list_file(data_file: Path, kind: str) -> Path:
 
 
 def write_crystfel_lists(
-    data_file: Path, daq_rec: npt.ArrayLike, is_good_frame: npt.ArrayLike
+    data_file: Path,
+    daq_rec: npt.ArrayLike,
+    is_good_frame: npt.ArrayLike,
+    write: Callable[[Path, bytes], None] = replace_file,
 ) -> list[Path]:
-    """Write the non-empty lists beside ``data_file`` (atomically); returns their paths."""
+    """Write the non-empty lists beside ``data_file`` (atomically, with ``write``: a worker
+    passes its confined writer); returns their paths."""
     written = []
     for kind, lines in crystfel_lists(data_file, daq_rec, is_good_frame).items():
         if lines:
             path = list_file(data_file, kind)
-            write_atomic(path, ("\n".join(lines) + "\n").encode())
+            write(path, ("\n".join(lines) + "\n").encode())
             written.append(path)
     return written

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sf_daq_broker.defaults import GEOMETRY_CONFIG, default_config
 from sf_daq_broker.jungfrau.errors import GeometryConfigError
 
 GEOMETRY_ENV = "SF_DAQ_GEOMETRY_FILE"
-DEFAULT_GEOMETRY_FILE = Path(__file__).resolve().parents[2] / "configs" / "geometry.toml"
+DEFAULT_GEOMETRY_FILE = default_config(GEOMETRY_CONFIG)
 
 PIXEL_SENSOR = "pixel"
 STRIP_SENSOR = "strip"

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from sf_daq_broker.config import ConfigError, load_settings
-from sf_daq_broker.h5.detector import DetectorFileError, RawDetectorFile
 from sf_daq_broker.jungfrau.errors import ConversionError
-from sf_daq_broker.jungfrau.pedestal import FRAMES_AVERAGE, compute_pedestal
+
+#: As ``jungfrau.pedestal.FRAMES_AVERAGE`` (that module loads numba: imported when run).
+FRAMES_AVERAGE = 1000
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sf_daq_broker.h5.detector import DetectorFileError
+    from sf_daq_broker.jungfrau.pedestal import compute_pedestal
+
     try:
         summary = compute_pedestal(
             args.raw_file,
@@ -96,6 +100,8 @@ class _Progress:
 
 
 def _number_bad_modules(args: argparse.Namespace) -> int:
+    from sf_daq_broker.h5.detector import RawDetectorFile
+
     if args.number_bad_modules is not None:
         return int(args.number_bad_modules)
     with RawDetectorFile(args.raw_file) as raw:

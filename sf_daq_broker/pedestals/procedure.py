@@ -34,7 +34,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from sf_daq_broker.bookkeeping.atomic import dump_json, write_atomic
+from sf_daq_broker.bookkeeping.atomic import dump_json
+from sf_daq_broker.bookkeeping.confined import replace_file
 from sf_daq_broker.buffers.errors import BufferClientError, DataNotYetAvailable
 from sf_daq_broker.buffers.pulse_map import PulseMapClient
 from sf_daq_broker.detector_control.interface import (
@@ -340,4 +341,4 @@ def _read_saved(path: Path) -> SavedState | None:
 
 def _write_saved(path: Path, state: SavedState) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, dump_json(state.to_json()))
+    replace_file(path, dump_json(state.to_json()))

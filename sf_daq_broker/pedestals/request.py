@@ -36,7 +36,6 @@ from sf_daq_broker.jobs import Job, SourceKind, job_id_for
 from sf_daq_broker.retrieval import parse_rate_multiplicator
 from sf_daq_broker.run_options import DEFAULT_LOG_LEVEL, parse_log_level
 
-PEDESTAL_DIRECTORY = "JF_pedestals"
 PEDESTAL_SOURCE = "pedestal"
 NAME_FORMAT = "%Y%m%d_%H%M%S"
 #: Gain stages per pedestal-mode loop, for the progress estimate only (the detector says how

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 from sf_daq_broker.bookkeeping.atomic import publish_file
@@ -54,13 +53,13 @@ def pedestals_in_use(settings: Settings, converting: list[str]) -> dict[str, str
     return {name: str(path) for name, path in files.items() if path is not None}
 
 
-def install_pedestal(result_file: Path, destination: Path) -> Path:
-    """Copy a computed pedestal file to its installed name, atomically."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(result_file, temporary)
-        publish_file(temporary, destination)
-    finally:
-        temporary.unlink(missing_ok=True)
+def computing_name(destination: Path) -> Path:
+    """Where a pedestal is computed before it is installed as ``destination`` (hidden, in the
+    same directory: installing is a rename, and no conversion ever sees half a file)."""
+    return destination.with_name(f".{destination.name}.computing")
+
+
+def install_pedestal(computed: Path, destination: Path) -> Path:
+    """Make the computed file the detector's newest pedestal (fsync, rename)."""
+    publish_file(computed, destination)
     return destination

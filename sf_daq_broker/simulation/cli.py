@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sf_daq_broker.defaults import SIMULATION_CONFIG, default_config
+
 if TYPE_CHECKING:
     from sf_daq_broker.simulation.config import SimulationConfig
     from sf_daq_broker.simulation.runner import Simulation
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # Imports of the simulators happen when the command runs: every `sf-daq-broker` invocation
 # loads this module to build its --help, and should not pay for numpy, h5py and aiohttp here.
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "simulation.toml"
+DEFAULT_CONFIG = default_config(SIMULATION_CONFIG)
 
 
 def add_parser(subparsers: Any) -> None:

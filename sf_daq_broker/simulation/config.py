@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sf_daq_broker.defaults import SIMULATION_CONFIG, default_config
 from sf_daq_broker.simulation.api1_server import DEFAULT_RETENTION_PULSES as API1_RETENTION
 from sf_daq_broker.simulation.archiver import PvSpec
 from sf_daq_broker.simulation.channels import ChannelSpec
@@ -22,7 +23,7 @@ from sf_daq_broker.simulation.jungfrau_writer import (
 )
 from sf_daq_broker.simulation.jungfrau_writer import DetectorSpec
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "simulation.toml"
+DEFAULT_CONFIG = default_config(SIMULATION_CONFIG)
 
 
 class SimulationConfigError(Exception):

@@ -47,8 +47,10 @@ def format_event(event: StatusEvent, colour: bool) -> str:
     line = f"{when} {action} {event.source:<12} {event.pgroup} {what} {event.file}"
     if event.action is Action.WRITE_REJECTED:
         line += f" reason: {event.message}"
-    elif event.action is Action.WRITE_PROGRESS and pedestal:
-        line += f" {event.message}"  # the step, e.g. "gain stage G1: 400 of 1000"
+    elif event.action is Action.WRITE_PROGRESS and (pedestal or "waiting" in event.details):
+        # a pedestal's step ("gain stage G1: 400 of 1000"), or waiting for pulse X (the
+        # buffers are at Y, about Z s)
+        line += f" {event.message}"
     elif event.action is Action.WRITE_PROGRESS:
         line += f" {event.details.get('done')}/{event.details.get('total')}"
     elif event.action is Action.WRITE_FINISHED and event.message:

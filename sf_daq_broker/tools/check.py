@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sf_daq_broker.retrieval import RATE_MULTIPLICATORS
 from sf_daq_broker.tools.consistency import CheckResult, check_run
 
 
@@ -50,8 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.run_file is None:
         parser.error("a run file is needed (-r/--run_file raw/run_info/000000/run_000001.json)")
-    if args.frequency_reduction_factor < 0:
-        parser.error("--frequency_reduction_factor must be positive (0: the run's own rate)")
+    if args.frequency_reduction_factor not in (0, *RATE_MULTIPLICATORS):
+        parser.error(
+            "--frequency_reduction_factor must be one of the beam rates "
+            f"{', '.join(map(str, RATE_MULTIPLICATORS))} (or 0: the run's own rate), "
+            f"got {args.frequency_reduction_factor}"
+        )
     result = check_run(Path(args.run_file), args.frequency_reduction_factor)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))

@@ -22,14 +22,17 @@ from typing import Protocol, runtime_checkable
 
 from tqdm import tqdm
 
-from sf_daq_broker.tools.daq_client import submit
-from sf_daq_broker.tools.remote import (
+from sf_daq_broker.tools.daq_client import (
     DEFAULT_TIMEOUT,
     BrokerUnreachable,
     ClientError,
+    ProgressBars,
     RemoteBroker,
+    RequestTemplate,
+    RunResult,
+    follow_run,
+    submit,
 )
-from sf_daq_broker.tools.request import RequestTemplate
 
 #: Seconds between two looks at the current pulse id in ``run`` (the machine makes 10 pulses).
 POLL_INTERVAL = 0.1
@@ -70,6 +73,7 @@ class BrokerClient:
         self.template = RequestTemplate(pgroup)
         self.start_pulseid: int | None = None
         self.last_run: int | None = None
+        self.last_result: RunResult | None = None  # of the last run(..., wait=True)
 
     def configure(
         self,
@@ -137,9 +141,28 @@ class BrokerClient:
         """``"running"`` between start and stop, else None (as the original client)."""
         return "running" if self.start_pulseid is not None else None
 
-    def run(self, n_pulses: int = 1000, *, number_frames: int | None = None) -> int | None:
-        """Take ``n_pulses`` beam pulses; the run number, or None if discarded or refused."""
-        n_pulses = number_frames if number_frames is not None else n_pulses
+    def run(
+        self, n_pulses: int = 1000, *, number_frames: int | None = None, wait: bool = False
+    ) -> int | None:
+        """Take ``n_pulses`` beam pulses; the run number, or None if discarded or refused.
+
+        ``wait``: return only when every file is written (or failed), with a progress bar per
+        source, so that a check right after this call finds the files; the outcome is
+        ``last_result`` (and printed, one line per source).
+        """
+        run = self._take(number_frames if number_frames is not None else n_pulses)
+        if run is not None and wait:
+            self.last_result = self.wait(run)
+        return run
+
+    def wait(self, run_number: int) -> RunResult:
+        """Follow a run until every source is written or failed; print its outcome."""
+        result = follow_run(self.remote, self.pgroup, run_number, bars=ProgressBars(sys.stderr))
+        for line in result.lines():
+            print(line)
+        return result
+
+    def _take(self, n_pulses: int) -> int | None:
         start = self.start()
         stop = start + n_pulses * self.template.rate_multiplicator - 1
         try:

@@ -87,7 +87,7 @@ class Api1Source(Source):
             Api1Client(self.buffer_url, name=self.name) as client,
         ):
             start_ns, end_ns = await range_when_ready(
-                pulse_map, job, self.ready_timeout, self.poll_seconds
+                pulse_map, job, self.ready_timeout, self.poll_seconds, progress.waiting
             )
             aged_out = await beyond_retention(pulse_map, job, self.retention_pulses, self.name)
             decompress = not self.keep_compressed

@@ -124,7 +124,7 @@ class ArchiverSource(Source):
             ArchiverClient(self.archiver_url) as archiver,
         ):
             start_ns, end_ns = await range_when_ready(
-                pulse_map, job, self.ready_timeout, self.poll_seconds
+                pulse_map, job, self.ready_timeout, self.poll_seconds, progress.waiting
             )
             # end exclusive: a change at ts(stop + 1) belongs to the next run
             found = await archiver.query(job.names, start_ns, end_ns, end_inclusive=False)

@@ -7,12 +7,13 @@ import asyncio
 import importlib
 import logging
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sf_daq_broker.config import ConfigError, Settings, load_settings
 from sf_daq_broker.jobs import SourceKind
-from sf_daq_broker.transport import create_transport
-from sf_daq_broker.workers.loop import Source, Worker
+
+if TYPE_CHECKING:
+    from sf_daq_broker.workers.loop import Source
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: Settings, kinds: list[SourceKind]) -> int:
+    from sf_daq_broker.transport import create_transport
+    from sf_daq_broker.workers.loop import Worker
+
     transport = create_transport(settings.amqp_url, settings.amqp_prefix)
     worker = Worker(transport, [make_source(kind, settings) for kind in kinds])
     task = asyncio.create_task(worker.run())

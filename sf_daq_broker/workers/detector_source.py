@@ -42,9 +42,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 import time
 import urllib.error
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +56,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from sf_daq_broker.bookkeeping.atomic import publish_file
+from sf_daq_broker.bookkeeping.atomic import partial_name
+from sf_daq_broker.bookkeeping.confined import ConfinedDir, ConfinedFile
+from sf_daq_broker.bookkeeping.ledger import RAW_DATA
 from sf_daq_broker.buffers import jungfrau_format as fmt
 from sf_daq_broker.buffers.errors import (
     BufferUnavailable,
@@ -61,9 +66,9 @@ from sf_daq_broker.buffers.errors import (
     ModuleMissing,
     StopTooFarAhead,
 )
+from sf_daq_broker.buffers.horizon import Waiting, seconds_between
 from sf_daq_broker.buffers.jungfrau_buffer import BeforeRead, DetectorFrames, JungfrauBufferReader
 from sf_daq_broker.config import Settings
-from sf_daq_broker.h5.atomic import temporary_name
 from sf_daq_broker.h5.channels import provenance
 from sf_daq_broker.h5.detector import DetectorFileWriter, FrameColumns
 from sf_daq_broker.jobs import Job, SourceKind
@@ -72,18 +77,20 @@ from sf_daq_broker.jungfrau.errors import CalibrationError
 from sf_daq_broker.jungfrau.events import kept_frames, selects, write_crystfel_lists
 from sf_daq_broker.jungfrau.export import Export
 from sf_daq_broker.retrieval import DetectorOptions
+from sf_daq_broker.workers.job_files import job_raw_dir, open_job_dir, write_job_file
 from sf_daq_broker.workers.loop import Progress, Source
+from sf_daq_broker.workers.readiness import ANNOUNCE_EVERY
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
 
 #: Raw bytes per batch: 8 frames of an 8-module detector. Two batches are in flight, each with
 #: its converted copy (up to 2x) and compressed chunks: ~0.5 GB for 8 modules.
 BATCH_BYTES = 64 * 1024 * 1024
 INGESTION_WINDOW = 60.0  # seconds after the time of stop during which late frames are awaited
-#: A stop pulse estimated further ahead than this (seconds) is a mistake, not a run to wait for.
+#: A stop pulse estimated further ahead than this (seconds) is a mistake, not a run to wait for
+#: (from the settings: ``max_pulses_ahead``, which the broker checks at the door too).
 MAX_WAIT_AHEAD = 300.0
 POLL_SECONDS = 0.5
 PULSE_RATE_HZ = 100.0
-RAW_DATA = "RAW_DATA"
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,7 @@ class DetectorSource(Source):
             },
             before_read=before_read,
             ingestion_window=buffers.ingestion_window_s,
+            max_wait_ahead=seconds_between(0, settings.max_pulses_ahead),
             config_source=settings.source,
         )
 
@@ -212,7 +220,7 @@ class DetectorSource(Source):
         pulse_ids = np.arange(
             job.start_pulse_id, job.stop_pulse_id + 1, job.rate_multiplicator, dtype=np.int64
         )
-        missing_modules = await self._wait_until_ready(reader, job, job_log)
+        missing_modules = await self._wait_until_ready(reader, job, job_log, progress)
         if missing_modules:
             job_log.warning(
                 "%s: modules %s have no buffer (no LATEST in %s): their rows are zeros and "
@@ -248,28 +256,34 @@ class DetectorSource(Source):
             job_log.info("keep_raw: the file is the raw file already (adc_to_energy false)")
         raw_final = raw_data_file(job) if keep_raw else None
         started = time.monotonic()
-        raw_target = None
-        if raw_final is not None:
-            await asyncio.to_thread(raw_final.parent.mkdir, parents=True, exist_ok=True)
-            raw_target = temporary_name(raw_final)
-        plan = _StreamPlan(
-            pulse_ids,
-            None if selection is None else selection.keep,
-            export,
-            target,
-            raw_target,
-            options.compression,
-            options.crystfel_lists_laser,
-        )
+        raw_dir: ConfinedDir | None = None
+        raw_temp: ConfinedFile | None = None
         try:
+            if raw_final is not None:
+                # Created below raw/ without following symlinks: a RAW_DATA that leads out
+                # fails the job (OutsideRaw) instead of receiving the file.
+                raw_dir = await asyncio.to_thread(open_job_dir, job, raw_final.parent, create=True)
+                raw_temp = await asyncio.to_thread(
+                    raw_dir.new_file, partial_name(raw_final.name, uuid.uuid4().hex[:12])
+                )
+            plan = _StreamPlan(
+                pulse_ids,
+                None if selection is None else selection.keep,
+                export,
+                target,
+                raw_temp.path if raw_temp is not None else None,
+                options.compression,
+                options.crystfel_lists_laser,
+            )
             streamed = await self._stream(reader, job, plan, progress)
-            if raw_final is not None and raw_target is not None:
+            if raw_final is not None and raw_temp is not None:
                 # fsync of gigabytes and a rename: not on the event loop
-                await asyncio.to_thread(publish_file, raw_target, raw_final)
-        except BaseException:
-            if raw_target is not None:
-                raw_target.unlink(missing_ok=True)
-            raise
+                await asyncio.to_thread(raw_temp.publish, raw_final.name)
+        finally:
+            if raw_temp is not None:
+                raw_temp.discard()  # nothing if it was published
+            if raw_dir is not None:
+                raw_dir.close()
         elapsed = time.monotonic() - started
         raw_bytes = plan.read_ids.size * _raw_frame_bytes(reader)
         job_log.info(
@@ -284,7 +298,11 @@ class DetectorSource(Source):
         )
         if options.crystfel_lists_laser:
             lists = await asyncio.to_thread(
-                write_crystfel_lists, Path(job.output_file), streamed.daq_rec, streamed.good
+                write_crystfel_lists,
+                Path(job.output_file),
+                streamed.daq_rec,
+                streamed.good,
+                functools.partial(write_job_file, job),
             )
             job_log.info("%s: CrystFEL lists %s", detector, ", ".join(map(str, lists)) or "none")
         incomplete, good = (
@@ -344,13 +362,14 @@ class DetectorSource(Source):
             ) from exc
 
     async def _wait_until_ready(
-        self, reader: JungfrauBufferReader, job: Job, job_log: logging.Logger
+        self, reader: JungfrauBufferReader, job: Job, job_log: logging.Logger, progress: Progress
     ) -> list[int]:
         """Wait until every module with a buffer has passed ``stop`` or the ingestion window
         closed; returns the modules without a buffer. Fails at once if ``stop`` is more than
-        ``max_wait_ahead`` seconds in the future."""
+        ``max_wait_ahead`` seconds in the future. While waiting, says so (``progress``)."""
         stop = job.stop_pulse_id
         announced = False
+        last_announced = -math.inf
         while True:
             state = await asyncio.to_thread(_module_state, reader)
             missing = [m for m, (latest, _) in enumerate(state) if latest is None]
@@ -395,6 +414,10 @@ class DetectorSource(Source):
                     stop,
                 )
                 announced = True
+            if time.monotonic() - last_announced >= ANNOUNCE_EVERY:
+                last_announced = time.monotonic()
+                newest = max(latest for _, latest, _ in present)
+                await progress.waiting(Waiting(stop, newest, max(time_of_stop - now, 0.0)))
             await asyncio.sleep(self.poll_seconds)
 
     def _check_retention(
@@ -573,7 +596,7 @@ def raw_data_file(job: Job) -> Path:
     The raw directory is the one above ``run_info`` (the job's bookkeeping JSON lives in
     ``raw/run_info/NNN000/``), ``directory_name`` the output file's place below it.
     """
-    raw_dir = Path(job.run_info_file).parents[2]
+    raw_dir = job_raw_dir(job)
     relative = Path(job.output_file).relative_to(raw_dir)
     return raw_dir / RAW_DATA / relative
 

@@ -35,6 +35,10 @@ shares: ``.{output name}.lease``, JSON ``{job_id, owner, state, reason}``.
 So a job is run once, a waiting duplicate costs a poll every ``poll`` seconds, and nothing is
 lost: until a delivery is settled the job stays in RabbitMQ. The consumer loop also starts
 consuming again if its queue iterator ends because the channel was closed.
+
+The lease is read and written only through the confined handle on the output directory that
+the delivery holds (``bookkeeping.confined``): a symlink planted at the lease's name is never
+followed (it reads as a foreign lease and is removed once stale).
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sf_daq_broker.bookkeeping.atomic import create_atomic, write_atomic
+from sf_daq_broker.bookkeeping.confined import ConfinedDir
 from sf_daq_broker.jobs import Job
 
 
@@ -107,21 +111,28 @@ class LeaseLost(Exception):
 class JobLease:
     """The lease file of one job held, or awaited, by one delivery (see the module docstring)."""
 
-    def __init__(self, job: Job, policy: LeasePolicy) -> None:
+    def __init__(self, job: Job, policy: LeasePolicy, directory: ConfinedDir) -> None:
         self.job = job
         self.policy = policy
-        self.path = lease_path(job)
+        self.path = lease_path(job)  # for messages; files only through ``directory``
+        self.directory = directory
+        self.name = self.path.name
         pid = os.getpid()
         self.token = uuid.uuid4().hex[:8]
         self.owner = f"{socket.gethostname()}:{pid}:{_process_start(pid)}:{self.token}"
 
     def read(self) -> LeaseRecord | None:
         """The lease as it is on disk, None if there is none (or it is being replaced)."""
+        entry = self.directory.lstat(self.name)
+        if entry is None:
+            return None
+        age = time.time() - entry.st_mtime
         try:
-            data = self.path.read_bytes()
-            age = time.time() - self.path.stat().st_mtime
+            data = self.directory.read_bytes(self.name)
         except FileNotFoundError:
             return None
+        except OSError:  # not a file (a symlink planted there): a foreign lease, judged by age
+            data = b""
         try:
             document: dict[str, Any] = json.loads(data)
             return LeaseRecord(
@@ -152,28 +163,28 @@ class JobLease:
     def try_create(self) -> bool:
         """Take a free lease; False if one exists already."""
         try:
-            create_atomic(self.path, self._record(LeaseState.RUNNING).encode())
+            self.directory.create_atomic(self.name, self._record(LeaseState.RUNNING).encode())
         except FileExistsError:
             return False
         return True
 
     def try_take_over(self, stale: LeaseRecord) -> bool:
         """Replace the ``stale`` lease with ours; False if another delivery was quicker."""
-        tomb = self.path.with_name(f"{self.path.name}.{self.token}.stale")
+        tomb = f"{self.name}.{self.token}.stale"
         try:
-            os.rename(self.path, tomb)  # only one delivery can move the stale file away
+            self.directory.rename(self.name, tomb)  # only one delivery can move it away
         except FileNotFoundError:
             return False
         moved = None
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            moved = json.loads(tomb.read_bytes()).get("owner")
+        with contextlib.suppress(OSError, ValueError, KeyError, AttributeError):
+            moved = json.loads(self.directory.read_bytes(tomb)).get("owner")
         if moved is not None and moved != stale.owner:
             # We moved a lease that someone created since we read the stale one: put it back.
             with contextlib.suppress(FileExistsError):
-                os.link(tomb, self.path)
-            tomb.unlink(missing_ok=True)
+                self.directory.link(tomb, self.name)
+            self.directory.unlink(tomb)
             return False
-        tomb.unlink(missing_ok=True)
+        self.directory.unlink(tomb)
         return self.try_create()
 
     def owned(self) -> bool:
@@ -185,15 +196,17 @@ class JobLease:
         if not self.owned():
             raise LeaseLost(f"the lease {self.path} was taken over by another delivery")
         with contextlib.suppress(FileNotFoundError):
-            os.utime(self.path)
+            self.directory.touch(self.name)
 
     def settle(self, state: LeaseState, reason: str = "") -> None:
-        """Record the outcome for a later delivery of the same job."""
-        write_atomic(self.path, self._record(state, reason).encode())
+        """Record the outcome for a later delivery of the same job (in a directory that still
+        lies inside ``raw/``: ``OutsideRaw`` otherwise)."""
+        self.directory.verify()
+        self.directory.write_atomic(self.name, self._record(state, reason).encode())
 
     def remove_settled(self) -> None:
         """Drop a settled lease, whoever wrote it (its job is acknowledged now)."""
-        self.path.unlink(missing_ok=True)
+        self.directory.unlink(self.name)
 
 
 def _process_start(pid: int) -> str:

@@ -12,6 +12,11 @@ A source only knows how to fetch its data and write a file at the path it is giv
 - leaves a job it was stopped in the middle of unsettled, so the queue gives it to another
   worker (which rewrites the same file, as the job id and file name are the same).
 
+Every file of the job (temporary file, output, lease, log) is opened through a confined handle
+on its directory below the pgroup's ``raw/`` (``job_files``): a directory replaced by a symlink
+after the request was accepted fails the job with the reason instead of redirecting its writes,
+and a symlink planted at a file's name is never followed.
+
 Jobs longer than RabbitMQ's delivery timeout are run once thanks to a job lease beside the
 output file: see ``lease.py``. The consumer loop starts consuming again if its queue iterator
 ends because the channel was closed (the delivery timeout closes it).
@@ -29,11 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from sf_daq_broker.bookkeeping.atomic import partial_files, partial_path, publish_file
+from sf_daq_broker.bookkeeping.atomic import partial_name, partial_pattern
+from sf_daq_broker.bookkeeping.confined import ConfinedDir, OutsideRaw
 from sf_daq_broker.buffers.errors import BufferClientError
+from sf_daq_broker.buffers.horizon import Waiting
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.jungfrau.errors import ConversionError
 from sf_daq_broker.transport import JobDelivery, Transport
+from sf_daq_broker.workers.job_files import open_job_dir, open_output_dir
 from sf_daq_broker.workers.lease import JobLease, LeaseLost, LeasePolicy, LeaseState
 from sf_daq_broker.workers.report import CompletenessReport, beam_pulses
 
@@ -97,6 +105,21 @@ class Progress:
             )
         )
 
+    async def waiting(self, waiting: Waiting) -> None:
+        """Say what the job waits for: a ``write_progress`` whose message is the waiting line
+        (/run_status, daq_client --wait and broker_debugger show it) and
+        ``details["waiting"]`` its figures."""
+        await self._transport.publish_status(
+            StatusEvent.for_job(
+                Action.WRITE_PROGRESS,
+                self._job,
+                waiting.message(),
+                done=self.done,
+                total=self.total,
+                waiting=waiting.to_json(),
+            )
+        )
+
 
 class Source(abc.ABC):
     """What a source module implements: fetch the job's data and write it to ``target``."""
@@ -107,7 +130,9 @@ class Source(abc.ABC):
     async def retrieve(
         self, job: Job, target: Path, progress: Progress, job_log: logging.Logger
     ) -> CompletenessReport:
-        """Write the whole file at ``target`` (a temporary name; the loop publishes it).
+        """Write the whole file at ``target`` (a temporary file the loop created and will
+        publish; ``/proc/self/fd/N``, so open it by this name only, e.g. ``h5py.File(target,
+        "w")``).
 
         Raise a ``BufferClientError``: its ``transient`` flag tells the loop whether a retry may
         cure it (HTTP 5xx, a cut stream) or not (data aged out, a corrupt stream). A
@@ -120,32 +145,40 @@ def expected_total(job: Job) -> int:
 
 
 def rejection_reason(job: Job, problem: str) -> str:
-    """Which range and what happened (the problem names the buffer). A pedestal job has no
-    range when it is queued: its problem says where it was."""
+    """Which range (the user's, not the one widened for the edge pulses) and what happened
+    (the problem names the buffer). A pedestal job has no range when it is queued: its problem
+    says where it was."""
     if job.kind is SourceKind.PEDESTAL:
         return problem
-    return f"pulses {job.start_pulse_id}-{job.stop_pulse_id}: {problem}"
+    return f"pulses {job.requested_start}-{job.requested_stop}: {problem}"
 
 
-def temporary_path(job: Job, lease: JobLease) -> Path:
-    """Where this delivery writes the job's file before publishing it: its own name, so that
-    two deliveries of one job (a take-over) never touch each other's file."""
-    return partial_path(Path(job.output_file), lease.token)
+def temporary_name(job: Job, lease: JobLease) -> str:
+    """The name this delivery writes the job's file under before publishing it: its own, so
+    that two deliveries of one job (a take-over) never touch each other's file."""
+    return partial_name(Path(job.output_file).name, lease.token)
 
 
 class _JobLog:
-    """A logger writing to the run's log file of this source while the job runs."""
+    """A logger writing to the run's log file of this source while the job runs.
+
+    The file is opened (appending) through a confined handle on its directory: a symlink
+    planted at the log's name is refused, and the worker's own log says so.
+    """
 
     def __init__(self, job: Job) -> None:
         # One logger per job: two pgroups' runs of the same number must not share a log file.
         self.logger = logging.getLogger(f"sf_daq_broker.job.{job.job_id}")
         self.logger.setLevel(job.log_level)  # the request's run_log_level
         self._handler: logging.Handler | None = None
+        log_file = Path(job.log_file)
         try:
-            self._handler = logging.FileHandler(job.log_file, mode="a", encoding="utf-8")
-        except OSError as exc:
+            with open_job_dir(job, log_file.parent) as directory:
+                stream = directory.open_append(log_file.name)
+        except (OSError, OutsideRaw) as exc:
             log.warning("job log %s cannot be written: %s", job.log_file, exc)
             return
+        self._handler = _ClosingStreamHandler(stream)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.logger.addHandler(self._handler)
 
@@ -153,6 +186,17 @@ class _JobLog:
         if self._handler is not None:
             self.logger.removeHandler(self._handler)
             self._handler.close()
+
+
+class _ClosingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]
+    """A stream handler that owns its stream (a file opened through a confined handle)."""
+
+    def close(self) -> None:
+        try:
+            self.flush()
+            self.stream.close()
+        finally:
+            super().close()
 
 
 def _announce(job: Job, redelivered: bool, job_log: logging.Logger) -> None:
@@ -222,7 +266,17 @@ class Worker:
     async def _handle(self, source: Source, delivery: JobDelivery, job_log: logging.Logger) -> None:
         job = delivery.job
         _announce(job, delivery.redelivered, job_log)
-        lease = JobLease(job, self.lease)
+        directory = await asyncio.to_thread(open_output_dir, job)
+        try:
+            await self._lease_and_run(
+                source, delivery, JobLease(job, self.lease, directory), job_log
+            )
+        finally:
+            directory.close()
+
+    async def _lease_and_run(
+        self, source: Source, delivery: JobDelivery, lease: JobLease, job_log: logging.Logger
+    ) -> None:
         settled = await self._acquire(lease, delivery, job_log)
         if settled:
             return
@@ -320,10 +374,10 @@ class Worker:
     ) -> None:
         job = delivery.job
         total = expected_total(job)
-        target = temporary_path(job, lease)
-        for leftover in await asyncio.to_thread(partial_files, Path(job.output_file)):
-            if leftover != target:  # written by a delivery that died or lost the lease
-                leftover.unlink(missing_ok=True)
+        directory = lease.directory
+        final_name = Path(job.output_file).name
+        temp_name = temporary_name(job, lease)
+        await asyncio.to_thread(_remove_leftovers, directory, final_name, temp_name)
         await self.transport.publish_status(
             StatusEvent.for_job(Action.WRITE_START, job, "started", total=total)
         )
@@ -333,11 +387,16 @@ class Worker:
             while True:
                 attempt += 1
                 try:
-                    target.unlink(missing_ok=True)
-                    report = await source.retrieve(job, target, progress, job_log)
-                    if not await asyncio.to_thread(lease.owned):
-                        raise LeaseLost(f"the lease {lease.path} was taken over")
-                    await asyncio.to_thread(publish_file, target, Path(job.output_file))
+                    with await asyncio.to_thread(directory.new_file, temp_name) as temp:
+                        try:
+                            report = await source.retrieve(job, temp.path, progress, job_log)
+                        except Exception:
+                            # A temporary file replaced under the source explains its failure.
+                            await asyncio.to_thread(temp.check)
+                            raise
+                        if not await asyncio.to_thread(lease.owned):
+                            raise LeaseLost(f"the lease {lease.path} was taken over")
+                        await asyncio.to_thread(temp.publish, final_name)
                     break
                 except BufferClientError as exc:
                     if not exc.transient:
@@ -351,7 +410,7 @@ class Worker:
                     pause = self.retry.delay(attempt)
                     job_log.warning("try %d failed: %s; next try in %.1f s", attempt, exc, pause)
                     await asyncio.sleep(pause)
-                except ConversionError as exc:
+                except (ConversionError, OutsideRaw) as exc:
                     await self._fail(delivery, lease, job_log, str(exc))
                     return
                 except LeaseLost:
@@ -362,13 +421,9 @@ class Worker:
                     job_log.exception("unexpected error")
                     await self._fail(delivery, lease, job_log, f"unexpected error: {exc!r}")
                     return
-        except LeaseLost:
-            target.unlink(missing_ok=True)  # ours alone; the new owner writes its own
-            raise
         except asyncio.CancelledError:
-            # Stopped (SIGTERM) or the lease was lost. Only the lease's owner may touch the
-            # temporary file: after a take-over it is the new owner's.
-            target.unlink(missing_ok=True)  # ours alone, whoever owns the lease now
+            # Stopped (SIGTERM) or the lease was lost; the temporary file (ours alone, whoever
+            # owns the lease now) was removed on leaving its ``with``.
             if await asyncio.to_thread(lease.owned):
                 await asyncio.to_thread(lease.settle, LeaseState.RELEASED)
                 job_log.warning("worker stopped in the middle: the job goes back to the queue")
@@ -391,7 +446,6 @@ class Worker:
         self, delivery: JobDelivery, lease: JobLease, job_log: logging.Logger, reason: str
     ) -> None:
         job = delivery.job
-        temporary_path(job, lease).unlink(missing_ok=True)
         if not await asyncio.to_thread(lease.owned):
             # Taken over: the job is the new owner's now, its outcome is not ours to record.
             raise LeaseLost(f"the lease {lease.path} was taken over")
@@ -452,3 +506,10 @@ class Worker:
             return
         if remove:
             await asyncio.to_thread(lease.remove_settled)
+
+
+def _remove_leftovers(directory: ConfinedDir, final_name: str, keep: str) -> None:
+    """Temporary files of the job written by deliveries that died or lost the lease."""
+    for name in directory.names(partial_pattern(final_name)):
+        if name != keep:
+            directory.unlink(name)

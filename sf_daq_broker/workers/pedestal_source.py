@@ -23,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sf_daq_broker.bookkeeping.atomic import dump_json, partial_path, publish_file
+from sf_daq_broker.bookkeeping.atomic import dump_json, partial_name
 from sf_daq_broker.config import Settings
 from sf_daq_broker.detector_control.connect import connector_from_settings
 from sf_daq_broker.detector_control.interface import DetectorConnector, PedestalMode
@@ -41,9 +42,10 @@ from sf_daq_broker.pedestals.procedure import (
     PulseMapPulseIds,
 )
 from sf_daq_broker.pedestals.request import read_record
-from sf_daq_broker.pedestals.store import install_pedestal
+from sf_daq_broker.pedestals.store import computing_name, install_pedestal
 from sf_daq_broker.retrieval import DetectorOptions, beam_pulse_bounds
 from sf_daq_broker.workers.detector_source import DetectorSource
+from sf_daq_broker.workers.job_files import open_job_dir
 from sf_daq_broker.workers.loop import Progress, Source
 from sf_daq_broker.workers.report import CompletenessReport, NameReport
 
@@ -129,13 +131,10 @@ class PedestalSource(Source):
         for detector in job.names:
             files = options["detectors"][detector]
             report = await self._retrieve_raw(job, detector, bounds, files, progress, job_log)
-            summary = await self._compute(detector, files, progress, job_log)
+            summary = await self._compute_and_install(job, detector, files, progress, job_log)
             if procedure.mode_frames is not None:
                 report = _judged_by_mode(report, procedure.mode_frames, summary["good_frames"])
-            installed = await asyncio.to_thread(
-                install_pedestal, Path(files["result_file"]), Path(files["installed_file"])
-            )
-            job_log.info("%s: pedestal installed as %s", detector, installed)
+            job_log.info("%s: pedestal installed as %s", detector, files["installed_file"])
             report.extra.update(
                 pedestal=files["result_file"],
                 frames_per_stage=summary["stage_frames"],
@@ -181,19 +180,33 @@ class PedestalSource(Source):
             options=DetectorOptions(adc_to_energy=False, compression=True).to_json(),
             pedestal_file=None,
         )
-        temporary = partial_path(raw_file, uuid.uuid4().hex)  # this delivery's own
+        # JF_pedestals/ (made by the broker), reached without following symlinks out of raw/
+        directory = await asyncio.to_thread(open_job_dir, job, raw_file.parent)
         try:
-            report = await self.detectors.retrieve(
-                sub_job, temporary, progress.for_phase(f"{detector}: retrieving", frames), job_log
+            temporary = await asyncio.to_thread(
+                directory.new_file, partial_name(raw_file.name, uuid.uuid4().hex[:12])
             )
-            await asyncio.to_thread(publish_file, temporary, raw_file)
+            try:
+                phase = progress.for_phase(f"{detector}: retrieving", frames)
+                report = await self.detectors.retrieve(sub_job, temporary.path, phase, job_log)
+                await asyncio.to_thread(temporary.publish, raw_file.name)
+            finally:
+                await asyncio.to_thread(temporary.discard)  # nothing if it was published
         finally:
-            await asyncio.to_thread(temporary.unlink, missing_ok=True)
+            directory.close()
         return report.names[0]
 
-    async def _compute(
-        self, detector: str, files: dict[str, Any], progress: Progress, job_log: logging.Logger
+    async def _compute_and_install(
+        self,
+        job: Job,
+        detector: str,
+        files: dict[str, Any],
+        progress: Progress,
+        job_log: logging.Logger,
     ) -> dict[str, Any]:
+        """Compute the pedestal beside its installed name (outside ``raw/``), copy it into
+        ``JF_pedestals/`` (also when no pixel is good: the file shows why), then install it."""
+        from sf_daq_broker.jungfrau.errors import NoGoodPixel
         from sf_daq_broker.jungfrau.pedestal import compute_pedestal
 
         loop = asyncio.get_running_loop()
@@ -202,13 +215,29 @@ class PedestalSource(Source):
         def report(done: int, total: int) -> None:
             asyncio.run_coroutine_threadsafe(phase.update(done, total), loop)
 
-        summary = await asyncio.to_thread(
-            compute_pedestal,
-            Path(files["raw_file"]),
-            Path(files["result_file"]),
-            number_bad_modules=int(files["number_bad_modules"]),
-            progress=report,
-        )
+        installed = Path(files["installed_file"])
+        computed = computing_name(installed)
+        await asyncio.to_thread(computed.parent.mkdir, parents=True, exist_ok=True)
+        failure: NoGoodPixel | None = None
+        try:
+            try:
+                summary = await asyncio.to_thread(
+                    compute_pedestal,
+                    Path(files["raw_file"]),
+                    computed,
+                    number_bad_modules=int(files["number_bad_modules"]),
+                    progress=report,
+                )
+            except NoGoodPixel as exc:
+                failure = exc
+            await asyncio.to_thread(_copy_into_raw, job, computed, Path(files["result_file"]))
+            if failure is not None:
+                # the reason, naming the file in JF_pedestals/ that shows it
+                reason = str(failure).replace(str(computed), files["result_file"])
+                raise PedestalError(f"{detector}: {reason}") from failure
+            await asyncio.to_thread(install_pedestal, computed, installed)
+        finally:
+            await asyncio.to_thread(computed.unlink, missing_ok=True)
         job_log.info(
             "%s: pedestal %s: %d of %d pixels good, frames per stage %s",
             detector,
@@ -225,6 +254,17 @@ class PedestalSource(Source):
             "good_pixels": summary.good_pixels,
             "bad_pixels": summary.bad_pixels,
         }
+
+
+def _copy_into_raw(job: Job, source: Path, final: Path) -> None:
+    """``source`` (outside ``raw/``) as ``final`` below the job's ``raw/``, confined."""
+    with (
+        open_job_dir(job, final.parent) as directory,
+        directory.new_file(partial_name(final.name, uuid.uuid4().hex[:12])) as temporary,
+    ):
+        with open(source, "rb") as reader, open(temporary.path, "wb") as writer:
+            shutil.copyfileobj(reader, writer, 16 * 1024 * 1024)
+        temporary.publish(final.name)
 
 
 def _judged_by_mode(report: NameReport, taken: int, good: int) -> NameReport:

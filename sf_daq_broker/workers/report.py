@@ -14,6 +14,11 @@ import numpy.typing as npt
 
 #: How many missing pulse ids a report lists (the count is always complete).
 MISSING_SHOWN = 10
+#: How many names without data the summary names (the lines name every one).
+ABSENT_SHOWN = 3
+#: What a requested name without a single value most likely means: a typo, or a name the
+#: buffer never had. Said per name, because the run is otherwise written and looks fine.
+ABSENT_NOTE = "no data at all (unknown to the buffer?)"
 
 
 def beam_pulses(start: int, stop: int, rate: int) -> npt.NDArray[np.int64]:
@@ -81,17 +86,21 @@ class CompletenessReport:
 
     def lines(self) -> list[str]:
         lines = [report.line() for report in self.names]
-        lines += [f"{name}: no data at all" for name in self.absent]
+        lines += [f"{name}: {ABSENT_NOTE}" for name in self.absent]
         return lines
 
     def summary(self) -> str:
+        """One line: ``complete: …``, or ``incomplete: …`` naming the names without data."""
         if self.complete:
             return f"complete: {len(self.names)} of {len(self.names)} names, no pulse missing"
-        incomplete = sum(report.missing > 0 for report in self.names)
-        return (
-            f"incomplete: {incomplete} names with missing pulses, "
-            f"{len(self.absent)} names without data"
-        )
+        total = len(self.names) + len(self.absent)
+        short = sum(report.missing > 0 for report in self.names)
+        parts = [f"{short} of {total} names with missing pulses"] if short else []
+        shown = self.absent[:ABSENT_SHOWN]
+        parts += [f"{name}: {ABSENT_NOTE}" for name in shown]
+        if len(self.absent) > len(shown):
+            parts.append(f"{len(self.absent) - len(shown)} more names without data")
+        return "incomplete: " + "; ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,4 +108,5 @@ class CompletenessReport:
             "summary": self.summary(),
             "names": [asdict(report) for report in self.names],
             "absent": list(self.absent),
+            "lines": self.lines(),
         }

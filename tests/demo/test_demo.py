@@ -144,3 +144,58 @@ def test_ctrl_c_mid_run_stops_everything(tmp_path: Path) -> None:
     assert "Traceback" not in out
     assert not workspace_of(out).exists()
     assert all(not Path(f"/proc/{pid}").exists() for pid in children)
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_a_dead_rabbitmq_is_said_once(tmp_path: Path) -> None:
+    """Only the cause: no warning about queues that were never made."""
+    url = f"amqp://guest:guest@127.0.0.1:{_closed_port()}/"
+    result = run_demo("--pulses", "20", "--no-detectors", "--amqp-url", url, timeout=120)
+    assert result.returncode == 1
+    (line,) = result.stderr.splitlines()  # one line: no library log, no cleanup warning
+    assert line.startswith(f"demo failed: RabbitMQ at {url} is not reachable: ")
+    assert "could not be removed" not in result.stdout
+    assert result.stdout.rstrip().splitlines()[-1].startswith("kept ")
+
+
+def test_ctrl_c_on_an_idle_stay_exits_130() -> None:
+    with subprocess.Popen(
+        [*DEMO, "--pulses", "20", "--no-detectors", "--no-cameras", "--stay"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as process:
+        lines: queue.Queue[str] = queue.Queue()
+        seen: list[str] = []
+        assert process.stdout is not None
+        stdout = process.stdout
+        reader = threading.Thread(target=lambda: [lines.put(line) for line in stdout])
+        reader.start()
+
+        def ready() -> bool:
+            while not lines.empty():
+                seen.append(lines.get())
+            return any(line.startswith("ready: ") for line in seen)
+
+        try:
+            wait_until(ready, timeout=120, what="the demo to stay ready")
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=60) == 130
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            reader.join()
+    while not lines.empty():
+        seen.append(lines.get())
+    assert "demo passed\n" in seen
+    assert seen[-1] == "stopping (Ctrl-C)\n"

@@ -413,6 +413,23 @@ async def test_a_tagged_run_is_checked_under_its_tagged_names(
     )
 
 
+@pytest.mark.parametrize("factor", ["3", "-1", "200"])
+def test_only_beam_rates_are_frequency_reduction_factors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], factor: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-r", str(tmp_path / "run_000001.json"), "--frequency_reduction_factor", factor])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(
+            "error: --frequency_reduction_factor must be one of the beam rates 1, 2, 4, 8, 10, 20, "
+            f"40, 50, 100 (or 0: the run's own rate), got {factor}"
+        )
+    )
+
+
 def test_run_file_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "run_000001.json"
     assert main(["-r", str(missing)]) == 1

@@ -13,8 +13,7 @@ import pytest
 
 from sf_daq_broker.tools import client as client_module
 from sf_daq_broker.tools.client import BrokerClient
-from sf_daq_broker.tools.remote import RemoteBroker
-from sf_daq_broker.tools.request import InputFileError
+from sf_daq_broker.tools.daq_client import InputFileError, RemoteBroker
 from tests.tools.support import REPO, LiveBroker, PulseServer, read_until
 
 CHANNELS = ["SAR-CVME-TIFALL5:EvtSet", "SAR-CVME-TIFALL4:EvtSet"]
@@ -22,7 +21,7 @@ CHANNELS = ["SAR-CVME-TIFALL5:EvtSet", "SAR-CVME-TIFALL4:EvtSet"]
 RUN_WITH_CTRL_C = """
 import sys
 from sf_daq_broker.tools.client import BrokerClient
-from sf_daq_broker.tools.remote import RemoteBroker
+from sf_daq_broker.tools.daq_client import RemoteBroker
 
 broker, pulses, channels = sys.argv[1:]
 client = BrokerClient("p12345", broker=broker, pulse_ids=RemoteBroker(pulses))

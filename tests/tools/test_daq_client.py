@@ -16,10 +16,8 @@ from typing import Any
 import pytest
 
 from sf_daq_broker.jobs import SourceKind
-from sf_daq_broker.tools import follow
-from sf_daq_broker.tools.daq_client import main, retrieve
-from sf_daq_broker.tools.remote import Accepted, BrokerRefused
-from sf_daq_broker.tools.request import InputFileError
+from sf_daq_broker.tools import daq_client
+from sf_daq_broker.tools.daq_client import Accepted, BrokerRefused, InputFileError, main, retrieve
 from sf_daq_broker.transport.amqp import AmqpTransport
 from tests.tools.support import REPO, SEED_START, SEED_STOP, LiveBroker, take_job, write_job
 
@@ -28,7 +26,7 @@ SEED_CHANNELS = ["SAR-CVME-TIFALL5:EvtSet", "SAR-CVME-TIFALL4:EvtSet"]
 
 @pytest.fixture(autouse=True)
 def quick_polls(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(follow, "POLL_INTERVAL", 0.05)
+    monkeypatch.setattr(daq_client, "POLL_INTERVAL", 0.05)
 
 
 @pytest.fixture
@@ -391,12 +389,12 @@ def test_follow_shows_a_bar_per_source(monkeypatch: pytest.MonkeyPatch) -> None:
             return next(replies)
 
     screen = io.StringIO()
-    result = follow.follow_run(
+    result = daq_client.follow_run(
         Remote(),  # type: ignore[arg-type]
         "p12345",
         1,
         poll_interval=0.001,
-        bars=follow.ProgressBars(screen, enabled=True),
+        bars=daq_client.ProgressBars(screen, enabled=True),
     )
     assert result.lines() == [
         "BSDATA done: /raw/run_000001.BSDATA.h5 (complete)",
@@ -405,3 +403,62 @@ def test_follow_shows_a_bar_per_source(monkeypatch: pytest.MonkeyPatch) -> None:
     shown = screen.getvalue()
     assert "BSDATA:  50%" in shown and "500/1000" in shown
     assert "BSDATA: 100%" in shown and "1000/1000" in shown and "done" in shown
+
+
+def test_a_finished_source_keeps_its_own_time() -> None:
+    """A source done after 3 s of work shows 00:03 to the end, however long the others take
+    (the demo showed BSDATA, done at 3 s, as [00:27, …, done])."""
+    import io
+
+    done = {
+        "state": "done",
+        "progress": {"done": 1000, "total": 1000},
+        "message": "complete: 1 of 1 names, no pulse missing",
+        "started_at": 100.0,
+        "finished_at": 103.0,
+    }
+    running = {"state": "running", "progress": {"done": 10, "total": 1000}, "message": "10 of 1000"}
+    screen = io.StringIO()
+    bars = daq_client.ProgressBars(screen, enabled=True)
+    bars.show({"BSDATA": done, "JF13T01V01": running})
+    bars.show({"BSDATA": done, "JF13T01V01": {**running, "started_at": 0.0}})
+    bars.close()  # renders every bar once more, as tqdm does when it leaves them
+    shown = re.split(r"[\r\n]", screen.getvalue())
+    bsdata = [part for part in shown if part.startswith("BSDATA: 100%")]  # after its creation
+    assert len(bsdata) >= 3 and all(
+        part.endswith("| 1000/1000 pulses, 00:03, 333.3 pulses/s, done") for part in bsdata
+    ), bsdata
+
+
+def test_plain_lines_without_tqdm(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What a copied daq_client.py prints where tqdm is not installed: a line per change."""
+    import io
+
+    monkeypatch.setattr(daq_client, "_tqdm_class", lambda: None)
+    waiting = "waiting for pulse 1111 (the buffers are at 1000, about 1 s)"
+    screen = io.StringIO()
+    bars = daq_client.ProgressBars(screen)
+    for status in [
+        {"state": "queued", "progress": {"done": None, "total": None}},
+        {"state": "running", "progress": {"done": 0, "total": 100}, "message": waiting},
+        {"state": "running", "progress": {"done": 0, "total": 100}, "message": waiting},
+        {"state": "running", "progress": {"done": 50, "total": 100}, "message": "50 of 100"},
+        {"state": "running", "progress": {"done": 60, "total": 100}, "message": "60 of 100"},
+        {
+            "state": "done",
+            "progress": {"done": 100, "total": 100},
+            "started_at": 1.0,
+            "finished_at": 2.0,
+        },
+    ]:
+        bars.show({"BSDATA": status})
+    bars.close()
+    assert re.sub(r" \[\d\d:\d\d\]$", "", screen.getvalue(), flags=re.MULTILINE).splitlines() == [
+        "BSDATA: queued",
+        f"BSDATA: {waiting} 0/100 pulses",
+        "BSDATA: running 50/100 pulses",
+        "BSDATA: done 100/100 pulses",
+    ]
+    assert screen.getvalue().splitlines()[-1] == "BSDATA: done 100/100 pulses [00:01]"

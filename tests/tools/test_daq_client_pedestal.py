@@ -15,7 +15,7 @@ import pytest
 from sf_daq_broker.api.app import create_app
 from sf_daq_broker.bookkeeping.atomic import dump_json
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
-from sf_daq_broker.tools import pedestal as pedestal_tool
+from sf_daq_broker.tools import daq_client as pedestal_tool
 from sf_daq_broker.tools.broker_debugger import format_event
 from sf_daq_broker.tools.daq_client import main
 from sf_daq_broker.transport.embedded import EmbeddedTransport

@@ -54,6 +54,7 @@ from sf_daq_broker.simulation.faults import PulseSelection
 from sf_daq_broker.simulation.jungfrau_writer import DetectorSpec
 from sf_daq_broker.simulation.runner import Simulation
 from sf_daq_broker.tools import client as client_module
+from sf_daq_broker.tools import daq_client
 from sf_daq_broker.tools.check import main as check_main
 from sf_daq_broker.tools.client import BrokerClient
 from sf_daq_broker.tools.daq_client import retrieve
@@ -375,7 +376,7 @@ async def test_a_failed_job_leaves_a_missing_file(
     reason = sources["CAMERAS"]["error"]
     query = f"{daq.settings.buffers.imagebuffer_url}/api/1/query"
     assert re.fullmatch(
-        rf"pulses {RUN_START - 1}-{RUN_STOP + 1}: image buffer at {re.escape(query)}: "
+        rf"pulses {RUN_START}-{RUN_STOP}: image buffer at {re.escape(query)}: "
         r"HTTP 500 \{.*\"error\": \"injected fault\"\} \(gave up after 2 tries\)",
         reason,
     ), reason
@@ -392,6 +393,37 @@ async def test_a_failed_job_leaves_a_missing_file(
         1,
         failed(f"CAMERAS file {cameras} does not exist"),
     )
+
+
+async def test_a_name_unknown_to_the_buffer_makes_the_run_incomplete(daq: Daq) -> None:
+    """A typo in a channel name: the run is written, but says per name that there is no data
+    at all, reads "done, incomplete", and daq_client --wait exits 4, not 0."""
+    (daq.files / "typo").write_text(f"{EVTSET5}\nSAR-CVME-TIFALL5:EvtSte\n")
+    argv = [str(REPO / "daq_client.py"), "-p", "p12345", "-c", "typo", "--broker", daq.url]
+    argv += ["--start_pulseid", str(RUN_START), "--stop_pulseid", str(RUN_STOP), "--wait"]
+    status, out, err = await run_tool(*argv, cwd=daq.files)
+    summary = "incomplete: SAR-CVME-TIFALL5:EvtSte: no data at all (unknown to the buffer?)"
+    assert out.splitlines() == [
+        "success: run number(request_id) is 1",
+        f"BSDATA done: {daq.raw_dir}/run_000001.BSDATA.h5 ({summary})",
+        "run 1 of p12345 is done, incomplete: 1 of 1 sources written, 1 incomplete (BSDATA)",
+    ]
+    assert (status, err) == (4, "")
+    reply = await daq.run_status(1)
+    assert (
+        reply["message"] == "run 1 of p12345 is done, incomplete: 1 of 1 sources done "
+        "(BSDATA incomplete)"
+    )
+    assert (reply["run_state"], reply["incomplete_sources"]) == ("done", ["BSDATA"])
+    completeness = reply["sources"]["BSDATA"]["completeness"]
+    assert (completeness["summary"], completeness["absent"]) == (
+        summary,
+        ["SAR-CVME-TIFALL5:EvtSte"],
+    )
+    assert completeness["lines"] == [
+        f"{EVTSET5}: 200 of 200 beam pulses",
+        "SAR-CVME-TIFALL5:EvtSte: no data at all (unknown to the buffer?)",
+    ]
 
 
 async def test_check_counts_bad_detector_frames(
@@ -413,11 +445,10 @@ async def test_check_counts_bad_detector_frames(
         "success: run number(request_id) is 1",
         f"BSDATA done: {daq.raw_dir}/run_000001.BSDATA.h5 "
         "(complete: 1 of 1 names, no pulse missing)",
-        f"{DETECTOR} done: {detector} "
-        "(incomplete: 1 names with missing pulses, 0 names without data)",
-        "run 1 of p12345 is done: 2 of 2 sources written",
+        f"{DETECTOR} done: {detector} (incomplete: 1 of 1 names with missing pulses)",
+        f"run 1 of p12345 is done, incomplete: 2 of 2 sources written, 1 incomplete ({DETECTOR})",
     ]
-    assert (status, err) == (0, "")
+    assert (status, err) == (4, "")  # written, but incomplete: its own exit status
     report = (await daq.run_status(1))["sources"][DETECTOR]["completeness"]["names"][0]
     lost = [start + 8, start + 12, start + 48, start + 88]
     assert (report["found"], report["missing_pulse_ids"]) == (21, lost)
@@ -443,25 +474,31 @@ async def test_start_stop_client_runs_on_the_pulse_map(
     daq: Daq, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Seed Example 2: ``run(n)`` takes its pulse ids from the broker's /current_pulse_id,
-    i.e. from the simulated buffers' pulse map, and the run it makes is written and sound."""
+    i.e. from the simulated buffers' pulse map, and the run it makes is written and sound.
+    With ``wait=True`` it returns when the file is written: a check right after it passes."""
     monkeypatch.setattr(client_module, "POLL_INTERVAL", 0.02)
+    monkeypatch.setattr(daq_client, "POLL_INTERVAL", 0.05)
     channels = daq.files / "evtset"
     channels.write_text(f"{EVTSET5}\n{PROFILE}\n")
     client = BrokerClient("p12345", broker=daq.url)
     client.configure(output_directory="test/daq", channels_file=channels, rate_multiplicator=2)
     before = daq.clock.current_pulse_id()
-    assert await asyncio.to_thread(client.run, 50) == 1
+    assert await asyncio.to_thread(client.run, 50, wait=True) == 1
     after = daq.clock.current_pulse_id()
 
     captured = capsys.readouterr()
-    assert captured.out == "success: run number(request_id) is 1\n"
-    assert captured.err.rstrip().endswith("[####################] 100% Run: 1")
+    bsdata = daq.raw_dir / "test" / "daq" / "run_000001.BSDATA.h5"
+    assert captured.out.splitlines() == [
+        "success: run number(request_id) is 1",
+        f"BSDATA done: {bsdata} (complete: 2 of 2 names, no pulse missing)",
+        "run 1 of p12345 is done: 1 of 1 sources written",
+    ]
+    assert "[####################] 100% Run: 1" in captured.err
+    assert client.last_result is not None and client.last_result.exit_status == 0
     record = daq.record(1)
     start, stop = record["start_pulseid"], record["stop_pulseid"]
     assert before <= start and stop == start + 50 * 2 - 1 and stop <= after
     assert record["rate_multiplicator"] == 2 and client.last_run == 1
-    sources = await daq.finished(1)
-    assert sources["BSDATA"]["state"] == "done"
     with h5py.File(daq.raw_dir / "test" / "daq" / "run_000001.BSDATA.h5") as file:
         # rate 2: the edges are widened only where they are beam pulses
         first = start - 1 if start % 2 == 0 else start

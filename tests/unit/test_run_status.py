@@ -175,3 +175,18 @@ async def test_unknown_runs(start_broker: Callable[[], Any], raw_dir: Any) -> No
             "message": "run 7 of p12345 exists, but this broker has no job status for it",
         },
     )
+
+
+async def test_a_reserved_run_says_it_is_reserved(start_broker: Callable[[], Any]) -> None:
+    broker = await start_broker()
+    response = await broker.post("/advance_run_number", json={"pgroup": "p12345"})
+    assert (await response.json())["run_number"] == 1
+    assert await status_of(broker, 1) == (
+        404,
+        {
+            "status": "failed",
+            "message": "run 1 of p12345 is reserved (/advance_run_number) but not retrieved yet: "
+            "send /retrieve_from_buffers with run_number 1 to fill it",
+        },
+    )
+    assert (await status_of(broker, 2))[1]["message"] == "run 2 of p12345 does not exist"

@@ -151,7 +151,9 @@ async def test_success_publishes_file_then_acks(transport: Transport, raw_dir: P
     ]
     assert seen[0].details == {"total": 6}  # beam pulses 100, 102, …, 110
     finished = seen[-1]
-    assert finished.message == "incomplete: 1 names with missing pulses, 1 names without data"
+    assert finished.message == (
+        "incomplete: 1 of 2 names with missing pulses; C:D: no data at all (unknown to the buffer?)"
+    )
     assert finished.details["report"]["names"][0] == {
         "name": "A:B",
         "expected": 6,
@@ -170,7 +172,7 @@ async def test_success_publishes_file_then_acks(transport: Transport, raw_dir: P
         "BSDATA of run 1 (p12345): 2 names, pulses 99-111 (requested 100-110, rate 1/2)" in log_text
     )
     assert "A:B: 4 of 6 beam pulses, 2 missing (108, 110)" in log_text
-    assert "C:D: no data at all" in log_text
+    assert "C:D: no data at all (unknown to the buffer?)" in log_text
     # Acknowledged: a new worker gets nothing, and nothing was dead-lettered.
     await settled_and_queue_empty(transport, job)
     await events.close()
@@ -196,20 +198,20 @@ async def test_transient_errors_are_retried(transport: Transport, raw_dir: Path)
     [
         (
             [BufferServerError("data buffer at http://x: HTTP 500", 500)] * 3,
-            "pulses 99-111: data buffer at http://x: HTTP 500 (gave up after 3 tries)",
+            "pulses 100-110: data buffer at http://x: HTTP 500 (gave up after 3 tries)",
             3,
         ),
         (
             [DataAgedOut("data buffer: aged out")],
-            "pulses 99-111: data buffer: aged out",
+            "pulses 100-110: data buffer: aged out",
             1,
         ),
         (
             [CalibrationError("JF07T32V01: gain file /g.h5 has shape (4, 512, 1024)")],
-            "pulses 99-111: JF07T32V01: gain file /g.h5 has shape (4, 512, 1024)",
+            "pulses 100-110: JF07T32V01: gain file /g.h5 has shape (4, 512, 1024)",
             1,
         ),
-        ([ValueError("boom")], "pulses 99-111: unexpected error: ValueError('boom')", 1),
+        ([ValueError("boom")], "pulses 100-110: unexpected error: ValueError('boom')", 1),
     ],
 )
 async def test_failures_dead_letter_and_leave_no_file(
@@ -251,7 +253,7 @@ async def test_a_job_that_cannot_be_started_is_rejected_and_the_worker_goes_on(
     await stop(task)
     rejected = [e for e in seen if e.action is Action.WRITE_REJECTED]
     assert [e.run_number for e in rejected] == [1]
-    assert rejected[0].message.startswith("pulses 99-111: cannot work on it: [Errno 2] ")
+    assert rejected[0].message.startswith("pulses 100-110: cannot work on it: [Errno 2] ")
     assert str(raw_dir / "gone") in rejected[0].message
     assert seen[-1].run_number == 2
     assert Path(good.output_file).read_bytes() == b"complete file"

@@ -10,6 +10,7 @@ them with the simulator's calibration files.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 from collections.abc import AsyncIterator
@@ -276,6 +277,36 @@ async def test_raw_files_equal_the_buffer_bytes(system: System) -> None:
         assert file[f"data/{ONE}/data"].dtype == np.int32
 
 
+async def test_keep_raw_into_raw_data_swapped_for_a_symlink_fails_the_job(
+    system: System, tmp_path: Path
+) -> None:
+    """RAW_DATA becomes a symlink out of raw/ while the job waits for its data: the job fails
+    with the reason, nothing is written outside, no file is published."""
+    outside = tmp_path / "outside"
+    (outside / "scan").mkdir(parents=True)
+    run = await system.request({ONE: {"keep_raw": True}}, directory_name="scan")
+    os.symlink(outside, system.raw_dir / "RAW_DATA")
+    system.pass_files()
+    outcome = (await system.outcomes(1))[ONE]
+    assert outcome.action is Action.WRITE_REJECTED
+    assert outcome.message == (
+        f"pulses {RANGE + 11}-{RANGE + 30}: refusing to write below "
+        f"{system.raw_dir}/RAW_DATA/scan: {system.raw_dir}/RAW_DATA is a symlink to {outside}, "
+        f"outside {system.raw_dir}"
+    )
+    assert [p.name for p in outside.rglob("*")] == ["scan"]
+    # No file, no temporary file; the lease goes once the job is dead-lettered.
+    await async_wait_until(
+        lambda: not any((system.raw_dir / "scan").iterdir()), what="the lease removed"
+    )
+    assert (
+        not (system.raw_dir / "RAW_DATA")
+        .resolve()
+        .joinpath("scan", f"run_{run:06d}.{ONE}.h5")
+        .exists()
+    )
+
+
 async def test_incomplete_frames_and_a_missing_module_are_flagged(system: System) -> None:
     faults = system.simulation.jungfrau.faults
     pids = pulses()
@@ -329,7 +360,7 @@ async def test_aged_out_files_fail_with_that_reason(system: System) -> None:
     assert outcome.action is Action.WRITE_REJECTED
     path = fmt.data_file(system.simulation.jungfrau.buffer_root, ONE, 0, RANGE)
     assert outcome.message == (
-        f"pulses {RANGE + 12}-{RANGE + 28}: {ONE}: pulses {RANGE + 12}-{RANGE + 28} aged out "
+        f"pulses {RANGE + 11}-{RANGE + 30}: {ONE}: pulses {RANGE + 12}-{RANGE + 28} aged out "
         f"of the Jungfrau buffer: module 0's file {path} is gone and its oldest file starts at "
         f"pulse {RANGE + 1000} (the buffer keeps only its newest files; or the module was not "
         "writing yet); retrieve sooner after the run"
@@ -389,6 +420,25 @@ async def test_a_gap_in_the_buffer_files_is_flagged_not_aged_out(system: System)
             "missing_modules": [],
         }
     await no_leases_left(system.raw_dir)
+
+
+async def test_a_range_the_buffer_has_not_reached_says_what_it_waits_for(system: System) -> None:
+    """Every module's newest closed pulse is RANGE-1; the run ends 5 s of pulses later."""
+    await system.request({ONE: {}}, stop_pulseid=RANGE + 500)
+    async with asyncio.timeout(30):
+        while True:
+            event = await system.events.__anext__()
+            if event.action is Action.WRITE_PROGRESS and "waiting" in event.details:
+                break
+    waiting = event.details["waiting"]
+    assert (waiting["pulse_id"], waiting["buffers_at"]) == (RANGE + 500, RANGE - 1)
+    assert 0 < waiting["seconds"] <= 5.01  # when the stop comes, from the age of LATEST
+    assert event.message == (
+        f"waiting for pulse {RANGE + 500} (the buffers are at {RANGE - 1}, "
+        f"about {waiting['seconds']:.0f} s)"
+    )
+    system.pass_files()
+    assert (await system.outcomes(1))[ONE].action is Action.WRITE_FINISHED
 
 
 async def test_a_stop_far_in_the_future_is_rejected_at_once(system: System) -> None:
