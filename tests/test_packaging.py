@@ -49,6 +49,7 @@ def test_help_loads_no_numba_h5py_numpy_nor_aiohttp() -> None:
     assert jungfrau == {
         "sf_daq_broker.jungfrau",
         "sf_daq_broker.jungfrau.cli",
+        "sf_daq_broker.jungfrau.pedestal_cli",
         "sf_daq_broker.jungfrau.errors",
     }
     assert len(modules) < 400  # 840 before imports moved to where they are used

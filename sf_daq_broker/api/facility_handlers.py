@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 
 async def get_pvlist(request: web.Request) -> web.Response:
+    await read_params(request)  # none are needed, but a malformed body is refused as anywhere
     beamline = caller_beamline(request)
     pv_list_dir = request.app[SETTINGS].service_files.pv_list_dir
     pv_list = await asyncio.to_thread(read_pv_list, pv_list_dir, beamline)
@@ -124,6 +125,7 @@ def _run_record(path: Path, run: int, pgroup: str) -> dict[str, Any]:
 
 
 async def upload_custom_dap_script(request: web.Request) -> web.Response:
+    await read_params(request)  # a malformed body is a 400, as anywhere
     raise Forbidden(
         "upload_custom_dap_script is not offered by this broker: it would run uploaded code on "
         "the facility's machines; ask the facility's DAQ team to install a DAP script"

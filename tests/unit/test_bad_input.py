@@ -29,6 +29,26 @@ BODY_READERS = {
     "/advance_run_number",
     "/close_pgroup_writing",
     "/run_status",
+    # detector control, pedestals and the facility's other endpoints
+    "/power_on_detector",
+    "/get_detector_settings",
+    "/set_detector_settings",
+    "/power_on_modules",
+    "/power_off_modules",
+    "/get_detector_status",
+    "/get_detector_temperatures",
+    "/get_jfctrl_monitor",
+    "/get_detector_pings",
+    "/get_jfstats",
+    "/take_pedestal",
+    "/pedestal_status",
+    "/get_pvlist",
+    "/set_pvlist",
+    "/get_dap_settings",
+    "/set_dap_settings",
+    "/copy_user_files",
+    "/upload_custom_dap_script",
+    "/get_next_acquistion_number",
 }
 
 
