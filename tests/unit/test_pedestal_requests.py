@@ -224,7 +224,8 @@ async def test_pedestal_status_of_what_does_not_exist(
 async def test_run_status_of_run_zero_is_refused(client: TestClient) -> None:
     status, reply = await call(client, "GET", "/run_status", {"pgroup": "p12345", "run_number": 0})
     assert (status, reply["message"]) == (
-        400, f"run_number must be between 1 and {2**63 - 1}, got 0"
+        400,
+        f"run_number must be between 1 and {2**63 - 1}, got 0",
     )
 
 
