@@ -112,15 +112,17 @@ class DetectorOptions:
         )
 
 
-_ALIASES = ("mask_double_pixels", "remove_raw_files")
+#: Seed and upstream names of options, both booleans (see the fields' comments).
+OPTION_ALIASES = ("mask_double_pixels", "remove_raw_files")
 _BOOL_OPTIONS = (
     *(f.name for f in dataclasses.fields(DetectorOptions) if f.type in ("bool", bool)),
-    *_ALIASES,
+    *OPTION_ALIASES,
 )
-#: Keys of a detector's options object (``selected_pulse_ids`` belongs to the request).
-_KNOWN_OPTIONS = (
+#: Keys of a detector's options object (``selected_pulse_ids`` belongs to the request): what
+#: the parser accepts and the OpenAPI document lists.
+DETECTOR_OPTION_KEYS = (
     *(f.name for f in dataclasses.fields(DetectorOptions) if f.name != "selected_pulse_ids"),
-    *_ALIASES,
+    *OPTION_ALIASES,
 )
 _CHOICES = {
     "double_pixels_action": DOUBLE_PIXELS_ACTIONS,
@@ -262,11 +264,10 @@ def parse_detector_options(detector: str, value: Any) -> DetectorOptions:
         return DetectorOptions()
     if not isinstance(value, dict):
         raise BadRequest(f"{key} must be an object of options, got {_show(value)}")
-    unknown = [name for name in value if name not in _KNOWN_OPTIONS]
+    unknown = [name for name in value if name not in DETECTOR_OPTION_KEYS]
     if unknown:
-        raise BadRequest(
-            f"{key}: unknown option {unknown[0]!r} (known options: {', '.join(_KNOWN_OPTIONS)})"
-        )
+        known = ", ".join(DETECTOR_OPTION_KEYS)
+        raise BadRequest(f"{key}: unknown option {unknown[0]!r} (known options: {known})")
     options: dict[str, Any] = {}
     for name in _BOOL_OPTIONS:
         if name in value:
@@ -288,7 +289,7 @@ def parse_detector_options(detector: str, value: Any) -> DetectorOptions:
             detector, value["disabled_modules"], f"{key}.disabled_modules"
         )
     options.update(_parse_upstream_options(value, key))
-    for alias in _ALIASES:
+    for alias in OPTION_ALIASES:
         options.pop(alias, None)
     parsed = DetectorOptions(**options)
     if parsed.adc_to_energy:  # otherwise the conversion options are ignored (SPEC §5.4)

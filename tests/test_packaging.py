@@ -44,13 +44,16 @@ def test_help_loads_no_numba_h5py_numpy_nor_aiohttp() -> None:
         "    main(['--help'])"
     )
     assert not top_level(modules) & {"numba", "h5py", "numpy", "aiohttp", "hdf5plugin", "tqdm"}
-    # Only the parsers and the errors of the Jungfrau package (its __init__ imports on use).
+    # Only the command parsers, the errors and the options of the Jungfrau package (its
+    # __init__ imports on use).
     jungfrau = {name for name in modules if name.startswith("sf_daq_broker.jungfrau")}
     assert jungfrau == {
         "sf_daq_broker.jungfrau",
         "sf_daq_broker.jungfrau.cli",
-        "sf_daq_broker.jungfrau.pedestal_cli",
+        "sf_daq_broker.jungfrau.detectors",
         "sf_daq_broker.jungfrau.errors",
+        "sf_daq_broker.jungfrau.options",
+        "sf_daq_broker.jungfrau.pedestal_cli",
     }
     assert len(modules) < 400  # 840 before imports moved to where they are used
 
@@ -68,7 +71,13 @@ def test_channel_workers_load_no_numba_nor_the_conversion() -> None:
     )
     assert not any(name in modules for name in CONVERSION_MODULES)
     jungfrau = {name for name in modules if name.startswith("sf_daq_broker.jungfrau")}
-    assert jungfrau == {"sf_daq_broker.jungfrau", "sf_daq_broker.jungfrau.errors"}
+    # The options a request carries, and their names; no conversion, geometry or numpy code.
+    assert jungfrau == {
+        "sf_daq_broker.jungfrau",
+        "sf_daq_broker.jungfrau.detectors",
+        "sf_daq_broker.jungfrau.errors",
+        "sf_daq_broker.jungfrau.options",
+    }
     # They write HDF5 (h5py, bitshuffle for the cameras), which is their job.
     assert {"h5py", "aiohttp"} <= top_level(modules)
 
@@ -89,7 +98,10 @@ def test_license_is_an_spdx_expression_and_setuptools_understands_it() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     assert project["project"]["license"] == "BSD-3-Clause"
     assert project["build-system"]["requires"] == ["setuptools>=77"]
-    assert project["tool"]["setuptools"]["package-data"] == {"sf_daq_broker": ["configs/*.toml"]}
+    assert project["tool"]["setuptools"]["package-data"] == {
+        "sf_daq_broker": ["configs/*.toml"],
+        "sf_daq_broker.web": ["templates/*.html", "static/*"],  # the page's files
+    }
 
 
 def test_the_package_reads_the_configs_directory_not_a_copy() -> None:

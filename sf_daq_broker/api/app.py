@@ -26,6 +26,7 @@ from sf_daq_broker.status.follower import follow_status
 from sf_daq_broker.status.store import StatusStore
 from sf_daq_broker.transport import Transport, create_transport
 from sf_daq_broker.transport.amqp import BROKER_STATUS_QUEUE
+from sf_daq_broker.web.app import setup_page
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ def create_app(settings: Settings, transport: Transport | None = None) -> web.Ap
         app.router.add_route(method, path, handler)
     app.cleanup_ctx.append(_transport_lifetime)
     app.cleanup_ctx.append(_status_lifetime)
+    setup_page(app)  # after the status store: the page listens to it
     return app
 
 

@@ -20,7 +20,7 @@ from sf_daq_broker.api.caller import beamline_of, client_address
 from sf_daq_broker.api.horizon import buffers_now, check_range
 from sf_daq_broker.api.json_input import check_document, parse_json
 from sf_daq_broker.api.models import MAX_RUN_NUMBER
-from sf_daq_broker.api.openapi import openapi_document
+from sf_daq_broker.api.openapi import OPERATIONS, openapi_document
 from sf_daq_broker.api.state import METRICS, SETTINGS, STATUS, TRANSPORT
 from sf_daq_broker.bookkeeping.ledger import accept_request, close_pgroup, record_handover_failure
 from sf_daq_broker.bookkeeping.paths import PgroupDirs, open_pgroup
@@ -312,7 +312,9 @@ async def openapi(request: web.Request) -> web.Response:
     routes = tuple(
         (route.method, route.resource.canonical)
         for route in request.app.router.routes()
-        if route.resource is not None and route.method != "HEAD"
+        if route.resource is not None
+        and route.method != "HEAD"
+        and route.resource.canonical in OPERATIONS  # the API, not the page (sf_daq_broker.web)
     )
     document = openapi_document(routes, (settings.min_pulse_id, settings.max_pulse_id))
     return web.json_response(document)

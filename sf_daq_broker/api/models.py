@@ -25,7 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema
 from sf_daq_broker.bookkeeping.paths import COMPONENT_MAX, PGROUP_PATTERN
 from sf_daq_broker.config import PULSE_ID_LIMIT
 from sf_daq_broker.detector_control.interface import SETTING_NAMES
-from sf_daq_broker.retrieval import CAMERA_SUFFIX, RATE_MULTIPLICATORS, DetectorOptions
+from sf_daq_broker.retrieval import (
+    CAMERA_SUFFIX,
+    DETECTOR_OPTION_KEYS,
+    OPTION_ALIASES,
+    RATE_MULTIPLICATORS,
+    DetectorOptions,
+)
 from sf_daq_broker.run_options import LOG_LEVELS
 
 #: Run numbers are stored as signed 64-bit integers (SQLite, the run JSON's readers).
@@ -64,9 +70,11 @@ def _detector_options_schema() -> dict[str, Any]:
     """The schema of ``DetectorOptions``, generated from the dataclass; unknown options are
     refused by the parser, so the document says so."""
     schema = TypeAdapter(DetectorOptions).json_schema()
+    properties = schema["properties"]
+    for alias in OPTION_ALIASES:
+        properties[alias] = {"type": "boolean", "description": "an older name (see README)"}
+    schema["properties"] = {key: properties[key] for key in DETECTOR_OPTION_KEYS}
     schema["additionalProperties"] = False
-    # selected_pulse_ids is the request's key, copied into every detector's options
-    schema["properties"].pop("selected_pulse_ids", None)
     schema["description"] = "per-detector options (SPEC §5.4); null or {} for the defaults"
     schema.pop("required", None)  # every option has a default
     return schema
@@ -110,7 +118,8 @@ class RetrieveBody(BaseModel):
     ) = Field(default=None, description="Jungfrau detectors allowed for the beamline, with options")
     selected_pulse_ids: list[PulseId] | None = Field(
         default=None,
-        description="detectors keep only the good frames of these pulses (UPSTREAM_HEAD §1)",
+        description="detectors keep only the good frames of these pulses, in file order "
+        "(ids outside the range are ignored); channels, cameras and PVs are not affected",
     )
     scan_info: ScanInfo | None = Field(default=None, description="a scan step (SPEC §4)")
     run_number: Annotated[int, Field(ge=1, le=MAX_RUN_NUMBER)] | None = Field(

@@ -301,6 +301,7 @@ def _demo(system: Any, content: Any, pulses: Any, args: argparse.Namespace) -> i
     )
     _say(f"            Jungfrau {simulation.jungfrau.buffer_root}")
     _say(f"broker      {system.broker_url}")
+    _say(f"page        {system.broker_url}/  (runs, live progress and previews in a browser)")
     _say(f"workers     {', '.join(kind.value for kind in system.workers) or 'none'}")
 
     plan = build_plan(
@@ -375,6 +376,7 @@ def _demo(system: Any, content: Any, pulses: Any, args: argparse.Namespace) -> i
             f"ready: the broker at {system.broker_url} keeps serving (data root "
             f"{options.data_root}); Ctrl-C stops everything"
         )
+        _say(f"page:  open {system.broker_url}/ in a browser")
         try:
             signal.pause()
         except KeyboardInterrupt:

@@ -33,8 +33,6 @@ if TYPE_CHECKING:
     from sf_daq_broker.jungfrau.geometry import GeometryTable, load_geometry_table
     from sf_daq_broker.jungfrau.options import ConversionOptions
 
-#: Where each public name lives. Imported on first use: the package is reached by processes
-#: that never convert (a channel worker needs only ``errors``), which must not pay for numba.
 _EXPORTS = {
     "Calibration": "calibration",
     "load_calibration": "calibration",
@@ -47,6 +45,7 @@ _EXPORTS = {
     "load_geometry_table": "geometry",
     "ConversionOptions": "options",
 }
+
 __all__ = [
     "Calibration",
     "CalibrationError",

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 from sf_daq_broker.jungfrau.errors import DetectorError
 
+#: Frames averaged per gain stage of a pedestal run, as upstream.
+FRAMES_AVERAGE = 1000
+
 _NAME = re.compile(r"^(JF\d\dT(\d\d))V\d\d$")
 
 MODULE_ROWS = 512

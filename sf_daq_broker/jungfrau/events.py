@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from sf_daq_broker.bookkeeping.confined import replace_file
+from sf_daq_broker.h5.atomic import atomic_output
 
 LASER_BIT = 16
 DARKSHOT_BIT = 17
@@ -75,14 +75,22 @@ def list_file(data_file: Path, kind: str) -> Path:
     return data_file.with_name(f"{data_file.name.removesuffix('.h5')}.{kind}.lst")
 
 
+def _write_by_path(path: Path, data: bytes) -> None:
+    with atomic_output(path) as temporary:
+        temporary.write_bytes(data)
+
+
 def write_crystfel_lists(
     data_file: Path,
     daq_rec: npt.ArrayLike,
     is_good_frame: npt.ArrayLike,
-    write: Callable[[Path, bytes], None] = replace_file,
+    write: Callable[[Path, bytes], None] = _write_by_path,
 ) -> list[Path]:
-    """Write the non-empty lists beside ``data_file`` (atomically, with ``write``: a worker
-    passes its confined writer); returns their paths."""
+    """Write the non-empty lists beside ``data_file`` (atomically); returns their paths.
+
+    ``write`` replaces a file atomically: a worker passes one that stays below the pgroup's
+    ``raw/`` (``workers.job_files.write_job_file``); the command line writes where it is told.
+    """
     written = []
     for kind, lines in crystfel_lists(data_file, daq_rec, is_good_frame).items():
         if lines:

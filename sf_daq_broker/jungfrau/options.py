@@ -15,16 +15,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sf_daq_broker.jungfrau.detectors import parse_detector_name
 from sf_daq_broker.jungfrau.errors import ConversionError, DetectorError
-from sf_daq_broker.jungfrau.geometry import (
-    DetectorGeometry,
-    GeometryTable,
-    default_geometry_table,
-)
-from sf_daq_broker.jungfrau.layout import Placement, plan_placements
+
+if TYPE_CHECKING:
+    # Imported by check_options when it runs: a request carries options through every
+    # process (the channel workers too), only the broker and the detector worker plan images.
+    from sf_daq_broker.jungfrau.geometry import DetectorGeometry, GeometryTable
+    from sf_daq_broker.jungfrau.layout import Placement
 
 #: Request options that do not change the conversion itself.
 FILE_OPTIONS = frozenset(
@@ -166,6 +166,9 @@ def check_options(
     the final image; the reference refuses the last row and column too). Returns the final
     image shape, the module placements and the geometry used. Cheap: the request validation
     calls it before a run number is spent."""
+    from sf_daq_broker.jungfrau.geometry import default_geometry_table
+    from sf_daq_broker.jungfrau.layout import plan_placements
+
     name = parse_detector_name(detector)
     table = geometry_table or default_geometry_table()
     entry = table.lookup(name.base)

@@ -38,14 +38,12 @@ import numpy.typing as npt
 
 from sf_daq_broker.h5.atomic import atomic_output
 from sf_daq_broker.h5.detector import RawDetectorFile
-from sf_daq_broker.jungfrau.detectors import MODULE_COLUMNS, MODULE_ROWS
+from sf_daq_broker.jungfrau.detectors import FRAMES_AVERAGE, MODULE_COLUMNS, MODULE_ROWS
 from sf_daq_broker.jungfrau.errors import CalibrationError, ConversionError, NoGoodPixel
 from sf_daq_broker.jungfrau.pedestal_kernel import CHUNK, accumulate, count_in_gain
 
 log = logging.getLogger(__name__)
 
-#: Frames averaged per gain stage, as upstream.
-FRAMES_AVERAGE = 1000
 #: Raw bytes read per batch.
 BATCH_BYTES = 64 * 1024 * 1024
 #: Gain code of each stage of the result, in the order of its planes: G0, G1, G2.

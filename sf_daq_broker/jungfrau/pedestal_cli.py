@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from sf_daq_broker.config import ConfigError, load_settings
+from sf_daq_broker.jungfrau.detectors import FRAMES_AVERAGE
 from sf_daq_broker.jungfrau.errors import ConversionError
 
-#: As ``jungfrau.pedestal.FRAMES_AVERAGE`` (that module loads numba: imported when run).
-FRAMES_AVERAGE = 1000
+# h5py and the numba kernels are imported when a pedestal is computed: every `sf-daq-broker`
+# command loads this module to build its --help.
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,10 @@ class _Progress:
 
 
 def _number_bad_modules(args: argparse.Namespace) -> int:
-    from sf_daq_broker.h5.detector import RawDetectorFile
-
     if args.number_bad_modules is not None:
         return int(args.number_bad_modules)
+    from sf_daq_broker.h5.detector import RawDetectorFile
+
     with RawDetectorFile(args.raw_file) as raw:
         detector = raw.detector
     settings = load_settings(args.config)

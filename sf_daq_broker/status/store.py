@@ -10,14 +10,21 @@ worker published them in; a job that is delivered again (a worker died) simply s
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from sf_daq_broker.jobs import Action, Job, StatusEvent
+
+log = logging.getLogger(__name__)
+
+#: Called with (pgroup, run_number) after a change of that run's jobs is committed.
+Listener = Callable[[str, int], None]
 
 
 class JobState(StrEnum):
@@ -67,6 +74,7 @@ class StatusStore:
         self._db = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.Lock()
+        self._listeners: list[Listener] = []
         with self._lock, self._db:
             if path is not None:
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -75,6 +83,30 @@ class StatusStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Be told of every committed change, with the run it concerns (the page's live view).
+
+        A listener runs in the thread that changed the store, so it must only hand the news
+        on (e.g. ``loop.call_soon_threadsafe``); its errors are logged, never raised.
+        """
+        with self._lock:
+            self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        with self._lock:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def _notify(self, runs: Iterable[tuple[str, int]]) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for pgroup, run_number in dict.fromkeys(runs):
+            for listener in listeners:
+                try:
+                    listener(pgroup, run_number)
+                except Exception:
+                    log.exception("a status store listener failed")
 
     def record_queued(self, jobs: list[Job]) -> None:
         """Jobs handed over to the queue (recorded by the broker itself, not via an event)."""
@@ -121,9 +153,14 @@ class StatusStore:
                     for job in jobs
                 ],
             )
+        self._notify((job.pgroup, job.run_number) for job in jobs)
 
     def apply(self, event: StatusEvent) -> None:
         """Fold one status event into the job's row."""
+        self._fold(event)
+        self._notify([(event.pgroup, event.run_number)])
+
+    def _fold(self, event: StatusEvent) -> None:
         state = _ACTION_STATE[event.action]
         now = time.time()
         details = event.details
@@ -186,6 +223,20 @@ class StatusStore:
         with self._lock:
             row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return _job_view(row) if row is not None else None
+
+    def runs_status(self, pgroup: str, first: int, last: int) -> dict[int, list[dict[str, Any]]]:
+        """The jobs of the runs ``first``..``last`` of a pgroup, by run (one query, for the
+        page's run list)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE pgroup = ? AND run_number BETWEEN ? AND ?"
+                " ORDER BY run_number, queued_at, rowid",
+                (pgroup, first, last),
+            ).fetchall()
+        runs: dict[int, list[dict[str, Any]]] = {}
+        for row in rows:
+            runs.setdefault(row["run_number"], []).append(_job_view(row))
+        return runs
 
     def state_counts(self) -> dict[tuple[str, str], int]:
         """Number of jobs per (source kind, state), for /metrics."""

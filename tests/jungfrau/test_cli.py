@@ -18,7 +18,7 @@ import pytest
 from sf_daq_broker import __version__
 from sf_daq_broker.cli import main
 from sf_daq_broker.h5.detector import DetectorFileWriter, FrameColumns
-from sf_daq_broker.jungfrau import Converter
+from sf_daq_broker.jungfrau import Converter, convert_command
 from sf_daq_broker.jungfrau import cli as convert_cli
 from tests.jungfrau.reference import reference_convert
 from tests.jungfrau.support import random_calibration, random_raw
@@ -160,7 +160,7 @@ def test_streams_in_batches(setup: dict[str, Any], monkeypatch: pytest.MonkeyPat
         return original(self, raw, out)
 
     monkeypatch.setattr(Converter, "convert", counting)
-    monkeypatch.setattr(convert_cli, "BATCH_BYTES", 3 * 512 * 1024 * 2)  # 3 frames
+    monkeypatch.setattr(convert_command, "BATCH_BYTES", 3 * 512 * 1024 * 2)  # 3 frames
     assert run_convert([str(setup["raw_file"]), str(setup["out"]), *setup["cal"]]) == 0
     assert batches == [3, 1]
     with h5py.File(setup["out"]) as file:
@@ -180,7 +180,7 @@ def test_failure_mid_way_leaves_no_file(
         return original(self, raw, out)
 
     monkeypatch.setattr(Converter, "convert", failing)
-    monkeypatch.setattr(convert_cli, "BATCH_BYTES", 2 * 512 * 1024 * 2)
+    monkeypatch.setattr(convert_command, "BATCH_BYTES", 2 * 512 * 1024 * 2)
     assert run_convert([str(setup["raw_file"]), str(setup["out"]), *setup["cal"]]) == 1
     assert capsys.readouterr().err == (
         f"sf-daq-broker convert: No space left on device: {setup['out']}\n"

@@ -12,7 +12,6 @@ import asyncio
 import json
 import threading
 from collections.abc import Iterator
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from hypothesis import strategies as st
 
 from sf_daq_broker.api.app import ROUTES, create_app
 from sf_daq_broker.api.models import RetrieveBody
-from sf_daq_broker.retrieval import REQUEST_KEYS, DetectorOptions
+from sf_daq_broker.retrieval import DETECTOR_OPTION_KEYS, REQUEST_KEYS
 from sf_daq_broker.simulation.api1_server import SimulatedApi1Buffer, create_api1_app
 from sf_daq_broker.simulation.clock import ManualClock
 from sf_daq_broker.simulation.detector_server import add_detector_routes
@@ -40,8 +39,6 @@ BASE: dict[str, Any] = {
     "channels_list": ["SAR-CVME-TIFALL5:EvtSet"],
 }
 DETECTOR = "JF07T32V01"  # allowed for bernina in the shipped configuration
-#: The per-detector options (selected_pulse_ids is the request's key, copied into each).
-OPTION_NAMES = [f.name for f in fields(DetectorOptions) if f.name != "selected_pulse_ids"]
 
 
 @pytest.fixture
@@ -66,7 +63,7 @@ async def test_the_document_lists_every_endpoint(client: TestClient) -> None:
     assert schema["properties"]["stop_pulseid"]["maximum"] == 2**53 - 1
     options = schema["properties"]["detectors"]["anyOf"][0]["patternProperties"]
     (option_schema,) = options.values()
-    assert list(option_schema["properties"]) == OPTION_NAMES
+    assert list(option_schema["properties"]) == list(DETECTOR_OPTION_KEYS)
     assert option_schema["additionalProperties"] is False
     run_status = document["paths"]["/run_status"]["get"]
     assert [p["name"] for p in run_status["parameters"]] == ["pgroup", "run_number"]
@@ -108,12 +105,12 @@ async def test_every_documented_key_is_the_parsers(client: TestClient) -> None:
     for key, (value, message) in WRONG.items():
         response = await client.post("/retrieve_from_buffers", json={**BASE, key: value})
         assert (key, response.status, (await response.json())["message"]) == (key, 400, message)
-    for name in OPTION_NAMES:
-        body = {**BASE, "detectors": {DETECTOR: {name: "x"}}}
+    for option in DETECTOR_OPTION_KEYS:
+        body = {**BASE, "detectors": {DETECTOR: {option: "x"}}}
         response = await client.post("/retrieve_from_buffers", json=body)
         message = (await response.json())["message"]
         assert response.status == 400
-        assert message.startswith(f"detectors.{DETECTOR}.{name} must be "), message
+        assert message.startswith(f"detectors.{DETECTOR}.{option} must be "), message
 
 
 # --- the fuzzer -----------------------------------------------------------------------------
