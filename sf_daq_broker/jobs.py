@@ -14,11 +14,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # a worker process needs jobs, not the request parser and its option models
-    from sf_daq_broker.bookkeeping.paths import PgroupDirs
-    from sf_daq_broker.retrieval import RetrieveRequest
+from sf_daq_broker.bookkeeping.paths import PgroupDirs
+from sf_daq_broker.retrieval import RetrieveRequest
 
 _JOB_NAMESPACE = uuid.UUID("4f3c2a5e-8d1b-4c7e-9a60-5b2f7e1d0c93")
 
