@@ -18,7 +18,7 @@ tells the worker whether to retry.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -167,6 +167,21 @@ class Api1Client(HttpClient):
         """Open a streamed reply (an async context manager yielding an ``Api1Reply``)."""
         return _QueryContext(self, self.query_body(channels, start_ns, end_ns), decompress)
 
+    async def stream(
+        self,
+        channels: Sequence[str],
+        start_ns: int,
+        end_ns: int,
+        *,
+        decompress: bool = True,
+    ) -> AsyncGenerator[ChannelHeader | EventBatch, None]:
+        """The reply's headers and event batches as they arrive; once the body has ended, the
+        request status is checked (``RequestFailed`` if the buffer reports errors)."""
+        async with self.query(channels, start_ns, end_ns, decompress=decompress) as reply:
+            async for item in reply:
+                yield item
+        await self.check_status(reply.request_id)
+
     async def fetch(
         self,
         channels: Sequence[str],
@@ -189,14 +204,17 @@ class Api1Client(HttpClient):
                     batches[item.header.name].append(item)
         data = {name: ChannelData.from_batches(headers[name], batches[name]) for name in headers}
         missing = [name for name in dict.fromkeys(channels) if name not in data]
-        status = None
-        if check_status and reply.request_id is not None:
-            status = await self.request_status(reply.request_id)
-            if "errors" in status:
-                raise RequestFailed(
-                    f"{self.name}: request {reply.request_id} failed: {status['errors']}"
-                )
+        status = await self.check_status(reply.request_id) if check_status else None
         return Api1Result(reply.request_id, data, missing, status)
+
+    async def check_status(self, request_id: str | None) -> dict[str, Any] | None:
+        """The request's status once its reply has ended; ``RequestFailed`` if it failed."""
+        if request_id is None:
+            return None
+        status = await self.request_status(request_id)
+        if "errors" in status:
+            raise RequestFailed(f"{self.name}: request {request_id} failed: {status['errors']}")
+        return status
 
     async def request_status(self, request_id: str) -> dict[str, Any]:
         """``GET /api/1/requestStatus/{id}``; a status with an ``errors`` key means failure."""

@@ -1,34 +1,35 @@
 """Incremental decoder of an api/1 reply body: bytes in, channel headers and event batches out.
 
 It does no I/O, so it is tested byte by byte without a server, and the HTTP client only feeds
-it whatever chunks arrive. Events of fixed size (uncompressed numbers, waveforms, bools) are
-decoded many at a time through a packed numpy dtype of the whole frame, with every frame's two
-length fields and mtype checked in the same vectorised step; anything else (headers, strings,
-compressed values, a frame that does not fit) goes through the frame-by-frame path, which is
-also the one that reports corruption precisely.
+it whatever chunks arrive. Events are decoded many at a time, never one by one in Python:
+events of fixed size (uncompressed numbers, waveforms, bools) through a packed numpy dtype of
+the whole frame, with every frame's two length fields and mtype checked in the same vectorised
+step; events of variable size (compressed values, strings) by one numba pass over their frames
+(``api1_bulk``), compressed values decompressed in bulk into one array. Either path stops at
+the first frame it cannot take (a header, an incomplete frame, a malformed one); headers and
+corruption go through the frame-by-frame path, which is also the one that reports corruption
+precisely.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import numpy as np
 
+from sf_daq_broker.buffers.api1_bulk import ScannedEvents, decompress_values, scan_events
 from sf_daq_broker.buffers.api1_format import (
     EVENT_PREFIX,
     MAX_FRAME_BYTES,
     MTYPE_EVENT,
     MTYPE_HEADER,
     ChannelHeader,
-    decompress_value,
     fixed_event_dtype,
 )
 from sf_daq_broker.buffers.errors import CorruptStream, StreamCut
-
-_EVENT_HEAD = struct.Struct(">qq")
 
 
 @dataclass
@@ -51,15 +52,6 @@ class EventBatch:
         return len(self.pulse_id)
 
 
-@dataclass
-class _Pending:
-    """Events decoded one by one, waiting to become an EventBatch."""
-
-    pulse_ids: list[int] = field(default_factory=list)
-    timestamps: list[int] = field(default_factory=list)
-    values: list[Any] = field(default_factory=list)
-
-
 class FrameDecoder:
     """Feed it the reply body in chunks; it returns what became complete."""
 
@@ -68,7 +60,6 @@ class FrameDecoder:
         self._source = source
         self._buffer = bytearray()
         self._header: ChannelHeader | None = None
-        self._pending = _Pending()
         self._fixed_dtype: np.dtype[Any] | None = None
         self.bytes_received = 0
 
@@ -83,13 +74,11 @@ class FrameDecoder:
         out: list[ChannelHeader | EventBatch] = []
         position = 0
         while True:
-            if self._fixed_dtype is not None:
-                position = self._decode_fixed(position, out)
+            position = self._decode_events(position, out)
             step = self._decode_one(position, out)
             if step == 0:
                 break
             position += step
-        self._flush(out)
         del self._buffer[:position]
         return out
 
@@ -102,6 +91,20 @@ class FrameDecoder:
                 + (f", channel {self._header.name})" if self._header else ")")
             )
         return []
+
+    def _decode_events(self, position: int, out: list[ChannelHeader | EventBatch]) -> int:
+        """The run of events of the current channel from ``position``; the new position."""
+        header = self._header
+        if header is None or not header.has_data:
+            return position
+        if self._fixed_dtype is not None:
+            return self._decode_fixed(position, out)
+        buffer = np.frombuffer(self._buffer, dtype=np.uint8)
+        events = scan_events(buffer, position, MAX_FRAME_BYTES)
+        if events.pulse_id.size:
+            out.append(self._variable_batch(header, buffer, events))
+        del buffer  # release the view before the bytearray is resized
+        return events.end
 
     def _decode_fixed(self, position: int, out: list[ChannelHeader | EventBatch]) -> int:
         """Vectorised path for a run of fixed-size event frames; returns the new position."""
@@ -119,7 +122,6 @@ class FrameDecoder:
         )
         usable = count if bool(good.all()) else int(np.argmin(good))
         if usable:
-            self._flush(out)
             out.append(self._fixed_batch(frames[:usable]))
         del frames  # release the view before the bytearray is resized
         return position + usable * frame_size
@@ -133,6 +135,37 @@ class FrameDecoder:
             frames["timestamp"].astype(np.int64),
             frames["value"].astype(self._header.native_dtype),
         )
+
+    def _variable_batch(
+        self, header: ChannelHeader, buffer: np.ndarray, events: ScannedEvents
+    ) -> EventBatch:
+        """Decode (or copy, for blobs kept compressed) the values of a run of scanned events."""
+        pulse_id, timestamp = events.pulse_id, events.timestamp
+        spans = list(zip(events.value_start.tolist(), events.value_end.tolist(), strict=True))
+        if header.compressed and not self._decompress:
+            blobs = [buffer[start:end].tobytes() for start, end in spans]
+            return EventBatch(header, pulse_id, timestamp, None, blobs)
+        if header.compressed:
+            values = decompress_values(
+                buffer,
+                events.value_start,
+                events.value_end,
+                header.dtype,
+                header.shape,
+                header.name,
+                header.type,
+            )
+            native = values.astype(header.native_dtype, copy=False)
+            return EventBatch(header, pulse_id, timestamp, native)
+        texts = np.empty(pulse_id.size, dtype=object)
+        try:
+            texts[:] = [buffer[start:end].tobytes().decode("utf-8") for start, end in spans]
+        except UnicodeDecodeError:
+            bad = next(i for i, (s, e) in enumerate(spans) if not _utf8(buffer[s:e]))
+            raise CorruptStream(
+                f"{self._source}: channel {header.name}: pulse {pulse_id[bad]}: not UTF-8"
+            ) from None
+        return EventBatch(header, pulse_id, timestamp, texts)
 
     def _decode_one(self, position: int, out: list[ChannelHeader | EventBatch]) -> int:
         """Decode the frame at ``position``; 0 when it is not complete yet."""
@@ -158,13 +191,12 @@ class FrameDecoder:
         if mtype == MTYPE_HEADER:
             self._start_channel(payload, out)
         elif mtype == MTYPE_EVENT:
-            self._add_event(payload)
+            self._refuse_event(payload)
         else:
             raise CorruptStream(f"{self._source}: unknown frame type {mtype}")
         return length + 8
 
     def _start_channel(self, payload: bytes, out: list[ChannelHeader | EventBatch]) -> None:
-        self._flush(out)
         try:
             document = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -178,51 +210,24 @@ class FrameDecoder:
         )
         out.append(header)
 
-    def _add_event(self, payload: bytes) -> None:
+    def _refuse_event(self, payload: bytes) -> NoReturn:
+        """An event the bulk paths did not take: say what is wrong with it."""
         header = self._header
         if header is None or not header.has_data:
             raise CorruptStream(f"{self._source}: event without a channel header before it")
         if len(payload) < EVENT_PREFIX:
             raise CorruptStream(f"{self._source}: channel {header.name}: event too short")
-        timestamp, pulse_id = _EVENT_HEAD.unpack_from(payload)
-        raw = payload[EVENT_PREFIX:]
-        value: Any
-        if header.compressed:
-            value = decompress_value(raw, header) if self._decompress else raw
-        elif header.type == "string":
-            try:
-                value = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise CorruptStream(
-                    f"{self._source}: channel {header.name}: pulse {pulse_id}: not UTF-8"
-                ) from exc
-        else:
-            if len(raw) != header.value_nbytes:
-                raise CorruptStream(
-                    f"{self._source}: channel {header.name}: pulse {pulse_id}: value of "
-                    f"{len(raw)} bytes, {header.type} shape {list(header.shape)} needs "
-                    f"{header.value_nbytes}"
-                )
-            value = np.frombuffer(raw, dtype=header.dtype).reshape(header.shape)
-        self._pending.pulse_ids.append(pulse_id)
-        self._pending.timestamps.append(timestamp)
-        self._pending.values.append(value)
+        (pulse_id,) = struct.unpack_from(">q", payload, 8)
+        raise CorruptStream(
+            f"{self._source}: channel {header.name}: pulse {pulse_id}: value of "
+            f"{len(payload) - EVENT_PREFIX} bytes, {header.type} shape {list(header.shape)} "
+            f"needs {header.value_nbytes}"
+        )
 
-    def _flush(self, out: list[ChannelHeader | EventBatch]) -> None:
-        pending = self._pending
-        if not pending.pulse_ids:
-            return
-        header = self._header
-        assert header is not None
-        pulse_id = np.array(pending.pulse_ids, dtype=np.int64)
-        timestamp = np.array(pending.timestamps, dtype=np.int64)
-        if header.compressed and not self._decompress:
-            out.append(EventBatch(header, pulse_id, timestamp, None, list(pending.values)))
-        elif header.type == "string":
-            values = np.empty(len(pending.values), dtype=object)
-            values[:] = pending.values
-            out.append(EventBatch(header, pulse_id, timestamp, values))
-        else:
-            stacked = np.stack(pending.values).astype(header.native_dtype, copy=False)
-            out.append(EventBatch(header, pulse_id, timestamp, stacked))
-        self._pending = _Pending()
+
+def _utf8(raw: np.ndarray) -> bool:
+    try:
+        raw.tobytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import bitshuffle
 import numpy as np
 
+from sf_daq_broker.buffers.api1_bulk import decompress_values
 from sf_daq_broker.buffers.errors import CorruptStream, UnsupportedFormat
 
 MTYPE_HEADER = 0
@@ -196,24 +197,19 @@ def compress_value(array: np.ndarray, block_size_bytes: int = BLOCK_SIZE_BYTES) 
 
 
 def decompress_value(blob: bytes | memoryview, header: ChannelHeader) -> np.ndarray:
-    """Decode a compressed value into a native-byte-order array of the header's shape."""
-    if len(blob) < BLOB_HEADER.size:
-        raise CorruptStream(f"channel {header.name}: compressed value shorter than its header")
-    nbytes, block_size_bytes = BLOB_HEADER.unpack_from(blob)
-    dtype = header.dtype
-    expected = int(np.prod(header.shape, dtype=np.int64)) * dtype.itemsize
-    if nbytes != expected:
-        raise CorruptStream(
-            f"channel {header.name}: compressed value holds {nbytes} bytes, "
-            f"shape {header.shape} of {header.type} needs {expected}"
-        )
-    if block_size_bytes <= 0 or block_size_bytes % dtype.itemsize:
-        raise CorruptStream(f"channel {header.name}: bad block size {block_size_bytes}")
-    stream = np.frombuffer(blob, dtype=np.uint8, offset=BLOB_HEADER.size)
-    try:
-        values = bitshuffle.decompress_lz4(
-            stream, (nbytes // dtype.itemsize,), dtype, block_size_bytes // dtype.itemsize
-        )
-    except (RuntimeError, ValueError) as exc:
-        raise CorruptStream(f"channel {header.name}: cannot decompress a value: {exc}") from exc
-    return np.asarray(values.astype(header.native_dtype, copy=False)).reshape(header.shape)
+    """Decode a compressed value into a native-byte-order array of the header's shape.
+
+    One value through the decoder's bulk path (``api1_bulk.decompress_values``), so a single
+    value and a stream of them are checked and decoded by the same code.
+    """
+    buffer = np.frombuffer(blob, dtype=np.uint8)
+    values = decompress_values(
+        buffer,
+        np.zeros(1, dtype=np.int64),
+        np.full(1, buffer.size, dtype=np.int64),
+        header.dtype,
+        header.shape,
+        header.name,
+        header.type,
+    )
+    return values[0].astype(header.native_dtype, copy=False)

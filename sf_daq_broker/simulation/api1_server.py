@@ -29,9 +29,10 @@ from typing import Any, Literal
 import numpy as np
 from aiohttp import web
 
+from sf_daq_broker.buffers.api1_bulk import encode_compressed_events
 from sf_daq_broker.buffers.api1_format import (
+    BLOCK_SIZE_BYTES,
     ChannelHeader,
-    compress_value,
     event_frame,
     fixed_event_dtype,
     header_frame,
@@ -94,8 +95,8 @@ class SimulatedApi1Buffer:
     def event_pulse_ids(self, channel: str, first: int, last: int) -> np.ndarray:
         """Pulse ids a query for ``[first, last]`` returns for ``channel``, in reply order.
 
-        Includes the buffer's holdings and the injected gaps and duplicates, so tests can
-        compute exactly what a reply holds.
+        Includes the buffer's holdings and the injected gaps, duplicates and out-of-order
+        pulses, so tests can compute exactly what a reply holds.
         """
         spec = self.channels[channel]
         pids = channel_pulse_ids(
@@ -107,6 +108,10 @@ class SimulatedApi1Buffer:
         duplicates = self.faults.duplicates_for(channel)
         if duplicates is not None:
             pids = np.repeat(pids, 1 + duplicates.mask(pids).astype(np.int64))
+        out_of_order = self.faults.out_of_order_for(channel)
+        if out_of_order is not None:
+            late = out_of_order.mask(pids)
+            pids = np.concatenate([pids[~late], pids[late]])
         return pids
 
     def serves(self, channel: str) -> bool:
@@ -119,7 +124,12 @@ class SimulatedApi1Buffer:
 
 
 def encode_events(spec: ChannelSpec, pids: np.ndarray, timing: PulseTiming) -> bytes:
-    """The event frames of ``spec`` at ``pids``, concatenated (BUFFERS.md §2)."""
+    """The event frames of ``spec`` at ``pids``, concatenated (BUFFERS.md §2).
+
+    Fixed-size values through one packed dtype, compressed ones through one numba pass
+    (``api1_bulk.encode_compressed_events``: the bytes of ``compress_value`` per event); only
+    strings are encoded one by one.
+    """
     header = spec.header
     timestamps = timing.ts_ns_array(pids)
     values = expected_values(spec, pids)
@@ -133,13 +143,13 @@ def encode_events(spec: ChannelSpec, pids: np.ndarray, timing: PulseTiming) -> b
         frames["value"] = values
         frames["trailer"] = length
         return frames.tobytes()
-    parts = []
-    for timestamp, pid, value in zip(timestamps.tolist(), pids.tolist(), values, strict=True):
-        if spec.type == "string":
-            raw = value.encode()
-        else:
-            raw = compress_value(np.asarray(value, dtype=header.dtype))
-        parts.append(event_frame(timestamp, pid, raw))
+    if header.compressed:
+        wire = np.asarray(values, dtype=header.dtype)
+        return encode_compressed_events(wire, timestamps, np.asarray(pids), BLOCK_SIZE_BYTES)
+    parts = [
+        event_frame(timestamp, pid, value.encode())
+        for timestamp, pid, value in zip(timestamps.tolist(), pids.tolist(), values, strict=True)
+    ]
     return b"".join(parts)
 
 

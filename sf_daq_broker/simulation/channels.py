@@ -29,7 +29,7 @@ from numpy.typing import ArrayLike
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sf_daq_broker.buffers.api1_format import TYPES, ByteOrder, ChannelHeader
-from sf_daq_broker.simulation.noise import ELEMENT_STEP, hash_grid, mix64, name_seed
+from sf_daq_broker.simulation.noise import ELEMENT_STEP, float_grid, hash_grid, mix64, name_seed
 
 
 class ChannelSpec(BaseModel):
@@ -97,14 +97,17 @@ def expected_values(spec: ChannelSpec, pids: ArrayLike) -> np.ndarray:
         return np.stack([_image(spec, int(pid)) for pid in pid_array])
     dtype = TYPES[spec.type]
     size = int(np.prod(spec.shape, dtype=np.int64))
-    h = hash_grid(name_seed(spec.name), pid_array, size)
+    seed = name_seed(spec.name)
     values: np.ndarray
-    if dtype.kind == "b":
-        values = (h & np.uint64(1)).astype(bool)
-    elif dtype.kind in "ui":
-        values = h.astype(np.dtype(f"u{dtype.itemsize}")).view(dtype)
+    if dtype.kind == "f":
+        values = np.empty((len(pid_array), size), dtype=dtype)
+        float_grid(seed, pid_array, values)
     else:
-        values = (((h >> np.uint64(40)).astype(np.int64) - 2**23) / 256.0).astype(dtype)
+        h = hash_grid(seed, pid_array, size)
+        if dtype.kind == "b":
+            values = (h & np.uint64(1)).astype(bool)
+        else:
+            values = h.astype(np.dtype(f"u{dtype.itemsize}")).view(dtype)
     return values.reshape((len(pid_array), *spec.shape))
 
 

@@ -59,6 +59,7 @@ class Api1Faults:
 
     - ``gaps[channel]``: pulses never delivered (``"*"`` = every channel);
     - ``duplicates[channel]``: pulses delivered twice in a row;
+    - ``out_of_order[channel]``: pulses delivered after all the channel's other events;
     - ``missing_channels``: channels answered as unknown, as a name-only header
       (``missing_style="name_only"``, older servers) or not at all (``"absent"``);
     - ``http_errors``: the next n queries answer ``http_error_status`` with a JSON body;
@@ -72,6 +73,7 @@ class Api1Faults:
 
     gaps: dict[str, PulseSelection] = field(default_factory=dict)
     duplicates: dict[str, PulseSelection] = field(default_factory=dict)
+    out_of_order: dict[str, PulseSelection] = field(default_factory=dict)
     missing_channels: set[str] = field(default_factory=set)
     missing_style: Literal["absent", "name_only"] = "absent"
     http_errors: int = 0
@@ -88,6 +90,9 @@ class Api1Faults:
 
     def duplicates_for(self, channel: str) -> PulseSelection | None:
         return _selection_for(self.duplicates, channel)
+
+    def out_of_order_for(self, channel: str) -> PulseSelection | None:
+        return _selection_for(self.out_of_order, channel)
 
     def take_http_error(self) -> int | None:
         """The status to answer this query with, counting the injected error down."""

@@ -13,7 +13,6 @@ Readiness as for the other sources: the archiver is asked once the pulse map kno
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from pathlib import Path
@@ -25,8 +24,9 @@ import numpy.typing as npt
 from sf_daq_broker.buffers.archiver import ArchiverClient, PvData
 from sf_daq_broker.buffers.pulse_map import PulseMapClient
 from sf_daq_broker.config import Settings
-from sf_daq_broker.h5.channels import ChannelRows, provenance, write_channels
+from sf_daq_broker.h5.channels import ChannelRows, provenance
 from sf_daq_broker.jobs import Job, SourceKind
+from sf_daq_broker.workers.file_stage import open_channel_file
 from sf_daq_broker.workers.loop import Progress, Source
 from sf_daq_broker.workers.readiness import range_when_ready
 from sf_daq_broker.workers.report import CompletenessReport, NameReport
@@ -130,52 +130,58 @@ class ArchiverSource(Source):
             found = await archiver.query(job.names, start_ns, end_ns, end_inclusive=False)
             finder = PulseFinder(pulse_map, job, start_ns, end_ns)
             await progress.update(progress.total)  # all fetched; the rest is local work
-            rows: list[ChannelRows] = []
             reports: list[NameReport] = []
             absent: list[str] = []
-            for name in job.names:
-                data = found.get(name)
-                if data is None or len(data) == 0:
-                    absent.append(name)
-                    continue
-                order = np.argsort(data.timestamps, kind="stable")
-                times = data.timestamps[order]
-                inside = (times >= start_ns) & (times < end_ns)
-                keep = inside.copy()
-                before = np.flatnonzero(times < start_ns)
-                if before.size:
-                    keep[before[-1]] = True  # the value in force at the start
-                data = _reordered(data, order[keep])
-                inside = inside[keep]
-                pulse_ids = np.array(
-                    [await finder.pulse_at_or_before(int(t)) for t in data.timestamps],
-                    dtype=np.int64,
-                )
-                rows.append(
-                    ChannelRows(
-                        name,
-                        pulse_ids,
-                        data.timestamps,
-                        pv_values(data),
-                        extra={"changed_in_interval": inside},
+            async with open_channel_file(target, provenance(job)) as (stage, file):
+                for name in job.names:
+                    data = found.get(name)
+                    if data is None or len(data) == 0:
+                        absent.append(name)
+                        continue
+                    rows, changes = await _changes(data, finder, start_ns, end_ns)
+                    await stage.submit(rows.nbytes, file.write, rows)  # one PV at a time
+                    reports.append(
+                        NameReport(
+                            name,
+                            expected=len(rows),
+                            found=len(rows),
+                            missing=0,
+                            missing_pulse_ids=[],
+                            extra={"changes in the run": changes},
+                            unit="values",
+                        )
                     )
-                )
-                changes = int(inside.sum())
-                reports.append(
-                    NameReport(
-                        name,
-                        expected=len(data),
-                        found=len(data),
-                        missing=0,
-                        missing_pulse_ids=[],
-                        extra={"changes in the run": changes},
-                        unit="values",
-                    )
-                )
+                await stage.drain()
         if absent:
             job_log.warning("the archiver has no value for %s", ", ".join(absent))
-        await asyncio.to_thread(write_channels, target, provenance(job), rows)
         return CompletenessReport(names=reports, absent=absent)
+
+
+async def _changes(
+    data: PvData, finder: PulseFinder, start_ns: int, end_ns: int
+) -> tuple[ChannelRows, int]:
+    """A PV's rows for the file: the value in force at the start and every change inside
+    ``[start_ns, end_ns)``, each with its pulse; and how many changes lie inside."""
+    order = np.argsort(data.timestamps, kind="stable")
+    times = data.timestamps[order]
+    inside = (times >= start_ns) & (times < end_ns)
+    keep = inside.copy()
+    before = np.flatnonzero(times < start_ns)
+    if before.size:
+        keep[before[-1]] = True  # the value in force at the start
+    data = _reordered(data, order[keep])
+    inside = inside[keep]
+    pulse_ids = np.array(
+        [await finder.pulse_at_or_before(int(t)) for t in data.timestamps], dtype=np.int64
+    )
+    rows = ChannelRows(
+        data.name,
+        pulse_ids,
+        data.timestamps,
+        pv_values(data),
+        extra={"changed_in_interval": inside},
+    )
+    return rows, int(inside.sum())
 
 
 def _reordered(data: PvData, order: npt.NDArray[np.intp]) -> PvData:

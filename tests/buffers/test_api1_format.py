@@ -275,3 +275,83 @@ def test_pulse_timestamps_follow_the_buffers_formula() -> None:
     stop = P0 + 999_999  # sub-millisecond part wraps here
     end = date_to_ns(ns_to_date(TIMING.ts_ns(stop + 1)))
     assert TIMING.pulses_in(date_to_ns(ns_to_date(TIMING.ts_ns(P0))), end) == range(P0, stop + 1)
+
+
+def compressed_stream(values: np.ndarray, document: dict[str, object]) -> bytes:
+    """A channel of compressed values, framed independently of the bulk encoder."""
+    events = b"".join(
+        event_bytes(1000 + i, 2000 + i, compress_value(value)) for i, value in enumerate(values)
+    )
+    return header_bytes(document) + events
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 7, 1000])
+@pytest.mark.parametrize(
+    ("type_name", "byte_order", "shape"),
+    [
+        ("uint16", "BIG_ENDIAN", (517,)),  # a partial last block and 5 leftover elements
+        ("float64", "LITTLE_ENDIAN", (3,)),  # no block at all, only leftover elements
+        ("int32", "BIG_ENDIAN", (5000,)),  # several 8 KiB blocks
+        ("uint8", "LITTLE_ENDIAN", (6, 7)),  # an image
+    ],
+)
+def test_compressed_values_decode_in_bulk_across_any_chunking(
+    chunk: int | None, type_name: str, byte_order: str, shape: tuple[int, ...]
+) -> None:
+    order = ">" if byte_order == "BIG_ENDIAN" else "<"
+    rng = np.random.default_rng(len(shape) * 100 + shape[0])
+    native = (rng.integers(0, 100, (9, *shape)) - 50).astype(type_name)
+    wire_shape = list(shape[::-1]) if len(shape) == 2 else list(shape)
+    document = {
+        "name": "C",
+        "type": type_name,
+        "byteOrder": byte_order,
+        "shape": wire_shape,
+        "compression": 1,
+    }
+    stream = compressed_stream(native.astype(native.dtype.newbyteorder(order)), document)
+    got = batches(decode(stream, chunk))
+    values = np.concatenate([b.values for b in got if b.values is not None])
+    assert values.dtype == np.dtype(type_name).newbyteorder("=")
+    np.testing.assert_array_equal(values, native)
+    assert np.concatenate([b.pulse_id for b in got]).tolist() == list(range(2000, 2009))
+    assert np.concatenate([b.timestamp for b in got]).tolist() == list(range(1000, 1009))
+    kept = batches(decode(stream, chunk, decompress=False))
+    blobs = [blob for b in kept for blob in b.blobs or ()]
+    assert blobs == [compress_value(v.astype(v.dtype.newbyteorder(order))) for v in native]
+
+
+def test_a_block_length_beyond_the_value_is_corrupt_not_read() -> None:
+    document = {"name": "C", "type": "uint16", "shape": [4096], "compression": 1}
+    good = compress_value(np.arange(4096, dtype=">u2"))
+    # the first block claims 100 bytes more than the value holds; the next event's bytes follow
+    (first_block,) = struct.unpack_from(">I", good, 12)
+    bad = good[:12] + struct.pack(">I", first_block + 100) + good[16:]
+    stream = header_bytes(document) + event_bytes(1, 7, bad) + event_bytes(2, 8, good * 2)
+    with pytest.raises(CorruptStream, match="channel C: cannot decompress a value"):
+        decode(stream)
+
+
+def test_bad_block_size_is_named() -> None:
+    document = {"name": "C", "type": "uint16", "shape": [4], "compression": 1}
+    blob = struct.pack(">QI", 8, 8191) + b"\x00" * 8
+    with pytest.raises(CorruptStream, match="bad block size 8191"):
+        decode(header_bytes(document) + event_bytes(1, 2, blob))
+
+
+def test_a_string_that_is_not_utf8_names_its_pulse() -> None:
+    head = header_bytes({"name": "T", "type": "string"})
+    events = event_bytes(1, 10, b"ok") + event_bytes(2, 11, b"\xff\xfe") + event_bytes(3, 12, b"x")
+    with pytest.raises(CorruptStream, match="channel T: pulse 11: not UTF-8"):
+        decode(head + events)
+
+
+def test_bulk_encoding_is_compress_value_per_event() -> None:
+    spec = ChannelSpec(name="W", type="uint16", shape=(300,), compression="bitshuffle_lz4")
+    pids = np.arange(P0, P0 + 20, dtype=np.int64)
+    values = expected_values(spec, pids)
+    expected = b"".join(
+        event_frame(TIMING.ts_ns(int(p)), int(p), compress_value(v.astype(">u2")))
+        for p, v in zip(pids, values, strict=True)
+    )
+    assert encode_events(spec, pids, TIMING) == expected

@@ -18,6 +18,7 @@ from sf_daq_broker.simulation.channels import (
     expected_values,
 )
 from sf_daq_broker.simulation.clock import ManualClock
+from sf_daq_broker.simulation.noise import ELEMENT_STEP, GOLDEN, hash_grid, mix64, name_seed
 from tests.buffers.helpers import P0, StartBuffer
 
 NUMERIC = [t for t in TYPES if t != "string"]
@@ -80,6 +81,24 @@ def test_expected_values_are_deterministic_and_vary() -> None:
     assert np.all(np.abs(floats) <= 32768)
     bools = expected_values(ChannelSpec(name="B", type="bool"), range(P0, P0 + 1000))
     assert 400 < bools.sum() < 600
+
+
+def test_the_numba_grids_are_the_documented_formula() -> None:
+    """``hash_grid`` and the float values, computed in one numba pass, against ``mix64`` and
+    the formula of ``simulation.channels`` in plain numpy."""
+    pids = np.array([0, 1, P0, P0 + 12345, 2**62], dtype=np.int64)
+    for seed in (0, 1, 2**63 + 5, 2**64 - 1, name_seed("SAR:X")):
+        base = np.uint64(seed % 2**64) + pids.astype(np.uint64) * np.uint64(GOLDEN)
+        steps = np.arange(37, dtype=np.uint64) * np.uint64(ELEMENT_STEP)
+        reference = mix64(base[:, None] + steps[None, :])
+        np.testing.assert_array_equal(hash_grid(seed, pids, 37), reference)
+    for type_name in ("float32", "float64"):
+        spec = ChannelSpec(name="SAR:F", type=type_name, shape=(37,))
+        h = hash_grid(name_seed(spec.name), pids, 37)
+        formula = (((h >> np.uint64(40)).astype(np.int64) - 2**23) / 256.0).astype(type_name)
+        values = expected_values(spec, pids)
+        assert values.dtype == np.dtype(type_name)
+        np.testing.assert_array_equal(values, formula)
 
 
 async def test_images_stream_in_batches_and_blobs_pass_through(

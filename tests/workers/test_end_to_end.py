@@ -30,10 +30,11 @@ from sf_daq_broker.simulation.archiver import (
 )
 from sf_daq_broker.simulation.channels import ChannelSpec, channel_pulse_ids, expected_values
 from sf_daq_broker.simulation.clock import ManualClock
-from sf_daq_broker.simulation.faults import PulseSelection
+from sf_daq_broker.simulation.faults import ALL, PulseSelection
 from sf_daq_broker.transport import StatusSubscription, Transport
 from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.transport.embedded import EmbeddedTransport
+from sf_daq_broker.workers import api1_source
 from sf_daq_broker.workers.api1_source import DataBufferSource, ImageBufferSource
 from sf_daq_broker.workers.archiver_source import ArchiverSource
 from sf_daq_broker.workers.loop import RetryPolicy, Source, Worker
@@ -276,6 +277,41 @@ async def test_gaps_and_duplicates_are_reported_and_rows_are_unique(
     gaps = (START + 20, START + 21, START + 50)
     expected = [p for p in range(START + 9, START + 111) if p not in gaps]  # rate 1: widened
     assert pids.tolist() == expected
+    await events.close()
+
+
+async def test_out_of_order_and_repeated_rows_across_batches_are_sorted_and_unique(
+    embedded: System, raw_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The buffer sends three pulses (one of them twice) after all the others, in small
+    writes: the worker hands every decoded batch to the file on its own, so those rows come
+    in batches after the ones already written and must be merged in."""
+    monkeypatch.setattr(api1_source, "BATCH_BYTES", 1)
+    events = await embedded.transport.subscribe_status()
+    embedded.data.batch_bytes = 300
+    embedded.data.faults.batch_delay = 0.005
+    embedded.data.faults.out_of_order[ALL] = PulseSelection.of(START + 9, START + 56, START + 57)
+    embedded.data.faults.duplicates[ALL] = PulseSelection.of(START + 30, START + 57)
+    names = ["SAR:F64", "SAR:WAVE"]
+    await embedded.request(channels_list=names)
+    embedded.clock.advance_to(START + 200)
+    final = await outcome(events)
+    assert final["BSDATA"].action is Action.WRITE_FINISHED, final["BSDATA"].message
+    report = final["BSDATA"].details["report"]
+    assert report["complete"] is True
+    assert [(r["name"], r["found"], r["duplicates_removed"]) for r in report["names"]] == [
+        ("SAR:F64", 100, 2),
+        ("SAR:WAVE", 100, 2),
+    ]
+    sent = embedded.data.event_pulse_ids("SAR:F64", START + 9, START + 110)
+    assert sent[-4:].tolist() == [START + 9, START + 56, START + 57, START + 57]  # the stream
+    pids = np.arange(START + 9, START + 111)
+    with h5py.File(raw_dir / "run_000001.BSDATA.h5") as file:
+        for spec in CHANNELS[:3:2]:
+            assert file[spec.name]["pulse_id"][:].tolist() == pids.tolist()
+            np.testing.assert_array_equal(file[spec.name]["data"][:], expected_values(spec, pids))
+            timestamps = embedded.clock.timing.ts_ns_array(pids).tolist()
+            assert file[spec.name]["timestamp"][:].tolist() == timestamps
     await events.close()
 
 
