@@ -19,7 +19,12 @@ from typing import Any
 
 from sf_daq_broker.bookkeeping.atomic import dump_json
 from sf_daq_broker.bookkeeping.confined import ConfinedDir
-from sf_daq_broker.bookkeeping.paths import PgroupDirs, check_directory_name, clean_relative_path
+from sf_daq_broker.bookkeeping.paths import (
+    PgroupDirs,
+    check_directory_name,
+    clean_relative_path,
+    run_prefix,
+)
 from sf_daq_broker.bookkeeping.runs import check_open, pgroup_lock, read_last_run, write_last_run
 from sf_daq_broker.errors import BadRequest, Conflict, InsufficientStorage
 from sf_daq_broker.jobs import Job, build_jobs
@@ -57,9 +62,16 @@ def check_free_space(dirs: PgroupDirs, needed: int) -> None:
 
 
 def accept_request(
-    request: RetrieveRequest, dirs: PgroupDirs, min_free_bytes: int = 1
+    request: RetrieveRequest,
+    dirs: PgroupDirs,
+    min_free_bytes: int = 1,
+    pedestal_files: dict[str, str] | None = None,
 ) -> AcceptedRun:
-    """Give the request its run, write its bookkeeping and create its output directory."""
+    """Give the request its run, write its bookkeeping and create its output directory.
+
+    ``pedestal_files`` (detector → file) are the pedestals the converting detectors use: they
+    go into the run JSON (``pedestal_files``) and the detector jobs.
+    """
     directory_name = None
     if request.directory_name is not None:
         directory_name = check_directory_name(dirs, request.directory_name, "directory_name")
@@ -83,12 +95,20 @@ def accept_request(
         check_open(dirs, run_info)
         scan_document = _read_scan(scan_file, dirs, what_scan) if scan_file else None
         run_number = _choose_run_number(request, dirs, run_info)
+        tag = request.run_options.file_tag
+        _check_run_tag(dirs.output_dir(directory_name), run_number, tag)
         request_id = str(uuid.uuid4())
         request_time = request_time_now()
-        jobs = build_jobs(request, dirs, run_number, request_id, request_time, directory_name)
+        jobs = build_jobs(
+            request, dirs, run_number, request_id, request_time, directory_name, pedestal_files
+        )
         record = dict(request.record)
         if directory_name is not None:
             record["directory_name"] = directory_name
+        if tag is not None:
+            record["appended_directory_suffix"] = tag
+        if pedestal_files:
+            record["pedestal_files"] = dict(pedestal_files)
         record.update(
             beamline=dirs.beamline,
             run_number=run_number,
@@ -130,6 +150,28 @@ def _choose_run_number(request: RetrieveRequest, dirs: PgroupDirs, run_info: Con
             f"(last is {last}); reserve it with /advance_run_number first"
         )
     return request.run_number
+
+
+def _check_run_tag(output_dir: Path, run_number: int, tag: str | None) -> None:
+    """Refuse a run whose data files already exist under another tag (or none), as upstream
+    refuses a second ``runNNNN*`` directory."""
+    own = run_prefix(run_number, tag)
+    plain = run_prefix(run_number)
+    try:
+        names = os.listdir(output_dir)
+    except OSError:  # not there yet (or not a directory: opening it refuses the request)
+        return
+    others = sorted(
+        name
+        for name in names
+        if (name.startswith(f"{plain}.") or name.startswith(f"{plain}-"))
+        and not name.startswith(f"{own}.")
+    )
+    if others:
+        raise Conflict(
+            f"data files of run {run_number} exist already with another tag ({', '.join(others)})"
+            f", not {tag!r}: use the same tag or another run"
+        )
 
 
 def _read_scan(scan_file: Path, dirs: PgroupDirs, what: str) -> dict[str, Any]:
