@@ -63,7 +63,11 @@ class BeamlineConfig(_Strict):
 class DetectorConfig(_Strict):
     beamline: str
     gain_file: Path | None = None
+    #: The pedestal used until one is taken with /take_pedestal (see PedestalConfig).
     pedestal_file: Path | None = None
+    #: Shown by /get_allowed_detectors (upstream's ``descriptions``, ``visualisation_address``).
+    description: str = ""
+    visualisation_address: str = ""
     #: Modules allowed to be in the wrong gain in a pedestal frame that is still used (a
     #: detector with broken modules would otherwise have every frame dropped; UPSTREAM_HEAD §4).
     number_bad_modules: int = Field(default=0, ge=0)
@@ -84,6 +88,39 @@ class BufferConfig(_Strict):
     #: How many pulses back the api/1 buffers keep; a range starting further back fails at once.
     databuffer_retention_pulses: int = Field(default=360_000, ge=1)
     imagebuffer_retention_pulses: int = Field(default=360_000, ge=1)
+
+
+class DetectorControlConfig(_Strict):
+    #: Where the detectors are controlled: the simulation's control endpoint
+    #: (``sf-daq-broker simulate``). Empty: no detector control (the detector endpoints and
+    #: /take_pedestal answer 503).
+    url: str = ""
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class PedestalConfig(_Strict):
+    """``/take_pedestal``: how long each gain stage lasts and where new pedestals go."""
+
+    #: Installed pedestal files, ``{root}/{DET}/{YYYYmmdd_HHMMSS}.h5``; the newest file of a
+    #: detector is the one its conversions use. Default ``{data_root}/jungfrau/data/pedestal``.
+    root: Path | None = None
+    #: Frames per gain stage of the manual procedure (G0, G1, G2), at the request's rate.
+    frames_per_stage: int = Field(default=1000, ge=1)
+    #: The detector's pedestal mode: frames per stage and loops.
+    mode_frames: int = Field(default=50, ge=1, le=255)
+    mode_loops: int = Field(default=200, ge=1, le=65535)
+    #: Seconds to wait after switching back to dynamic gain before the first stage counts.
+    settle_s: float = Field(default=1.0, ge=0)
+
+
+class ServiceFilesConfig(_Strict):
+    """Files of the facility's other services that the broker edits."""
+
+    #: The EPICS buffer's PV list per beamline: ``{pv_list_dir}/sf.{beamline}.epics_buffer.json``.
+    pv_list_dir: Path = Path("/home/dbe/service_configs")
+    #: DAP parameters per detector: ``{dap_config_dir}/pipeline_parameters.{DET}.json``,
+    #: backups in ``{dap_config_dir}/backup/``.
+    dap_config_dir: Path = Path("/gpfs/photonics/swissfel/buffer/dap/config")
 
 
 class Settings(_Strict):
@@ -112,6 +149,9 @@ class Settings(_Strict):
     beamlines: dict[str, BeamlineConfig] = {}
     buffers: BufferConfig = BufferConfig()
     detectors: dict[str, DetectorConfig] = {}
+    detector_control: DetectorControlConfig = DetectorControlConfig()
+    pedestals: PedestalConfig = PedestalConfig()
+    service_files: ServiceFilesConfig = ServiceFilesConfig()
     #: The file these settings came from (for messages), not a key of the file.
     source: str = Field(default="<defaults>", exclude=True)
 
@@ -152,6 +192,11 @@ class Settings(_Strict):
     def detectors_of(self, beamline: str) -> list[str]:
         """Detectors the given beamline may retrieve, sorted by name."""
         return sorted(name for name, det in self.detectors.items() if det.beamline == beamline)
+
+    @property
+    def pedestal_root(self) -> Path:
+        """Where /take_pedestal installs new pedestal files (one directory per detector)."""
+        return self.pedestals.root or self.data_root / "jungfrau" / "data" / "pedestal"
 
     def pgroup_raw_dir(self, beamline: str, pgroup: str) -> Path:
         return self.data_root / beamline / "data" / pgroup / "raw"

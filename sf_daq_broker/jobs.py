@@ -29,6 +29,17 @@ class SourceKind(StrEnum):
     IMAGEBUFFER = "imagebuffer"
     ARCHIVER = "archiver"
     DETECTOR = "detector"
+    #: /take_pedestal: drive the detectors' gain stages, retrieve, compute, install.
+    PEDESTAL = "pedestal"
+
+
+#: The kinds a retrieval request makes jobs of (a pedestal is requested otherwise).
+RETRIEVAL_KINDS = (
+    SourceKind.DATABUFFER,
+    SourceKind.IMAGEBUFFER,
+    SourceKind.ARCHIVER,
+    SourceKind.DETECTOR,
+)
 
 
 #: File suffix of the non-detector sources; a detector's suffix is its name.
@@ -76,6 +87,10 @@ class Job:
     run_info_file: str
     request_time: str
     options: dict[str, Any] = field(default_factory=dict)
+    #: Level of the job's log (the request's run_log_level).
+    log_level: str = "INFO"
+    #: A detector job that converts: the pedestal file to use, as recorded in the run JSON.
+    pedestal_file: str | None = None
 
     def to_json(self) -> bytes:
         document = dataclasses.asdict(self)
@@ -146,12 +161,16 @@ def build_jobs(
     request_id: str,
     request_time: str,
     directory_name: str | None,
+    pedestal_files: dict[str, str] | None = None,
 ) -> list[Job]:
     """One job per source of the request, in a fixed order (channels, cameras, PVs, detectors).
 
     ``directory_name`` is the cleaned output directory (the bookkeeping's checked version of
-    the request's), relative to ``raw/``.
+    the request's), relative to ``raw/``; ``pedestal_files`` the pedestal each converting
+    detector uses.
     """
+    pedestal_files = pedestal_files or {}
+    tag = request.run_options.file_tag
     channel_start, channel_stop = request.channel_range()
     sources: list[tuple[SourceKind, str, tuple[str, ...], tuple[int, int], dict[str, Any]]] = []
     by_kind = {
@@ -184,11 +203,13 @@ def build_jobs(
             pgroup=dirs.pgroup,
             beamline=dirs.beamline,
             run_number=run_number,
-            output_file=str(dirs.data_file(directory_name, run_number, source)),
+            output_file=str(dirs.data_file(directory_name, run_number, source, tag)),
             log_file=str(dirs.run_log(run_number, source)),
             run_info_file=str(dirs.run_json(run_number)),
             request_time=request_time,
             options=options,
+            log_level=request.run_options.log_level,
+            pedestal_file=pedestal_files.get(source) if kind is SourceKind.DETECTOR else None,
         )
         for kind, source, names, pulse_range, options in sources
     ]

@@ -27,6 +27,7 @@ from sf_daq_broker.jungfrau.options import (
     check_options,
     roi_items,
 )
+from sf_daq_broker.run_options import RUN_OPTION_KEYS, RunOptions, parse_run_options
 from sf_daq_broker.spelling import meant
 
 RATE_MULTIPLICATORS = (1, 2, 4, 8, 10, 20, 40, 50, 100)
@@ -46,6 +47,7 @@ REQUEST_KEYS: tuple[str, ...] = (
     "selected_pulse_ids",
     "scan_info",
     "run_number",
+    *RUN_OPTION_KEYS,
 )
 _INTEGER_STRING = re.compile(r"^\s*[+-]?\d+\s*$")
 
@@ -145,6 +147,8 @@ class RetrieveRequest:
     scan_info: dict[str, Any] | None = None
     run_number: int | None = None
     record: dict[str, Any] = field(default_factory=dict)
+    #: user_tag / append_user_tag_to_data_dir / run_log_level (run_options.py)
+    run_options: RunOptions = field(default_factory=RunOptions)
 
     @property
     def scan_name(self) -> str | None:
@@ -185,6 +189,19 @@ def parse_integer(value: Any, key: str) -> int:
         except ValueError:  # more digits than Python converts (4300)
             pass
     raise BadRequest(f"{key} must be an integer, got {_show(value)}")
+
+
+def parse_rate_multiplicator(body: dict[str, Any]) -> int:
+    """The request's ``rate_multiplicator`` (default 1), one of the beam rates."""
+    if body.get("rate_multiplicator") is None:
+        return 1
+    rate = parse_integer(body["rate_multiplicator"], "rate_multiplicator")
+    if rate not in RATE_MULTIPLICATORS:
+        raise BadRequest(
+            f"rate_multiplicator must be one of {', '.join(map(str, RATE_MULTIPLICATORS))}, "
+            f"got {rate}"
+        )
+    return rate
 
 
 def check_pulse_id(value: int, key: str, bounds: tuple[int, int]) -> None:
@@ -496,14 +513,7 @@ def parse_retrieve_request(
             f"the limit of {max_pulse_range} pulses"
         )
 
-    rate = 1
-    if body.get("rate_multiplicator") is not None:
-        rate = parse_integer(body["rate_multiplicator"], "rate_multiplicator")
-        if rate not in RATE_MULTIPLICATORS:
-            raise BadRequest(
-                f"rate_multiplicator must be one of {', '.join(map(str, RATE_MULTIPLICATORS))}, "
-                f"got {rate}"
-            )
+    rate = parse_rate_multiplicator(body)
 
     lists = {key: _parse_name_list(body, key) for key in LIST_KEYS}
     detectors = _parse_detectors(body, allowed_detectors, beamline, known_detectors)
@@ -524,6 +534,8 @@ def parse_retrieve_request(
         raise BadRequest(f"directory_name must be a string, got {_show(directory_name)}")
 
     scan_info = _parse_scan_info(body.get("scan_info"))
+
+    run_options = parse_run_options(body)
 
     run_number = None
     if body.get("run_number") is not None:
@@ -553,4 +565,5 @@ def parse_retrieve_request(
         scan_info=scan_info,
         run_number=run_number,
         record=record,
+        run_options=run_options,
     )

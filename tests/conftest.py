@@ -57,6 +57,7 @@ def make_settings(data_root: Path) -> Callable[..., Settings]:
             "local_beamline": BEAMLINE,
             "state_dir": str(data_root.parent / "state"),
             "buffers": shipped_buffers | nowhere,
+            "detector_control": {"url": NO_BUFFER},  # the simulators' control port, likewise
         }
         if "buffers" in overrides:  # the addresses a test does not give lead nowhere too
             overrides = {**overrides, "buffers": nowhere | overrides["buffers"]}

@@ -33,3 +33,35 @@ async def async_wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+def simulation_config(
+    tmp_path: Any, detectors: list[Any], *, speed: float = 1.0, **jungfrau: Any
+) -> Any:
+    """A simulation with every service on a free port and its Jungfrau buffer and calibration
+    files in ``tmp_path`` (``detectors``: names or DetectorSpec; ``jungfrau``: more keys of
+    its [jungfrau] table)."""
+    from sf_daq_broker.simulation.config import (
+        Api1Config,
+        ArchiverConfig,
+        ClockConfig,
+        JungfrauConfig,
+        ServerConfig,
+        SimulationConfig,
+    )
+    from sf_daq_broker.simulation.jungfrau_writer import DetectorSpec
+
+    specs = [d if isinstance(d, DetectorSpec) else DetectorSpec(name=d) for d in detectors]
+    return SimulationConfig(
+        clock=ClockConfig(speed=speed),
+        databuffer=Api1Config(port=0),
+        imagebuffer=Api1Config(port=0),
+        archiver=ArchiverConfig(port=0),
+        control=ServerConfig(port=0),
+        jungfrau=JungfrauConfig(
+            buffer_root=tmp_path / "buffer",
+            calibration_root=tmp_path / "calibration",
+            detectors=specs,
+            **jungfrau,
+        ),
+    )

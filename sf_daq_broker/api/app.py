@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from sf_daq_broker.api import handlers
+from sf_daq_broker.api import detector_handlers, facility_handlers, handlers, pedestal_handlers
 from sf_daq_broker.api.metrics import BrokerMetrics
 from sf_daq_broker.api.state import METRICS, PULSE_SEARCH, SETTINGS, STATUS, TRANSPORT
 from sf_daq_broker.config import Settings
@@ -44,6 +44,9 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/health", handlers.health),
     ("GET", "/metrics", handlers.metrics),
     ("GET", "/openapi.json", handlers.openapi),
+    *detector_handlers.ROUTES,
+    *pedestal_handlers.ROUTES,
+    *facility_handlers.ROUTES,
 ]
 
 
@@ -119,6 +122,7 @@ def create_app(settings: Settings, transport: Transport | None = None) -> web.Ap
     app[TRANSPORT] = transport or create_transport(settings.amqp_url, settings.amqp_prefix)
     app[METRICS] = BrokerMetrics()
     app[PULSE_SEARCH] = {}
+    detector_handlers.install(app, settings)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     app.cleanup_ctx.append(_transport_lifetime)

@@ -7,7 +7,6 @@ slow file system delays one request, not the whole broker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -30,6 +29,7 @@ from sf_daq_broker.buffers.errors import BufferClientError
 from sf_daq_broker.buffers.horizon import WAITING_PREFIX
 from sf_daq_broker.errors import BadRequest, NotFound, Unavailable
 from sf_daq_broker.jobs import Action, StatusEvent
+from sf_daq_broker.pedestals.store import pedestals_in_use
 from sf_daq_broker.retrieval import module_count, parse_integer, parse_retrieve_request
 from sf_daq_broker.status.store import JobState, run_state
 from sf_daq_broker.transport import HandoverError
@@ -95,7 +95,11 @@ async def retrieve_from_buffers(request: web.Request) -> web.Response:
     )
     dirs = await asyncio.to_thread(open_pgroup, settings.data_root, beamline, parsed.pgroup)
     await check_range(request.app, parsed)
-    accepted = await asyncio.to_thread(accept_request, parsed, dirs, settings.min_free_bytes)
+    converting = [name for name, options in parsed.detectors.items() if options.adc_to_energy]
+    pedestals = await asyncio.to_thread(pedestals_in_use, settings, converting)
+    accepted = await asyncio.to_thread(
+        accept_request, parsed, dirs, settings.min_free_bytes, pedestals
+    )
     run = accepted.run_number
     await asyncio.to_thread(store.record_queued, accepted.jobs)
     try:
@@ -157,10 +161,18 @@ async def close_pgroup_writing(request: web.Request) -> web.Response:
 
 
 async def get_allowed_detectors(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
     beamline = caller_beamline(request)
-    detectors = request.app[SETTINGS].detectors_of(beamline)
+    detectors = settings.detectors_of(beamline)
     return reply(
-        f"{len(detectors)} detectors allowed for {beamline}", detectors=detectors, beamline=beamline
+        f"{len(detectors)} detectors allowed for {beamline}",
+        detectors=detectors,
+        beamline=beamline,
+        # upstream's lists, in the order of ``detectors``
+        descriptions=[settings.detectors[name].description for name in detectors],
+        visualisation_address=[
+            settings.detectors[name].visualisation_address for name in detectors
+        ],
     )
 
 
@@ -174,19 +186,31 @@ def free_bytes(directory: Path) -> int | None:
 
 def judge_detectors(
     buffer_root: Path, detectors: list[str], stale_seconds: float
-) -> dict[str, list[str]]:
-    """Running / limping / missing, from the age of each module's buffer ``LATEST`` file."""
+) -> dict[str, Any]:
+    """Running / limping / missing, from the age of each module's buffer ``LATEST`` file.
+
+    ``limping`` maps a detector to ``{"missing_modules": [...]}`` (upstream's shape), the
+    modules whose LATEST is stale or absent.
+    """
     now = time.time()
-    verdict: dict[str, list[str]] = {"running": [], "limping": [], "missing": []}
+    verdict: dict[str, Any] = {"running": [], "limping": {}, "missing": []}
     for detector in detectors:
-        fresh = 0
+        stale: list[int] = []
         n_modules = module_count(detector)
         for module in range(n_modules):
             latest = buffer_root / detector / f"M{module:02d}" / "LATEST"
-            with contextlib.suppress(OSError):  # no LATEST file: the module never ran
-                fresh += now - latest.stat().st_mtime <= stale_seconds
-        key = "running" if fresh == n_modules else "limping" if fresh else "missing"
-        verdict[key].append(detector)
+            try:
+                fresh = now - latest.stat().st_mtime <= stale_seconds
+            except OSError:  # no LATEST file: the module never ran
+                fresh = False
+            if not fresh:
+                stale.append(module)
+        if not stale:
+            verdict["running"].append(detector)
+        elif len(stale) < n_modules:
+            verdict["limping"][detector] = {"missing_modules": stale}
+        else:
+            verdict["missing"].append(detector)
     return verdict
 
 
@@ -205,6 +229,7 @@ async def get_running_detectors(request: web.Request) -> web.Response:
         running_detectors=verdict["running"],
         limping_detectors=verdict["limping"],
         missing_detectors=verdict["missing"],
+        detectors=verdict["running"],  # the key older clients read
     )
 
 
@@ -255,8 +280,8 @@ async def run_status(request: web.Request) -> web.Response:
     if params.get("run_number") is None:
         raise BadRequest("run_number is missing")
     run = parse_integer(params["run_number"], "run_number")
-    if not 0 <= run <= MAX_RUN_NUMBER:
-        raise BadRequest(f"run_number must be between 0 and {MAX_RUN_NUMBER}, got {run}")
+    if not 1 <= run <= MAX_RUN_NUMBER:  # 0 is where pedestals (no run number) are kept
+        raise BadRequest(f"run_number must be between 1 and {MAX_RUN_NUMBER}, got {run}")
     jobs = await asyncio.to_thread(request.app[STATUS].run_status, dirs.pgroup, run)
     if not jobs:
         if await asyncio.to_thread(dirs.run_json(run).is_file):

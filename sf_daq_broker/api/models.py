@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, WithJsonSchema
 
 from sf_daq_broker.bookkeeping.paths import COMPONENT_MAX, PGROUP_PATTERN
 from sf_daq_broker.config import PULSE_ID_LIMIT
+from sf_daq_broker.detector_control.interface import SETTING_NAMES
 from sf_daq_broker.retrieval import (
     CAMERA_SUFFIX,
     DETECTOR_OPTION_KEYS,
@@ -31,6 +32,7 @@ from sf_daq_broker.retrieval import (
     RATE_MULTIPLICATORS,
     DetectorOptions,
 )
+from sf_daq_broker.run_options import LOG_LEVELS
 
 #: Run numbers are stored as signed 64-bit integers (SQLite, the run JSON's readers).
 MAX_RUN_NUMBER = 2**63 - 1
@@ -57,6 +59,11 @@ RelativePath = Annotated[
     ),
 ]
 ChannelName = Annotated[str, Field(min_length=1, pattern=r"\S")]
+DetectorName = Annotated[str, Field(pattern=r"^JF\d\dT\d\dV\d\d$")]
+LogLevel = Annotated[
+    str | int,
+    Field(description=f"{', '.join(LOG_LEVELS)} (any case) or 10, 20, 30, 40, 50"),
+]
 
 
 def _detector_options_schema() -> dict[str, Any]:
@@ -118,6 +125,13 @@ class RetrieveBody(BaseModel):
     run_number: Annotated[int, Field(ge=1, le=MAX_RUN_NUMBER)] | None = Field(
         default=None, description="a run number reserved with /advance_run_number"
     )
+    user_tag: str | None = Field(default=None, description="a tag kept in the run's JSON")
+    append_user_tag_to_data_dir: bool | None = Field(
+        default=None, description="also put the (cleaned) tag into the run's file names"
+    )
+    run_log_level: LogLevel | None = Field(
+        default=None, description="the level of the run's job logs (default INFO)"
+    )
 
 
 class PgroupQuery(BaseModel):
@@ -126,8 +140,67 @@ class PgroupQuery(BaseModel):
     pgroup: Pgroup
 
 
+# --- detector control, pedestals and the facility's other endpoints (UPSTREAM_HEAD §4, §5) --
+
+
+class DetectorQuery(BaseModel):
+    """A detector of the caller's beamline."""
+
+    detector_name: DetectorName
+
+
+class JfstatsQuery(BaseModel):
+    det: DetectorName
+
+
+class DetectorSettingsBody(DetectorQuery):
+    parameters: dict[
+        Annotated[str, Field(json_schema_extra={"enum": list(SETTING_NAMES)})], Any
+    ] = Field(
+        description="settings to change (null = unchanged): delay and exptime in s, "
+        "detector_mode normal|low_noise, gain_mode dynamic|fixed_gain1|fixed_gain2"
+    )
+
+
+class ModulesBody(DetectorQuery):
+    modules: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+
+
+class DapSettingsBody(DetectorQuery):
+    parameters: dict[str, Any] = Field(description="DAP parameters to merge into the file")
+
+
+class TakePedestalBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    pgroup: Pgroup
+    detectors: list[DetectorName] | dict[DetectorName, Any] = Field(
+        description="the detectors (an object: its keys)"
+    )
+    rate_multiplicator: Annotated[
+        int | None, Field(json_schema_extra={"enum": [*RATE_MULTIPLICATORS, None]})
+    ] = 1
+    pedestalmode: bool | None = Field(default=False, description="use the pedestal mode")
+    run_log_level: LogLevel | None = Field(default=None, description="the pedestal log's level")
+
+
+class PedestalStatusQuery(PgroupQuery):
+    pedestal: str = Field(pattern=r"^\d{8}_\d{6}$", description="the name /take_pedestal gave")
+
+
+class PvListBody(BaseModel):
+    pv_list: list[ChannelName] = Field(description="the beamline's PVs (duplicates dropped)")
+
+
+class CopyUserFilesBody(PgroupQuery):
+    run_number: Annotated[int, Field(ge=1, le=MAX_RUN_NUMBER)]
+    files: list[Annotated[str, Field(pattern="^/")]] = Field(
+        default=[], description="absolute paths of files the pgroup's group may read"
+    )
+
+
 class RunStatusQuery(PgroupQuery):
-    run_number: Annotated[int, Field(ge=0, le=MAX_RUN_NUMBER)]
+    run_number: Annotated[int, Field(ge=1, le=MAX_RUN_NUMBER)]
 
 
 class Reply(BaseModel):

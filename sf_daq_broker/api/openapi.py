@@ -15,7 +15,21 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from sf_daq_broker import __version__
-from sf_daq_broker.api.models import PgroupQuery, Reply, RetrieveBody, RunStatusQuery
+from sf_daq_broker.api.models import (
+    CopyUserFilesBody,
+    DapSettingsBody,
+    DetectorQuery,
+    DetectorSettingsBody,
+    JfstatsQuery,
+    ModulesBody,
+    PedestalStatusQuery,
+    PgroupQuery,
+    PvListBody,
+    Reply,
+    RetrieveBody,
+    RunStatusQuery,
+    TakePedestalBody,
+)
 
 REF = "#/components/schemas/{model}"
 
@@ -32,6 +46,94 @@ class Operation:
 
 
 _PGROUP_STATUSES = ((403, "caller not allowed"), (404, "no such pgroup"))
+_DETECTOR_STATUSES = (
+    (403, "another beamline's detector"),
+    (404, "a detector configured nowhere"),
+    (409, "the detector refuses"),
+    (503, "no detector control, or the detector does not answer"),
+)
+#: The detector endpoints, pedestals and the facility's other endpoints (UPSTREAM_HEAD §4, §5).
+DETECTOR_OPERATIONS: dict[str, Operation] = {
+    "/power_on_detector": Operation(
+        "Start powering a detector on (202; get_detector_status follows it)",
+        params=DetectorQuery,
+        statuses=((202, "started"), *_DETECTOR_STATUSES),
+    ),
+    "/get_detector_settings": Operation(
+        "delay, detector_mode, exptime, gain_mode",
+        params=DetectorQuery,
+        statuses=_DETECTOR_STATUSES,
+    ),
+    "/set_detector_settings": Operation(
+        "Change settings; changed_parameters {name: [old, new]}",
+        params=DetectorSettingsBody,
+        statuses=_DETECTOR_STATUSES,
+    ),
+    "/power_on_modules": Operation(
+        "Chip power and high voltage on", params=ModulesBody, statuses=_DETECTOR_STATUSES
+    ),
+    "/power_off_modules": Operation(
+        "Chip power and high voltage off", params=ModulesBody, statuses=_DETECTOR_STATUSES
+    ),
+    "/get_detector_status": Operation(
+        "Run state per module, pedestal mode, the last power-on",
+        params=DetectorQuery,
+        statuses=_DETECTOR_STATUSES,
+    ),
+    "/get_detector_temperatures": Operation(
+        "Temperatures per module", params=DetectorQuery, statuses=_DETECTOR_STATUSES
+    ),
+    "/get_jfctrl_monitor": Operation(
+        "Power controller readings", params=DetectorQuery, statuses=_DETECTOR_STATUSES
+    ),
+    "/get_detector_pings": Operation(
+        "Whether each module answers", params=DetectorQuery, statuses=_DETECTOR_STATUSES
+    ),
+    "/get_jfstats": Operation(
+        "Temperatures, monitor and whether the buffer is written",
+        params=JfstatsQuery,
+        statuses=_DETECTOR_STATUSES,
+    ),
+    "/take_pedestal": Operation(
+        "Take a pedestal: gain stages, retrieval, pedestal file, installed for later runs",
+        body=TakePedestalBody,
+        statuses=(*_PGROUP_STATUSES, (409, "pgroup closed"), (503, "no detector control")),
+    ),
+    "/pedestal_status": Operation(
+        "A pedestal's state, step and result",
+        params=PedestalStatusQuery,
+        statuses=(*_PGROUP_STATUSES, (404, "no such pedestal")),
+    ),
+    "/get_pvlist": Operation(
+        "The beamline's EPICS buffer PV list", statuses=((404, "no PV list"),)
+    ),
+    "/set_pvlist": Operation(
+        "Set the beamline's PV list", params=PvListBody, statuses=((503, "no PV list directory"),)
+    ),
+    "/get_dap_settings": Operation(
+        "A detector's DAP parameters", params=DetectorQuery, statuses=_DETECTOR_STATUSES
+    ),
+    "/set_dap_settings": Operation(
+        "Merge DAP parameters; changed_parameters",
+        params=DapSettingsBody,
+        statuses=_DETECTOR_STATUSES,
+    ),
+    "/copy_user_files": Operation(
+        "Copy files the pgroup may read next to a run (destination_files, error_files)",
+        params=CopyUserFilesBody,
+        statuses=(*_PGROUP_STATUSES, (404, "no such run"), (409, "pgroup closed")),
+    ),
+    "/upload_custom_dap_script": Operation(
+        "Not offered: uploading code to run is refused", statuses=((403, "refused"),)
+    ),
+    "/get_allowed_detectors_list": Operation("The 2021 name of /get_allowed_detectors"),
+    "/get_running_detectors_list": Operation("The 2021 name of /get_running_detectors"),
+    "/get_next_acquistion_number": Operation(
+        "The 2021 name (sic) of /advance_run_number",
+        params=PgroupQuery,
+        statuses=(*_PGROUP_STATUSES, (409, "pgroup closed")),
+    ),
+}
 OPERATIONS: dict[str, Operation] = {
     "/retrieve_from_buffers": Operation(
         "Accept a retrieval: number the run, record it, queue one job per source",
@@ -71,6 +173,7 @@ OPERATIONS: dict[str, Operation] = {
     ),
     "/metrics": Operation("Prometheus metrics (text format)"),
     "/openapi.json": Operation("This document"),
+    **DETECTOR_OPERATIONS,
 }
 
 
@@ -78,6 +181,10 @@ OPERATIONS: dict[str, Operation] = {
 def openapi_document(routes: tuple[tuple[str, str], ...], pulse_bounds: tuple[int, int]) -> Any:
     """The document for ``routes`` ((method, path) pairs); pulse ids within ``pulse_bounds``."""
     models: list[type[BaseModel]] = [Reply, RetrieveBody, PgroupQuery, RunStatusQuery]
+    for operation in DETECTOR_OPERATIONS.values():
+        model = operation.body or operation.params
+        if model is not None and model not in models:
+            models.append(model)
     _, top = models_json_schema([(model, "validation") for model in models], ref_template=REF)
     schemas: dict[str, Any] = top["$defs"]
     for key in ("start_pulseid", "stop_pulseid"):

@@ -42,8 +42,8 @@ def add_parser(subparsers: Any) -> None:
         metavar="SOURCE",
         default=[],
         help="also run the workers of these sources in this process (databuffer, imagebuffer, "
-        "archiver, detector, or all): a single-machine setup; needed with the embedded queue, "
-        "whose jobs no other process can see",
+        "archiver, detector, pedestal, or all): a single-machine setup; needed with the "
+        "embedded queue, whose jobs no other process can see",
     )
     parser.set_defaults(func=run)
 

@@ -475,3 +475,12 @@ def reach_below(root: Path | str, relative: str | PurePosixPath) -> None:
             return
         except (FileNotFoundError, NotADirectoryError):
             continue
+
+
+def replace_file(path: Path | str, data: bytes) -> None:
+    """``path`` replaced atomically through a handle on its directory, never following a
+    symlink at its name: for files outside a pgroup (a service's configuration, a converted
+    file's lists), whose directory is trusted as it is."""
+    path = Path(path)
+    with open_below(path.parent) as directory:
+        directory.write_atomic(path.name, data)

@@ -25,7 +25,12 @@ from typing import Any
 from sf_daq_broker.bookkeeping.atomic import dump_json, fsync_all
 from sf_daq_broker.bookkeeping.confined import ConfinedDir
 from sf_daq_broker.bookkeeping.group_commit import GroupCommit, Pending
-from sf_daq_broker.bookkeeping.paths import PgroupDirs, check_directory_name, clean_relative_path
+from sf_daq_broker.bookkeeping.paths import (
+    PgroupDirs,
+    check_directory_name,
+    clean_relative_path,
+    run_prefix,
+)
 from sf_daq_broker.bookkeeping.runs import check_open, pgroup_lock, read_last_run
 from sf_daq_broker.errors import BadRequest, Conflict, InsufficientStorage
 from sf_daq_broker.jobs import Job, build_jobs
@@ -71,12 +76,19 @@ class _Checked:
     directory_name: str | None
     scan_file: Path | None
     what_scan: str
+    pedestal_files: dict[str, str] | None
 
 
 def accept_request(
-    request: RetrieveRequest, dirs: PgroupDirs, min_free_bytes: int = 1
+    request: RetrieveRequest,
+    dirs: PgroupDirs,
+    min_free_bytes: int = 1,
+    pedestal_files: dict[str, str] | None = None,
 ) -> AcceptedRun:
     """Give the request its run, write its bookkeeping and create its output directory.
+
+    ``pedestal_files`` (detector → file) are the pedestals the converting detectors use: they
+    go into the run JSON (``pedestal_files``) and the detector jobs.
 
     Concurrent calls for one pgroup are committed together (``_commit_batch``): one hold of
     the lock, one ``LAST_RUN`` write and the batch's fsyncs issued at once.
@@ -99,7 +111,7 @@ def accept_request(
         )
     # Room for the run JSON and the scan step (each about the size of the request), with margin.
     check_free_space(dirs, min_free_bytes + 4 * len(dump_json(request.record)))
-    checked = _Checked(request, dirs, directory_name, scan_file, what_scan)
+    checked = _Checked(request, dirs, directory_name, scan_file, what_scan, pedestal_files)
     return _committer(dirs).submit(checked)
 
 
@@ -168,14 +180,26 @@ class _Batch:
         if checked.scan_file is not None and checked.scan_file not in self._scans:
             self._scans[checked.scan_file] = _read_scan(checked.scan_file, dirs, checked.what_scan)
         run_number = _choose_run_number(request, dirs, self.last)
+        tag = request.run_options.file_tag
+        _check_run_tag(dirs.output_dir(checked.directory_name), run_number, tag)
         request_id = str(uuid.uuid4())
         request_time = request_time_now()
         jobs = build_jobs(
-            request, dirs, run_number, request_id, request_time, checked.directory_name
+            request,
+            dirs,
+            run_number,
+            request_id,
+            request_time,
+            checked.directory_name,
+            checked.pedestal_files,
         )
         record = dict(request.record)
         if checked.directory_name is not None:
             record["directory_name"] = checked.directory_name
+        if tag is not None:
+            record["appended_directory_suffix"] = tag
+        if checked.pedestal_files:
+            record["pedestal_files"] = dict(checked.pedestal_files)
         record.update(
             beamline=dirs.beamline,
             run_number=run_number,
@@ -310,6 +334,28 @@ def _choose_run_number(request: RetrieveRequest, dirs: PgroupDirs, last: int) ->
             f"(last is {last}); reserve it with /advance_run_number first"
         )
     return request.run_number
+
+
+def _check_run_tag(output_dir: Path, run_number: int, tag: str | None) -> None:
+    """Refuse a run whose data files already exist under another tag (or none), as upstream
+    refuses a second ``runNNNN*`` directory."""
+    own = run_prefix(run_number, tag)
+    plain = run_prefix(run_number)
+    try:
+        names = os.listdir(output_dir)
+    except OSError:  # not there yet (or not a directory: opening it refuses the request)
+        return
+    others = sorted(
+        name
+        for name in names
+        if (name.startswith(f"{plain}.") or name.startswith(f"{plain}-"))
+        and not name.startswith(f"{own}.")
+    )
+    if others:
+        raise Conflict(
+            f"data files of run {run_number} exist already with another tag ({', '.join(others)})"
+            f", not {tag!r}: use the same tag or another run"
+        )
 
 
 def _read_scan(scan_file: Path, dirs: PgroupDirs, what: str) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from sf_daq_broker.bookkeeping.confined import ConfinedDir, OutsideRaw, open_bel
 from sf_daq_broker.errors import BadRequest, Conflict, NotFound
 
 PGROUP_PATTERN = re.compile(r"^p\d{5}$")
+#: Where /take_pedestal puts a pedestal's files (upstream's name).
+PEDESTAL_DIRECTORY = "JF_pedestals"
 #: Top-level directories of raw/ that belong to the bookkeeping, not to data.
 RESERVED_DIRECTORIES = frozenset({"run_info", "scan_info"})
 #: The longest path component a request may give, in bytes of UTF-8: file systems take 255,
@@ -97,8 +99,11 @@ class PgroupDirs:
     def output_dir(self, directory_name: str | None) -> Path:
         return self.raw / directory_name if directory_name else self.raw
 
-    def data_file(self, directory_name: str | None, run_number: int, suffix: str) -> Path:
-        return self.output_dir(directory_name) / f"run_{run_number:06d}.{suffix}.h5"
+    def data_file(
+        self, directory_name: str | None, run_number: int, suffix: str, tag: str | None = None
+    ) -> Path:
+        """A run's data file; ``tag`` is the user tag of ``append_user_tag_to_data_dir``."""
+        return self.output_dir(directory_name) / f"{run_prefix(run_number, tag)}.{suffix}.h5"
 
     def below_raw(self, path: Path) -> PurePosixPath:
         """``path`` (one of the paths above) relative to ``raw/``."""
@@ -123,6 +128,11 @@ class PgroupDirs:
             raise BadRequest(f"{what} leads outside the raw directory of {self.pgroup}") from None
         except NotADirectoryError:
             raise Conflict(f"{what}: a file is in the way of a directory below raw/") from None
+
+
+def run_prefix(run_number: int, tag: str | None = None) -> str:
+    """What every data file of a run starts with: ``run_NNNNNN`` or ``run_NNNNNN-<tag>``."""
+    return f"run_{run_number:06d}-{tag}" if tag else f"run_{run_number:06d}"
 
 
 def open_pgroup(data_root: Path, beamline: str, pgroup: object) -> PgroupDirs:

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 JUNGFRAU_RETENTION_PULSES = 360_000
 #: Pulses materialised per call: a Ctrl-C is honoured between two calls.
 FILL_BATCH = 25
+#: The demo's pedestals are short (3 x 100 frames, a few seconds), so trying one is quick.
+PEDESTAL_FRAMES_PER_STAGE = 100
 
 
 class DemoError(Exception):
@@ -91,7 +93,10 @@ def demo_settings(options: SystemOptions, simulation: Simulation) -> Settings:
     """The broker's and workers' settings: the shipped configuration pointed at the demo.
 
     Loopback clients belong to the demo's beamline; the simulated detectors are allowed for it
-    and carry the simulation's gain and pedestal files, which the detector worker reads.
+    and carry the simulation's gain and pedestal files, which the detector worker reads. The
+    simulated detectors are controlled through the simulation; new pedestals, the PV lists and
+    the DAP parameters live below the data root (``pedestals/``, ``service_configs/``,
+    ``dap/config/``).
     """
     base = load_settings(options.config, environ={})
     detectors: dict[str, Any] = {
@@ -120,7 +125,21 @@ def demo_settings(options: SystemOptions, simulation: Simulation) -> Settings:
             **_control_url(base, simulation.addresses["control"]),
         },
         detectors=detectors,
+        detector_control={"url": simulation.addresses["control"]},
+        pedestals={
+            "root": str(options.data_root / "pedestals"),
+            "frames_per_stage": PEDESTAL_FRAMES_PER_STAGE,
+        },
+        service_files={
+            "pv_list_dir": str(_made(options.data_root / "service_configs")),
+            "dap_config_dir": str(_made(options.data_root / "dap" / "config")),
+        },
     )
+
+
+def _made(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 def _control_url(base: Settings, url: str) -> dict[str, str]:

@@ -14,6 +14,11 @@ with ``h(i) = hash_grid(name_seed(name), k, n)[i]``. The archiver knows changes 
 clock's current pulse time; it keeps them forever. A query returns the changes inside
 ``[startSeconds, endSeconds]`` (end excluded unless ``endInclusive``), plus the last change
 before the start when ``startExpansion`` is set, one list element per known PV.
+
+With a PV list directory (``pv_list_dir``: the EPICS buffer's ``sf.{beamline}.epics_buffer.json``
+files that ``/set_pvlist`` writes) the archiver records exactly the PVs those files list —
+re-read whenever one changes; a listed PV without a configured spec is a float64 changing
+every 5 s — and answers no other PV.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import json
 from collections.abc import Iterable
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -115,15 +121,55 @@ def pv_changes(
     return [(pv_change_time(spec, k), expected_pv_value(spec, k)) for k in changes]
 
 
+class PvListFiles:
+    """The PVs listed in every ``sf.*.epics_buffer.json`` of a directory (re-read on change)."""
+
+    PATTERN = "sf.*.epics_buffer.json"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._seen: dict[Path, float] = {}
+        self._names: frozenset[str] = frozenset()
+
+    def names(self) -> frozenset[str]:
+        files = {path: path.stat().st_mtime for path in self.directory.glob(self.PATTERN)}
+        if files != self._seen:
+            names: set[str] = set()
+            for path in files:
+                try:
+                    listed = json.loads(path.read_text(encoding="utf-8")).get("pv_list", [])
+                except (OSError, ValueError, AttributeError):
+                    continue  # being replaced, or not a PV list: the next query reads it again
+                names.update(name for name in listed if isinstance(name, str))
+            self._seen, self._names = files, frozenset(names)
+        return self._names
+
+
 class SimulatedArchiver:
     """The state behind the archiver server: PVs, clock, faults."""
 
-    def __init__(self, pvs: Iterable[PvSpec], clock: PulseClock, *, max_changes: int = 100_000):
+    def __init__(
+        self,
+        pvs: Iterable[PvSpec],
+        clock: PulseClock,
+        *,
+        max_changes: int = 100_000,
+        pv_list_dir: Path | None = None,
+    ):
         self.pvs: dict[str, PvSpec] = {spec.name: spec for spec in pvs}
         self.clock = clock
         self.max_changes = max_changes
         self.faults = ArchiverFaults()
         self.queries = 0
+        self.pv_lists = PvListFiles(pv_list_dir) if pv_list_dir is not None else None
+
+    def spec(self, name: str) -> PvSpec | None:
+        """The PV the archiver records under ``name`` (None: it records no such PV)."""
+        if self.pv_lists is None:
+            return self.pvs.get(name)
+        if name not in self.pv_lists.names():
+            return None
+        return self.pvs.get(name) or PvSpec(name=name)
 
     def now_ns(self) -> int:
         return self.clock.timing.ts_ns(self.clock.current_pulse_id())
@@ -144,7 +190,7 @@ class SimulatedArchiver:
         fields = document.get("fields") or list(_FIELDS)
         reply = []
         for name in names:
-            spec = self.pvs.get(name) if isinstance(name, str) else None
+            spec = self.spec(name) if isinstance(name, str) else None
             if spec is None or name in self.faults.missing_pvs:
                 continue
             if (end_ns - start_ns) // spec.period_ns > self.max_changes:

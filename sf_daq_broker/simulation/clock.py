@@ -98,14 +98,26 @@ class ManualClock:
 
 
 class WallClock:
-    """A clock driven by real time: pulse ``start_pulse_id`` happened at ``t0_ms``."""
+    """A clock driven by real time: pulse ``start_pulse_id`` happened at ``t0_ms``.
 
-    def __init__(self, start_pulse_id: int = DEFAULT_START_PULSE_ID, t0_ms: int | None = None):
+    ``speed`` > 1 makes the pulses come that many times faster than 100 Hz (tests that wait
+    for a buffer file to close); the timestamps stay 10 ms apart, so pulses then have
+    timestamps ahead of the wall clock.
+    """
+
+    def __init__(
+        self,
+        start_pulse_id: int = DEFAULT_START_PULSE_ID,
+        t0_ms: int | None = None,
+        *,
+        speed: float = 1.0,
+    ):
         if t0_ms is None:
             t0_ms = time.time_ns() // 1_000_000
         self.timing = PulseTiming(start_pulse_id, t0_ms)
         self.start_pulse_id = start_pulse_id
+        self.speed = speed
 
     def current_pulse_id(self) -> int:
         elapsed_ns = time.time_ns() - self.timing.t0_ms * 1_000_000
-        return self.start_pulse_id + max(0, elapsed_ns // PULSE_PERIOD_NS)
+        return self.start_pulse_id + max(0, int(elapsed_ns * self.speed) // PULSE_PERIOD_NS)

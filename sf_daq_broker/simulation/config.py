@@ -38,6 +38,9 @@ class ClockConfig(_Strict):
     start_pulse_id: int = Field(default=DEFAULT_START_PULSE_ID, ge=0)
     #: Epoch milliseconds of the start pulse; None = the wall-clock time at start-up.
     t0_ms: int | None = None
+    #: How much faster than real time the pulses come (1 = 100 Hz); tests that wait for
+    #: buffer files to close use more. Timestamps keep their 10 ms per pulse.
+    speed: float = Field(default=1.0, gt=0, le=1000)
 
 
 class ServerConfig(_Strict):
@@ -53,6 +56,9 @@ class Api1Config(ServerConfig):
 
 class ArchiverConfig(ServerConfig):
     pvs: list[PvSpec] = []
+    #: Record exactly the PVs of the EPICS buffer's lists in this directory
+    #: (``sf.{beamline}.epics_buffer.json``, written by the broker's /set_pvlist).
+    pv_list_dir: Path | None = None
 
 
 class JungfrauConfig(_Strict):

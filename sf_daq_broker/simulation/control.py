@@ -6,6 +6,8 @@
   records now. In lazy mode this is how a reader gets its frames; it answers
   ``{"written": n}`` once they are on disk.
 
+The simulated detectors' control routes (``/detectors/…``) live in ``detector_server``.
+
 ``http_materialiser(url)`` is the matching ``before_read`` hook for ``JungfrauBufferReader``: a
 worker reading a lazy simulated buffer passes it; production passes nothing.
 """
@@ -15,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 from aiohttp import web
 
+from sf_daq_broker.simulation.detector_server import add_detector_routes
+from sf_daq_broker.simulation.jungfrau_detector import SimulatedJungfrau
 from sf_daq_broker.simulation.jungfrau_writer import JungfrauBufferWriter
 
 WRITER_KEY = web.AppKey("jungfrau_writer", JungfrauBufferWriter)
@@ -29,11 +33,16 @@ STATUS_KEY: web.AppKey[StatusFunction] = web.AppKey("status")
 _MAX_PULSES = 1_000_000
 
 
-def create_control_app(writer: JungfrauBufferWriter, status: StatusFunction) -> web.Application:
+def create_control_app(
+    writer: JungfrauBufferWriter,
+    status: StatusFunction,
+    detectors: Mapping[str, SimulatedJungfrau] | None = None,
+) -> web.Application:
     app = web.Application()
     app[WRITER_KEY] = writer
     app[STATUS_KEY] = status
     app.add_routes([web.get("/status", _status), web.post("/jungfrau/materialise", _materialise)])
+    add_detector_routes(app, detectors or {})
     return app
 
 

@@ -29,6 +29,11 @@ A frame at ``pid`` (uint16, 512 x 1024, gain code in bits 15:14, ADC in 13:0):
 A pixel of gain g and energy E has ADC ``rint(ped_g + gain_g * E)`` (float64 arithmetic on the
 float32 constants), code 0, 1 or 3 for G0, G1, G2. About 99.2 % of the pixels are G0 noise,
 0.7 % G0 photons, 0.07 % G1 and 0.02 % G2.
+
+A detector that is dark (``illuminated`` false) or forced into one gain stage (``stage`` 0, 1
+or 2: pedestal mode, ``fixed_gain1``/``fixed_gain2``, see ``jungfrau_detector``) shows step 1
+only, in that stage: every pixel at ``rint(ped_stage) + noise`` with the stage's gain bits — so
+the mean of such frames is the stage's pedestal within the noise (-4..3, mean -0.5, RMS 2.29).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ PHOTON_KEV = 12.4
 N_NOISE_VARIANTS = 8
 HIT_SALT = 0x5EED_0F_4175
 SPOT_MAX_RADIUS = 10
-_CODE = {0: 0, 1: 1, 2: 3}  # gain stage → gain bits
+GAIN_CODE = {0: 0, 1: 1, 2: 3}  # gain stage → gain bits
 
 
 @dataclass(frozen=True)
@@ -131,19 +136,21 @@ def _adc(
     gain = cal.gain[stage].reshape(-1)[index].astype(np.float64)
     pedestal = cal.pedestal[stage].reshape(-1)[index].astype(np.float64)
     adc = np.clip(np.rint(pedestal + gain * energy), 0, 0x3FFF).astype(np.uint16)
-    return adc | np.uint16(_CODE[stage] << 14)
+    return adc | np.uint16(GAIN_CODE[stage] << 14)
 
 
-@lru_cache(maxsize=32)
-def _noise_frames(detector: str, module: int) -> np.ndarray:
-    """The ``N_NOISE_VARIANTS`` G0 frames (pedestal + noise) a module's frames start from."""
+@lru_cache(maxsize=96)
+def _noise_frames(detector: str, module: int, stage: int = 0) -> np.ndarray:
+    """The ``N_NOISE_VARIANTS`` frames (pedestal + noise, with the gain bits) of one gain
+    stage; G0's are what every frame of a module starts from."""
     u, _ = _pixel_hashes(detector, module)
-    pedestal = np.rint(module_calibration(detector, module).pedestal[0].reshape(-1))
+    pedestal = np.rint(module_calibration(detector, module).pedestal[stage].reshape(-1))
     frames = np.empty((N_NOISE_VARIANTS, MODULE_ROWS, MODULE_COLS), dtype=np.uint16)
     for variant in range(N_NOISE_VARIANTS):
         salt = np.uint64(variant * GOLDEN % 2**64)
         noise = (mix64(u + salt) >> np.uint64(61)).astype(np.int64) - 4
-        frames[variant] = (pedestal.astype(np.int64) + noise).reshape(MODULE_ROWS, MODULE_COLS)
+        values = (pedestal.astype(np.int64) + noise) | (GAIN_CODE[stage] << 14)
+        frames[variant] = values.reshape(MODULE_ROWS, MODULE_COLS)
     frames.setflags(write=False)
     return frames
 
@@ -172,9 +179,23 @@ def _spot(detector: str, module: int) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return index, (dy * dy + dx * dx).ravel(), g1, g2
 
 
-def frame_into(out: np.ndarray, detector: str, module: int, pid: int) -> None:
+def frame_into(
+    out: np.ndarray,
+    detector: str,
+    module: int,
+    pid: int,
+    *,
+    stage: int | None = None,
+    illuminated: bool = True,
+) -> None:
     """Write the frame of (detector, module, pid) into ``out`` (512 x 1024 uint16, C-ordered;
-    it may be the unaligned field of a record buffer) without a frame-sized temporary."""
+    it may be the unaligned field of a record buffer) without a frame-sized temporary.
+
+    ``stage`` forces every pixel into that gain stage, and ``illuminated`` false leaves out
+    the photons: both give pedestal + noise only (see the module docstring)."""
+    if stage is not None or not illuminated:
+        np.copyto(out, _noise_frames(detector, module, stage or 0)[pid % N_NOISE_VARIANTS])
+        return
     np.copyto(out, _noise_frames(detector, module)[pid % N_NOISE_VARIANTS])
     flat = out.view()
     flat.shape = (N_PIXELS,)  # raises rather than silently writing into a copy
@@ -198,8 +219,10 @@ def frame_into(out: np.ndarray, detector: str, module: int, pid: int) -> None:
     flat[index[core]] = spot_g2[core]
 
 
-def expected_frame(detector: str, module: int, pid: int) -> np.ndarray:
+def expected_frame(
+    detector: str, module: int, pid: int, *, stage: int | None = None, illuminated: bool = True
+) -> np.ndarray:
     """The complete raw frame of (detector, module, pid): uint16 (512, 1024)."""
     frame = np.empty((MODULE_ROWS, MODULE_COLS), dtype=np.uint16)
-    frame_into(frame, detector, module, pid)
+    frame_into(frame, detector, module, pid, stage=stage, illuminated=illuminated)
     return frame

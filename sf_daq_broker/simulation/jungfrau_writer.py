@@ -21,6 +21,11 @@ on tmpfs; following a 100 Hz wall clock with the default 4 modules (400 frames/s
 fell 700-840 pulses behind within 20 s on both. Eager mode at 100 Hz is fine for one module
 or on a faster disk; it would also fill the disk at 1.4 TB/hour without retention.
 
+Detectors with a control (``attach_detectors``: the simulated detectors of
+``jungfrau_detector``) write only the frames their state makes, in the gain their state says:
+a module that is stopped or powered off writes nothing, and a file in which it made no frame
+is never created, so its ``LATEST`` stops like a real module's.
+
 A record is written pixels and header first, the marker byte last, so a reader never sees the
 marker of a half-written record. Files whose pulses are older than ``retention_pulses`` are
 deleted as new files close; ``age_out(pid)`` deletes earlier ones on demand (the fault "files
@@ -44,7 +49,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sf_daq_broker.buffers import jungfrau_format as fmt
 from sf_daq_broker.simulation.clock import PulseClock
 from sf_daq_broker.simulation.faults import JungfrauFaults, ModuleKey
-from sf_daq_broker.simulation.jungfrau_frames import frame_into, module_seed
+from sf_daq_broker.simulation.jungfrau_detector import FrameKind, SimulatedJungfrau
+from sf_daq_broker.simulation.jungfrau_frames import GAIN_CODE, frame_into, module_seed
 from sf_daq_broker.simulation.noise import hash_grid
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,13 @@ class DetectorSpec(BaseModel):
     @property
     def n_modules(self) -> int:
         return fmt.n_modules(self.name)
+
+
+def daq_rec(kind: FrameKind) -> int:
+    """The ``daq_rec`` of a frame: bits 12-13 the forced gain stage's code (0 when dynamic),
+    bit 0 high gain."""
+    code = GAIN_CODE[kind.stage] if kind.stage is not None else 0
+    return code << 12 | int(kind.high_gain)
 
 
 def lost_packets(detector: str, module: int, pid: int, count: int) -> np.ndarray:
@@ -101,6 +114,7 @@ class JungfrauBufferWriter:
         self.faults = JungfrauFaults()
         self.frames_written = 0
         self._highgain = {d.name: d.highgain for d in self.detectors}
+        self._control: dict[str, SimulatedJungfrau] = {}
         self._modules: list[ModuleKey] = [
             (d.name, m) for d in self.detectors for m in range(d.n_modules)
         ]
@@ -115,6 +129,23 @@ class JungfrauBufferWriter:
     @property
     def modules(self) -> list[ModuleKey]:
         return list(self._modules)
+
+    def attach_detectors(self, detectors: Iterable[SimulatedJungfrau]) -> None:
+        """From now on these detectors' states decide which frames exist and their gains."""
+        with self._lock:
+            self._control.update({detector.name: detector for detector in detectors})
+
+    def frame_kind(self, key: ModuleKey, pid: int) -> FrameKind | None:
+        """The frame a module makes at ``pid`` (None: none); a detector without a control
+        runs for ever in dynamic gain, illuminated."""
+        control = self._control.get(key[0])
+        if control is None:
+            return FrameKind(None, self._highgain[key[0]], True)
+        return control.frame_kind(key[1], pid)
+
+    def _produces_frames(self, key: ModuleKey, first: int, last: int) -> bool:
+        control = self._control.get(key[0])
+        return control is None or control.produces_frames(key[1], first, last)
 
     def catch_up(self, until: int | None = None, max_pulses: int | None = None) -> int:
         """Follow the clock from ``next_pulse_id`` up to its current pulse (or ``until`` if
@@ -171,7 +202,9 @@ class JungfrauBufferWriter:
                         files[first] = fd
                 if os.pread(fd, 1, fmt.record_offset(pid)) == bytes([fmt.MARKER_WRITTEN]):
                     continue
-                written += self._write_record(fd, key, pid)
+                kind = self.frame_kind(key, pid)
+                if kind is not None:
+                    written += self._write_record(fd, key, pid, kind)
         finally:
             for fd in files.values():
                 os.close(fd)
@@ -194,9 +227,12 @@ class JungfrauBufferWriter:
         dropped = self.faults.dropped_for(key)
         if key in self.faults.missing_modules or (dropped is not None and pid in dropped):
             return None
+        kind = self.frame_kind(key, pid)
+        if kind is None:
+            return None
         header = np.zeros(1, dtype=fmt.HEADER_DTYPE)
         data = np.zeros((fmt.MODULE_ROWS, fmt.MODULE_COLS), dtype="<u2")
-        self._fill(header, data, detector, module, pid)
+        self._fill(header, data, detector, module, pid, kind)
         record = np.zeros(1, dtype=fmt.RECORD_DTYPE)
         for name in fmt.HEADER_FIELDS:
             record[name] = header[name]
@@ -223,29 +259,40 @@ class JungfrauBufferWriter:
         for key in self._modules:
             if key in self.faults.missing_modules:
                 continue
-            self._write_record(self._file_for(key, pid), key, pid)
+            kind = self.frame_kind(key, pid)
+            if kind is not None:
+                self._write_record(self._file_for(key, pid), key, pid, kind)
             if (pid + 1) % fmt.PULSES_PER_FILE == 0:
-                self._close_file(key)
+                self._close_file_of(key, fmt.file_first_pulse(pid))
 
     def _pass_files(self, first: int, last: int) -> None:
-        """Lazy mode: create the files of ``[first, last]`` and close those it completes."""
+        """Lazy mode: create the files of ``[first, last]`` in which a module makes frames,
+        and close those the range completes."""
         pid = first
         while pid <= last:
-            file_last = fmt.file_first_pulse(pid) + fmt.PULSES_PER_FILE - 1
+            file_first = fmt.file_first_pulse(pid)
+            file_last = file_first + fmt.PULSES_PER_FILE - 1
             for key in self._modules:
                 if key in self.faults.missing_modules:
                     continue
-                self._file_for(key, pid)
+                if self._produces_frames(key, pid, min(last, file_last)):
+                    self._file_for(key, pid)
                 if last >= file_last:
-                    self._close_file(key)
+                    self._close_file_of(key, file_first)
             pid = file_last + 1
 
-    def _write_record(self, fd: int, key: ModuleKey, pid: int) -> int:
+    def _close_file_of(self, key: ModuleKey, first: int) -> None:
+        """Close the module's file starting at ``first`` if it is the open one."""
+        current = self._open.get(key)
+        if current is not None and current[0] == first:
+            self._close_file(key)
+
+    def _write_record(self, fd: int, key: ModuleKey, pid: int, kind: FrameKind) -> int:
         """Write one record (unless the faults drop it); returns the number written."""
         dropped = self.faults.dropped_for(key)
         if dropped is not None and pid in dropped:
             return 0
-        self._fill(self._header, self._frame, key[0], key[1], pid)
+        self._fill(self._header, self._frame, key[0], key[1], pid, kind)
         offset = fmt.record_offset(pid)
         # Pixels and header first, the marker last: a reader that sees the marker sees a whole
         # record.
@@ -256,9 +303,15 @@ class JungfrauBufferWriter:
         return 1
 
     def _fill(
-        self, header: np.ndarray, data: np.ndarray, detector: str, module: int, pid: int
+        self,
+        header: np.ndarray,
+        data: np.ndarray,
+        detector: str,
+        module: int,
+        pid: int,
+        kind: FrameKind,
     ) -> None:
-        frame_into(data, detector, module, pid)
+        frame_into(data, detector, module, pid, stage=kind.stage, illuminated=kind.illuminated)
         packets = fmt.PACKETS_PER_FRAME
         incomplete = self.faults.incomplete_for((detector, module))
         if incomplete is not None and pid in incomplete:
@@ -269,7 +322,7 @@ class JungfrauBufferWriter:
         header["marker"] = fmt.MARKER_WRITTEN
         header["pulse_id"] = pid
         header["frame_index"] = pid - self.frame_index_origin
-        header["daq_rec"] = 1 if self._highgain[detector] else 0
+        header["daq_rec"] = daq_rec(kind)
         header["daq_rec"] |= self.faults.event_bits_for(pid)
         header["n_recv_packets"] = packets
         header["module_id"] = module

@@ -24,6 +24,7 @@ from sf_daq_broker.simulation.calibration import write_calibration_files
 from sf_daq_broker.simulation.clock import PulseClock, WallClock
 from sf_daq_broker.simulation.config import Api1Config, SimulationConfig
 from sf_daq_broker.simulation.control import create_control_app
+from sf_daq_broker.simulation.jungfrau_detector import SimulatedJungfrau
 from sf_daq_broker.simulation.jungfrau_writer import JungfrauBufferWriter
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,14 @@ class Simulation:
 
     def __init__(self, config: SimulationConfig, clock: PulseClock | None = None) -> None:
         self.config = config
-        self.clock: PulseClock = clock or WallClock(config.clock.start_pulse_id, config.clock.t0_ms)
+        self.clock: PulseClock = clock or WallClock(
+            config.clock.start_pulse_id, config.clock.t0_ms, speed=config.clock.speed
+        )
         self.databuffer = _api1_buffer(config.databuffer, self.clock, "data buffer")
         self.imagebuffer = _api1_buffer(config.imagebuffer, self.clock, "image buffer")
-        self.archiver = SimulatedArchiver(config.archiver.pvs, self.clock)
+        self.archiver = SimulatedArchiver(
+            config.archiver.pvs, self.clock, pv_list_dir=config.archiver.pv_list_dir
+        )
         self.jungfrau = JungfrauBufferWriter(
             config.jungfrau.buffer_root,
             config.jungfrau.detectors,
@@ -55,6 +60,12 @@ class Simulation:
             retention_pulses=config.jungfrau.retention_pulses,
             mode=config.jungfrau.mode,
         )
+        #: The simulated detectors (their control decides the Jungfrau frames), by name.
+        self.detectors = {
+            spec.name: SimulatedJungfrau(spec.name, self.clock, high_gain=spec.highgain)
+            for spec in config.jungfrau.detectors
+        }
+        self.jungfrau.attach_detectors(self.detectors.values())
         #: Service name → base URL, filled by ``start``.
         self.addresses: dict[str, str] = {}
         #: Detector name → (gain file, pedestal file), filled by ``start``.
@@ -74,7 +85,10 @@ class Simulation:
             "databuffer": (create_api1_app(self.databuffer), config.databuffer),
             "imagebuffer": (create_api1_app(self.imagebuffer), config.imagebuffer),
             "archiver": (create_archiver_app(self.archiver), config.archiver),
-            "control": (create_control_app(self.jungfrau, self.status), config.control),
+            "control": (
+                create_control_app(self.jungfrau, self.status, self.detectors),
+                config.control,
+            ),
         }
         try:
             for name, (app, server) in services.items():

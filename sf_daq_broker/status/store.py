@@ -218,6 +218,12 @@ class StatusStore:
             ).fetchall()
         return [_job_view(row) for row in rows]
 
+    def job_status(self, job_id: str) -> dict[str, Any] | None:
+        """One job by its id (a pedestal, which has no run number), None if unknown."""
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return _job_view(row) if row is not None else None
+
     def runs_status(self, pgroup: str, first: int, last: int) -> dict[int, list[dict[str, Any]]]:
         """The jobs of the runs ``first``..``last`` of a pgroup, by run (one query, for the
         page's run list)."""

@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import TextIO
 
 from sf_daq_broker.jobs import Action, StatusEvent
@@ -40,11 +41,16 @@ def format_event(event: StatusEvent, colour: bool) -> str:
     action = f"{event.action.value:<14}"
     if colour:
         action = f"{COLOURS[event.action]}{action}{_RESET}"
-    line = f"{when} {action} {event.source:<12} {event.pgroup} run {event.run_number} {event.file}"
+    # A pedestal has no run number: it is named by its file, JF_pedestals/<name>.json.
+    pedestal = event.run_number == 0 and event.source == "pedestal"
+    what = f"pedestal {Path(event.file).stem}" if pedestal else f"run {event.run_number}"
+    line = f"{when} {action} {event.source:<12} {event.pgroup} {what} {event.file}"
     if event.action is Action.WRITE_REJECTED:
         line += f" reason: {event.message}"
-    elif event.action is Action.WRITE_PROGRESS and "waiting" in event.details:
-        line += f" {event.message}"  # waiting for pulse X (the buffers are at Y, about Z s)
+    elif event.action is Action.WRITE_PROGRESS and (pedestal or "waiting" in event.details):
+        # a pedestal's step ("gain stage G1: 400 of 1000"), or waiting for pulse X (the
+        # buffers are at Y, about Z s)
+        line += f" {event.message}"
     elif event.action is Action.WRITE_PROGRESS:
         line += f" {event.details.get('done')}/{event.details.get('total')}"
     elif event.action is Action.WRITE_FINISHED and event.message:

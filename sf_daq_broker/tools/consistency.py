@@ -154,8 +154,11 @@ def check_run(run_file: Path, rate_multiplicator: int = 0) -> CheckResult:
     )
     run_number = int(record["run_number"])
 
+    tag = record.get("appended_directory_suffix")  # a tagged run's files: run_NNNNNN-<tag>.*
     for suffix, names, check in _sources(record):
-        path = dirs.data_file(record.get("directory_name"), run_number, suffix)
+        path = dirs.data_file(
+            record.get("directory_name"), run_number, suffix, tag if isinstance(tag, str) else None
+        )
         details: dict[str, Any] = {}
         problems = _check_file(path, suffix, run_number, check, names, expected, details)
         result.sources[suffix] = {"file": str(path), "problems": problems, "names": details}

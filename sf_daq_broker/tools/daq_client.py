@@ -9,8 +9,11 @@ package's other clients (the start/stop ``BrokerClient``, the demo) use it from 
 The options and the output lines are those of the facility's original daq_client.py (users
 have them in their scripts and logbooks): ``success: run number(request_id) is N`` on
 acceptance, ``Error, reason : …`` with the broker's reason on refusal. New: ``--broker``,
-``--timeout``, ``--wait`` (follows the run with a progress bar per source) and
-``--follow PGROUP RUN`` (follows a run accepted earlier, e.g. after Ctrl-C of ``--wait``).
+``--timeout``, ``--wait`` (follows the run with a progress bar per source),
+``--follow PGROUP RUN`` (follows a run accepted earlier, e.g. after Ctrl-C of ``--wait``), the
+run options ``--user-tag`` (with ``--append-user-tag``) and ``--run-log-level``, and
+``--take-pedestal DET …`` (with ``-r``, ``--pedestalmode``, ``--run-log-level``, ``--wait``),
+which takes a pedestal instead of retrieving a range.
 
 Exit status: 0 accepted (with ``--wait``/``--follow``: every source written and complete),
 1 refused or a source failed, 2 a bad command line or input file, 3 the broker not reachable,
@@ -27,7 +30,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -134,6 +137,13 @@ class RemoteBroker:
             "GET", "/run_status", params={"pgroup": pgroup, "run_number": str(run_number)}
         )
 
+    def take_pedestal(self, request: dict[str, Any]) -> dict[str, Any]:
+        """``POST /take_pedestal``: the reply (``pedestal`` is its name)."""
+        return self.call("POST", "/take_pedestal", json=request)
+
+    def pedestal_status(self, pgroup: str, pedestal: str) -> dict[str, Any]:
+        return self.call("GET", "/pedestal_status", params={"pgroup": pgroup, "pedestal": pedestal})
+
     def current_run_number(self, pgroup: str) -> int:
         """The last run number given out in the pgroup (0 if none)."""
         reply = self.call("GET", "/get_current_run_number", params={"pgroup": pgroup})
@@ -228,6 +238,8 @@ class RequestTemplate:
     detectors: dict[str, Any] = field(default_factory=dict)
     scan_info: dict[str, Any] | None = None
     rate_multiplicator: int = 1
+    #: user_tag, append_user_tag_to_data_dir, run_log_level (when given)
+    run_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_files(
@@ -240,6 +252,7 @@ class RequestTemplate:
         detectors_file: str | Path | None = None,
         scan_step_file: str | Path | None = None,
         rate_multiplicator: int = 1,
+        run_options: dict[str, Any] | None = None,
     ) -> RequestTemplate:
         """Read every given file; camera images (``…:FPICTURE``) of the channels file go apart."""
         names = read_names(channels_file, "channels file") if channels_file else []
@@ -253,6 +266,7 @@ class RequestTemplate:
             detectors=read_json_object(detectors_file, "detectors file") if detectors_file else {},
             scan_info=scan_info,
             rate_multiplicator=rate_multiplicator,
+            run_options=dict(run_options or {}),
         )
 
     @property
@@ -278,6 +292,7 @@ class RequestTemplate:
             "scan_info": self.scan_info,
         }
         body.update({key: value for key, value in optional.items() if value})
+        body.update(self.run_options)
         return body
 
 
@@ -491,24 +506,121 @@ def follow_run(
     not answered for ``patience`` seconds.
     """
     bars = bars or ProgressBars(sys.stderr)
-    last_answer = time.monotonic()
     try:
-        while True:
-            try:
-                reply = broker.run_status(pgroup, run_number)
-                sources: dict[str, dict[str, Any]] = reply["sources"]
-                last_answer = time.monotonic()
-            except BrokerUnreachable:
-                if time.monotonic() - last_answer > patience:
-                    raise
-            else:
-                bars.show(sources)
-                if all(status["state"] in FINAL_STATES for status in sources.values()):
-                    results = [SourceResult.from_status(name, s) for name, s in sources.items()]
-                    return RunResult(pgroup, run_number, results)
-            time.sleep(poll_interval or POLL_INTERVAL)  # polling: the pause is the poll rate
+        reply = poll_status(
+            lambda: broker.run_status(pgroup, run_number),
+            lambda reply: all(s["state"] in FINAL_STATES for s in reply["sources"].values()),
+            lambda reply: bars.show(reply["sources"]),
+            poll_interval=poll_interval or POLL_INTERVAL,
+            patience=patience,
+        )
     finally:
         bars.close()
+    sources: dict[str, dict[str, Any]] = reply["sources"]
+    results = [SourceResult.from_status(name, s) for name, s in sources.items()]
+    return RunResult(pgroup, run_number, results)
+
+
+def poll_status(
+    fetch: Callable[[], dict[str, Any]],
+    final: Callable[[dict[str, Any]], bool],
+    show: Callable[[dict[str, Any]], None],
+    *,
+    poll_interval: float,
+    patience: float,
+) -> dict[str, Any]:
+    """``fetch`` a status until ``final`` says it is, showing each; a broker that does not
+    answer is waited for up to ``patience`` seconds (then BrokerUnreachable)."""
+    last_answer = time.monotonic()
+    while True:
+        try:
+            reply = fetch()
+            last_answer = time.monotonic()
+        except BrokerUnreachable:
+            if time.monotonic() - last_answer > patience:
+                raise
+        else:
+            show(reply)
+            if final(reply):
+                return reply
+        time.sleep(poll_interval)  # polling: the pause is the poll rate
+
+
+# ---------------------------------------------------------------------------------------------
+# Taking a pedestal (``--take-pedestal DET …``) and following it by name: GET /pedestal_status,
+# shown as one more "source" of the progress bars, then one line per detector.
+
+
+def pedestal_request(
+    pgroup: str,
+    detectors: list[str],
+    rate_multiplicator: int = 1,
+    pedestalmode: bool = False,
+    run_log_level: str | None = None,
+) -> dict[str, Any]:
+    """The body of ``POST /take_pedestal`` (upstream's clients send detectors as an object)."""
+    body: dict[str, Any] = {
+        "pgroup": pgroup,
+        "detectors": {name: {} for name in detectors},
+        "rate_multiplicator": rate_multiplicator,
+        "pedestalmode": pedestalmode,
+    }
+    if run_log_level is not None:
+        body["run_log_level"] = run_log_level
+    return body
+
+
+@dataclass(frozen=True)
+class PedestalResult:
+    pgroup: str
+    pedestal: str
+    status: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.status["state"] == "done")
+
+    def lines(self) -> list[str]:
+        where = f"pedestal {self.pedestal} of {self.pgroup}"
+        if not self.ok:
+            return [f"{where} failed: {self.status.get('error') or 'no reason given'}"]
+        result = self.status.get("result") or {}
+        lines = []
+        for name, detector in (result.get("detectors") or {}).items():
+            stages = ", ".join(f"{stage} {n}" for stage, n in detector["stage_frames"].items())
+            lines.append(
+                f"{name}: {detector['result_file']} ({stages} frames; "
+                f"{detector['good_pixels']} good pixels), in use as {detector['installed_file']}"
+            )
+        lines.append(
+            f"{where} is done: pulses {result.get('start_pulse_id')}-{result.get('stop_pulse_id')}"
+        )
+        return lines
+
+
+def follow_pedestal(
+    broker: RemoteBroker,
+    pgroup: str,
+    pedestal: str,
+    *,
+    poll_interval: float | None = None,
+    patience: float = 60.0,
+    bars: ProgressBars | None = None,
+) -> PedestalResult:
+    """Poll ``/pedestal_status`` until the pedestal is done or failed (its step on ``bars``)."""
+    bars = bars or ProgressBars(sys.stderr)
+    label = f"pedestal {pedestal}"
+    try:
+        status = poll_status(
+            lambda: broker.pedestal_status(pgroup, pedestal),
+            lambda status: status["state"] in FINAL_STATES,
+            lambda status: bars.show({label: status}),
+            poll_interval=poll_interval or POLL_INTERVAL,
+            patience=patience,
+        )
+    finally:
+        bars.close()
+    return PedestalResult(pgroup, pedestal, status)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,7 +678,82 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("PGROUP", "RUN"),
         help="follow a run accepted earlier (nothing is requested), as --wait does",
     )
+    run = parser.add_argument_group("run options")
+    run.add_argument("--user-tag", metavar="TAG", help="a tag kept in the run's JSON")
+    run.add_argument(
+        "--append-user-tag",
+        action="store_true",
+        help="also put the tag into the run's file names (run_NNNNNN-TAG.*.h5)",
+    )
+    run.add_argument(
+        "--run-log-level",
+        metavar="LEVEL",
+        help="level of the run's (or pedestal's) job logs: DEBUG, INFO (default), WARNING, …",
+    )
+    pedestal = parser.add_argument_group("pedestal")
+    pedestal.add_argument(
+        "--take-pedestal",
+        nargs="+",
+        metavar="DET",
+        help="take a pedestal of these detectors (at the rate of -r) instead of a retrieval; "
+        "with --wait, follow it to its pedestal files",
+    )
+    pedestal.add_argument(
+        "--pedestalmode",
+        action="store_true",
+        help="with --take-pedestal: use the detectors' pedestal mode",
+    )
     return parser
+
+
+def run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run option keys of the request, as the command line gives them."""
+    options: dict[str, Any] = {}
+    if args.user_tag is not None:
+        options["user_tag"] = args.user_tag
+    if args.append_user_tag:
+        options["append_user_tag_to_data_dir"] = True
+    if args.run_log_level is not None:
+        options["run_log_level"] = args.run_log_level
+    return options
+
+
+def take_pedestal(args: argparse.Namespace) -> int:
+    """``--take-pedestal``: request it, then (``--wait``) follow it to its result."""
+    remote = RemoteBroker(args.broker, args.timeout)
+    body = pedestal_request(
+        args.pgroup,
+        args.take_pedestal,
+        args.rate_multiplicator,
+        args.pedestalmode,
+        args.run_log_level,
+    )
+    try:
+        try:
+            reply = remote.take_pedestal(body)
+        except BrokerRefused as exc:
+            print(f"Error, reason : {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        name = str(reply.get("pedestal"))
+        print(f"success: pedestal {name}: {reply['message']}", flush=True)
+        if not args.wait:
+            return EXIT_OK
+        try:
+            result = follow_pedestal(remote, args.pgroup, name)
+        except KeyboardInterrupt:
+            print(f"\nstopped following pedestal {name}; the broker goes on", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        for line in result.lines():
+            print(line)
+        return EXIT_OK if result.ok else EXIT_FAILED
+    except BrokerUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except BrokerRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        remote.close()
 
 
 def retrieve(
@@ -641,6 +828,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             remote.close()
     if args.pgroup is None:
         parser.error("a pgroup is needed (-p/--pgroup)")
+    if args.take_pedestal:
+        return take_pedestal(args)
     if args.start_pulseid is None or args.stop_pulseid is None:
         parser.error("the pulse range is needed (--start_pulseid and --stop_pulseid)")
     try:
@@ -652,6 +841,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             detectors_file=args.file_detectors,
             scan_step_file=args.scan_step_file,
             rate_multiplicator=args.rate_multiplicator,
+            run_options=run_options(args),
         )
     except InputFileError as exc:
         print(f"error: {exc}", file=sys.stderr)

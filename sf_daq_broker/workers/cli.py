@@ -24,6 +24,7 @@ SOURCE_CLASSES: dict[SourceKind, str] = {
     SourceKind.IMAGEBUFFER: "sf_daq_broker.workers.api1_source:ImageBufferSource",
     SourceKind.ARCHIVER: "sf_daq_broker.workers.archiver_source:ArchiverSource",
     SourceKind.DETECTOR: "sf_daq_broker.workers.detector_source:DetectorSource",
+    SourceKind.PEDESTAL: "sf_daq_broker.workers.pedestal_source:PedestalSource",
 }
 
 

@@ -252,7 +252,9 @@ class DetectorSource(Source):
             _log_selection(job_log, detector, options, pulse_ids, selection)
         converter = None
         if options.adc_to_energy:
-            converter = await asyncio.to_thread(self._converter, reader, pulse_ids, options)
+            converter = await asyncio.to_thread(
+                self._converter, reader, pulse_ids, options, job.pedestal_file
+            )
         export = Export(detector, _raw_shape(reader), converter)
         if converter is not None:
             job_log.info(
@@ -463,10 +465,16 @@ class DetectorSource(Source):
         reader: JungfrauBufferReader,
         pulse_ids: npt.NDArray[np.int64],
         options: DetectorOptions,
+        pedestal_file: str | None = None,
     ) -> Converter:
+        """``pedestal_file`` is the job's (the one the run JSON records: the newest pedestal
+        taken when the run was accepted); without one, the configured one."""
         detector = reader.detector
         files = self.calibration.get(detector)
-        if files is None or files.gain_file is None or files.pedestal_file is None:
+        pedestal = Path(pedestal_file) if pedestal_file else None
+        if pedestal is None and files is not None:
+            pedestal = files.pedestal_file
+        if files is None or files.gain_file is None or pedestal is None:
             raise CalibrationError(
                 f"{detector}: no gain_file and pedestal_file configured in {self.config_source} "
                 "(detectors section): cannot convert; ask for adc_to_energy false to get raw data"
@@ -474,7 +482,7 @@ class DetectorSource(Source):
         return Converter.from_files(
             detector,
             files.gain_file,
-            files.pedestal_file,
+            pedestal,
             options.conversion(),
             highgain=self._highgain(reader, pulse_ids),
         )

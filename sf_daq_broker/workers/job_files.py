@@ -13,12 +13,16 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 
 from sf_daq_broker.bookkeeping.confined import ConfinedDir, OutsideRaw, open_below
+from sf_daq_broker.bookkeeping.paths import PEDESTAL_DIRECTORY
 from sf_daq_broker.jobs import Job
 
 
 def job_raw_dir(job: Job) -> Path:
-    """The pgroup's ``raw/`` of the job: the directory above ``run_info``."""
+    """The pgroup's ``raw/`` of the job: the directory above ``run_info`` (above
+    ``JF_pedestals`` for a pedestal)."""
     run_json = Path(job.run_info_file)
+    if run_json.parent.name == PEDESTAL_DIRECTORY:  # a pedestal (and its detectors' parts)
+        return run_json.parents[1]
     if run_json.parent.parent.name != "run_info":
         raise OutsideRaw(f"{run_json} is not in a run_info directory: the job's raw/ is unknown")
     return run_json.parents[2]

@@ -63,13 +63,28 @@ class RetryPolicy:
 class Progress:
     """``write_progress`` events, at most one per ``interval`` seconds (and the last one)."""
 
-    def __init__(self, transport: Transport, job: Job, total: int, interval: float = 0.5) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        job: Job,
+        total: int,
+        interval: float = 0.5,
+        *,
+        phase: str = "",
+    ) -> None:
         self._transport = transport
         self._job = job
         self.total = total
         self._interval = interval
         self._last_sent = 0.0
         self.done = 0
+        #: What the job is doing now (a job of several steps, e.g. a pedestal): the events'
+        #: message says "{phase}: {done} of {total}".
+        self.phase = phase
+
+    def for_phase(self, phase: str, total: int) -> Progress:
+        """Progress of one step of the job, announced as the job's progress."""
+        return Progress(self._transport, self._job, total, self._interval, phase=phase)
 
     async def update(self, done: int, total: int | None = None) -> None:
         self.done = done
@@ -79,11 +94,12 @@ class Progress:
         if now - self._last_sent < self._interval and done < self.total:
             return
         self._last_sent = now
+        message = f"{done} of {self.total}"
         await self._transport.publish_status(
             StatusEvent.for_job(
                 Action.WRITE_PROGRESS,
                 self._job,
-                f"{done} of {self.total}",
+                f"{self.phase}: {message}" if self.phase else message,
                 done=done,
                 total=self.total,
             )
@@ -130,7 +146,10 @@ def expected_total(job: Job) -> int:
 
 def rejection_reason(job: Job, problem: str) -> str:
     """Which range (the user's, not the one widened for the edge pulses) and what happened
-    (the problem names the buffer)."""
+    (the problem names the buffer). A pedestal job has no range when it is queued: its problem
+    says where it was."""
+    if job.kind is SourceKind.PEDESTAL:
+        return problem
     return f"pulses {job.requested_start}-{job.requested_stop}: {problem}"
 
 
@@ -150,7 +169,7 @@ class _JobLog:
     def __init__(self, job: Job) -> None:
         # One logger per job: two pgroups' runs of the same number must not share a log file.
         self.logger = logging.getLogger(f"sf_daq_broker.job.{job.job_id}")
-        self.logger.setLevel(logging.INFO)
+        self.logger.setLevel(job.log_level)  # the request's run_log_level
         self._handler: logging.Handler | None = None
         log_file = Path(job.log_file)
         try:
@@ -178,6 +197,27 @@ class _ClosingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg,unu
             self.stream.close()
         finally:
             super().close()
+
+
+def _announce(job: Job, redelivered: bool, job_log: logging.Logger) -> None:
+    """The job log's first line: what is to be done."""
+    again = ", delivered again" if redelivered else ""
+    if job.kind is SourceKind.PEDESTAL:  # no run and no range yet: the source says more
+        job_log.info("pedestal job of %s (%s)%s", ", ".join(job.names), job.pgroup, again)
+        return
+    job_log.info(
+        "%s of run %d (%s): %d names, pulses %d-%d (requested %d-%d, rate 1/%d)%s",
+        job.source,
+        job.run_number,
+        job.pgroup,
+        len(job.names),
+        job.start_pulse_id,
+        job.stop_pulse_id,
+        job.requested_start,
+        job.requested_stop,
+        job.rate_multiplicator,
+        again,
+    )
 
 
 class Worker:
@@ -225,19 +265,7 @@ class Worker:
 
     async def _handle(self, source: Source, delivery: JobDelivery, job_log: logging.Logger) -> None:
         job = delivery.job
-        job_log.info(
-            "%s of run %d (%s): %d names, pulses %d-%d (requested %d-%d, rate 1/%d)%s",
-            job.source,
-            job.run_number,
-            job.pgroup,
-            len(job.names),
-            job.start_pulse_id,
-            job.stop_pulse_id,
-            job.requested_start,
-            job.requested_stop,
-            job.rate_multiplicator,
-            ", delivered again" if delivery.redelivered else "",
-        )
+        _announce(job, delivery.redelivered, job_log)
         directory = await asyncio.to_thread(open_output_dir, job)
         try:
             await self._lease_and_run(

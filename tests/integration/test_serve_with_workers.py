@@ -108,6 +108,6 @@ def test_unknown_worker_source_is_refused(tmp_path: Path, data_root: Path) -> No
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 2
     assert (
-        "--workers: unknown source cameras; known: databuffer, imagebuffer, archiver, detector, all"
-        in output
+        "--workers: unknown source cameras; known: databuffer, imagebuffer, archiver, detector, "
+        "pedestal, all" in output
     )

@@ -24,7 +24,7 @@ import pytest
 from sf_daq_broker.bookkeeping.atomic import partial_path
 from sf_daq_broker.h5.atomic import temporary_name
 from sf_daq_broker.h5.channels import ChannelRows, CompressedImages, provenance, write_channels
-from sf_daq_broker.jobs import Job, SourceKind
+from sf_daq_broker.jobs import RETRIEVAL_KINDS, Job
 from sf_daq_broker.tools.check import main
 from tests.tools.support import REPO, LiveBroker, take_job
 
@@ -48,8 +48,9 @@ class Run:
 
 @pytest.fixture
 async def make_run(broker: LiveBroker) -> Callable[..., Awaitable[Run]]:
-    async def make(rate: int = 1) -> Run:
+    async def make(rate: int = 1, **fields: Any) -> Run:
         request = {
+            **fields,
             "pgroup": "p12345",
             "directory_name": "check/test",
             "start_pulseid": START,
@@ -66,7 +67,7 @@ async def make_run(broker: LiveBroker) -> Callable[..., Awaitable[Run]]:
         ):
             assert response.status == 200, await response.text()
         jobs = {}
-        for kind in SourceKind:
+        for kind in RETRIEVAL_KINDS:
             job = await take_job(broker.transport, kind)
             jobs[job.source] = job
         return Run(Path(next(iter(jobs.values())).run_info_file), jobs)
@@ -395,6 +396,21 @@ async def test_a_temporary_file_of_any_writer_means_being_written(
     detector = run.file(DETECTOR)
     temporary_name(detector).write_bytes(b"\x89HDF")  # what atomic_output writes into
     assert check(run, capsys) == (1, failed(f"detector file {detector} is still being written"))
+
+
+async def test_a_tagged_run_is_checked_under_its_tagged_names(
+    make_run: Callable[..., Awaitable[Run]], raw_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = await make_run(user_tag="dark", append_user_tag_to_data_dir=True)
+    assert run.file("BSDATA") == raw_dir / "check/test/run_000001-dark.BSDATA.h5"
+    write_all(run)
+    assert check(run, capsys) == (
+        0,
+        [
+            "Result of consistency check (summary) : True",
+            "    OK : all tests passed (4 sources, 100 beam pulses at rate 1/1)",
+        ],
+    )
 
 
 @pytest.mark.parametrize("factor", ["3", "-1", "200"])

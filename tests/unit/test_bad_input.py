@@ -29,6 +29,26 @@ BODY_READERS = {
     "/advance_run_number",
     "/close_pgroup_writing",
     "/run_status",
+    # detector control, pedestals and the facility's other endpoints
+    "/power_on_detector",
+    "/get_detector_settings",
+    "/set_detector_settings",
+    "/power_on_modules",
+    "/power_off_modules",
+    "/get_detector_status",
+    "/get_detector_temperatures",
+    "/get_jfctrl_monitor",
+    "/get_detector_pings",
+    "/get_jfstats",
+    "/take_pedestal",
+    "/pedestal_status",
+    "/get_pvlist",
+    "/set_pvlist",
+    "/get_dap_settings",
+    "/set_dap_settings",
+    "/copy_user_files",
+    "/upload_custom_dap_script",
+    "/get_next_acquistion_number",
 }
 
 
@@ -139,7 +159,7 @@ async def test_run_status_with_a_run_number_sqlite_cannot_hold(
     message = (await response.json())["message"]
     assert response.status == 400
     if isinstance(run, int):
-        assert message == f"run_number must be between 0 and {2**63 - 1}, got {run}"
+        assert message == f"run_number must be between 1 and {2**63 - 1}, got {run}"
     else:
         assert message == f"run_number must be an integer, got '{'9' * 59}... (5002 characters)"
 

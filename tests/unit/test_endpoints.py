@@ -14,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from sf_daq_broker.api.app import create_app
-from sf_daq_broker.jobs import Action, Job, SourceKind, job_id_for
+from sf_daq_broker.jobs import RETRIEVAL_KINDS, Action, Job, SourceKind, job_id_for
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 
 SEED_REQUEST = {
@@ -91,7 +91,7 @@ async def test_jobs_carry_everything_a_worker_needs(
     status, reply = await call(client, "POST", "/retrieve_from_buffers", json=body)
     assert status == 200
     jobs: dict[SourceKind, Job] = {}
-    for kind in SourceKind:
+    for kind in RETRIEVAL_KINDS:
         async for delivery in transport.consume_jobs(kind):
             jobs[kind] = delivery.job
             await delivery.ack()
@@ -387,7 +387,9 @@ async def test_running_detectors_from_latest_age(
     status, reply = await call(client, "GET", "/get_running_detectors")
     assert status == 200
     assert reply["running_detectors"] == ["JF13T01V01"]
-    assert reply["limping_detectors"] == ["JF07T03V01"]
+    assert reply["detectors"] == ["JF13T01V01"]  # upstream's older key
+    # upstream's shape: the modules whose LATEST is stale
+    assert reply["limping_detectors"] == {"JF07T03V01": {"missing_modules": [2]}}
     assert reply["missing_detectors"] == [
         "JF01T03V01",
         "JF03T01V02",

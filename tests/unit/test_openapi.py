@@ -27,6 +27,8 @@ from sf_daq_broker.api.models import RetrieveBody
 from sf_daq_broker.retrieval import DETECTOR_OPTION_KEYS, REQUEST_KEYS
 from sf_daq_broker.simulation.api1_server import SimulatedApi1Buffer, create_api1_app
 from sf_daq_broker.simulation.clock import ManualClock
+from sf_daq_broker.simulation.detector_server import add_detector_routes
+from sf_daq_broker.simulation.jungfrau_detector import SimulatedJungfrau
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 
 EXAMPLES_PER_ENDPOINT = 60
@@ -84,6 +86,16 @@ WRONG = {
     "selected_pulse_ids": ("x", "selected_pulse_ids must be a list of pulse ids, got 'x'"),
     "scan_info": ("x", "scan_info must be an object, got 'x'"),
     "run_number": ("x", "run_number must be an integer, got 'x'"),
+    "user_tag": (1, "user_tag must be a string, got 1"),
+    "append_user_tag_to_data_dir": (
+        "x",
+        "append_user_tag_to_data_dir must be true or false, got 'x'",
+    ),
+    "run_log_level": (
+        "x",
+        "run_log_level must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL (or 10, 20, 30, 40, "
+        "50), got 'x'",
+    ),
 }
 
 
@@ -192,11 +204,26 @@ class LiveBroker:
         return f"http://127.0.0.1:{port}"
 
     async def _start(self) -> str:
-        buffer = SimulatedApi1Buffer([], ManualClock(start_pulse_id=15_000_000_000))
+        clock = ManualClock(start_pulse_id=15_000_000_000)
+        buffer = SimulatedApi1Buffer([], clock)
         pulse_map = await self._serve(create_api1_app(buffer))
+        # Simulated detectors for every configured one, so that the detector endpoints answer
+        # (a detector control that is away would be a 503); the service files in the data root.
+        control = web.Application()
+        detectors = {name: SimulatedJungfrau(name, clock) for name in self.settings.detectors}
+        add_detector_routes(control, detectors)
+        control_url = await self._serve(control)
+        services = self.settings.data_root / "services"
+        services.mkdir(exist_ok=True)
         settings = self.settings.model_copy(
             update={
-                "buffers": self.settings.buffers.model_copy(update={"databuffer_url": pulse_map})
+                "buffers": self.settings.buffers.model_copy(update={"databuffer_url": pulse_map}),
+                "detector_control": self.settings.detector_control.model_copy(
+                    update={"url": control_url}
+                ),
+                "service_files": self.settings.service_files.model_copy(
+                    update={"pv_list_dir": services, "dap_config_dir": services}
+                ),
             }
         )
         return await self._serve(create_app(settings, EmbeddedTransport()))

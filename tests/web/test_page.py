@@ -28,7 +28,7 @@ from sf_daq_broker.bookkeeping.paths import PgroupDirs
 from sf_daq_broker.config import Settings
 from sf_daq_broker.h5.channels import ChannelRows, write_channels
 from sf_daq_broker.h5.detector import DetectorFileWriter, FrameColumns
-from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
+from sf_daq_broker.jobs import RETRIEVAL_KINDS, Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.status.store import StatusStore
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.web.pages import PAGE
@@ -316,7 +316,7 @@ async def test_a_run_page_shows_completeness_log_request_and_previews(
 ) -> None:
     client, transport = broker
     await retrieve(client, REQUEST)
-    jobs = await take_jobs(transport, list(SourceKind))
+    jobs = await take_jobs(transport, list(RETRIEVAL_KINDS))
     write_bsdata(jobs["BSDATA"])
     write_camera(jobs["CAMERAS"])
     write_pvs(jobs["PVCHANNELS"])
