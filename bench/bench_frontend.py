@@ -6,8 +6,13 @@ lock, writes LAST_RUN and the run JSON with fsync, creates the output directory 
 its jobs. As a reference measured in the same run, `/health` on the same broker gives the
 HTTP floor (no file work), so the ratio shows what the bookkeeping costs.
 
-    .venv/bin/python bench/bench_frontend.py [--requests 2000] [--concurrency 16]
+    .venv/bin/python bench/bench_frontend.py [--requests 2000] [--concurrency 1 10 50]
                                              [--amqp-url amqp://guest:guest@127.0.0.1:5672/]
+                                             [--baseline-tree DIR --rounds 4]
+
+With ``--baseline-tree`` the broker of another source tree (an older commit unpacked with
+``git archive``) runs alternately with this one, in the same conditions, and the ratios of the
+medians are printed.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -95,18 +101,32 @@ async def delete_topology(amqp_url: str, prefix: str) -> None:
         await Topology(prefix).delete(await connection.channel())
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--amqp-url", default="", help="use RabbitMQ instead of the embedded queue")
-    args = parser.parse_args()
+@dataclass
+class Measurement:
+    health_rate: float
+    health_p50: float
+    rate: float
+    p50: float
+    p99: float
+    cpu: float  # broker CPU seconds per request
+    last_run: str
 
+
+async def measure(
+    requests: int, concurrency: int, amqp_url: str, tree: Path | None, show_log: bool
+) -> Measurement:
+    """One broker process (of ``tree``'s code when given) on a fresh data root."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         (root / "bernina/data/p12345/raw").mkdir(parents=True)
@@ -115,9 +135,12 @@ async def main() -> None:
             os.environ,
             SF_DAQ_DATA_ROOT=str(root),
             SF_DAQ_LOCAL_BEAMLINE="bernina",
-            SF_DAQ_AMQP_URL=args.amqp_url,
+            SF_DAQ_AMQP_URL=amqp_url,
             SF_DAQ_AMQP_PREFIX=f"bench-{uuid.uuid4().hex[:8]}",
+            SF_DAQ_STATE_DIR=str(root / "state"),
         )
+        if tree is not None:
+            env["PYTHONPATH"] = str(tree)
         broker = subprocess.Popen(
             [
                 sys.executable,
@@ -132,40 +155,93 @@ async def main() -> None:
                 str(port),
             ],
             env=env,
+            # Without buffers every request logs that its range was accepted unchecked.
+            stderr=None if show_log else subprocess.DEVNULL,
         )
         url = f"http://127.0.0.1:{port}"
         try:
             await wait_ready(url)
-            await hammer(url, "GET", "/health", 200, args.concurrency)  # warm-up
-            health_rate, health_lat = await hammer(
-                url, "GET", "/health", args.requests, args.concurrency
-            )
+            await hammer(url, "GET", "/health", 200, concurrency)  # warm-up
+            health_rate, health_lat = await hammer(url, "GET", "/health", requests, concurrency)
+            cpu_before = cpu_seconds(broker.pid)
             rate, latencies = await hammer(
-                url, "POST", "/retrieve_from_buffers", args.requests, args.concurrency
+                url, "POST", "/retrieve_from_buffers", requests, concurrency
             )
+            cpu = (cpu_seconds(broker.pid) - cpu_before) / requests
         finally:
             broker.terminate()
             broker.wait(timeout=10)
-            if args.amqp_url:
-                await delete_topology(args.amqp_url, env["SF_DAQ_AMQP_PREFIX"])
+            if amqp_url:
+                await delete_topology(amqp_url, env["SF_DAQ_AMQP_PREFIX"])
         last_run = (root / "bernina/data/p12345/raw/run_info/LAST_RUN").read_text().strip()
+    return Measurement(
+        health_rate,
+        statistics.median(health_lat),
+        rate,
+        statistics.median(latencies),
+        percentile(latencies, 0.99),
+        cpu,
+        last_run,
+    )
+
+
+def show(label: str, m: Measurement, requests: int) -> None:
+    print(
+        f"  {label:<9} /retrieve_from_buffers {m.rate:6.0f} req/s  p50 {m.p50 * 1e3:7.2f} ms  "
+        f"p99 {m.p99 * 1e3:7.2f} ms  cpu {m.cpu * 1e3:5.2f} ms/req | "
+        f"/health {m.health_rate:6.0f} req/s  p50 {m.health_p50 * 1e3:6.2f} ms | "
+        f"ratio {m.rate / m.health_rate:.3f} | "
+        f"LAST_RUN {m.last_run} (expected {requests}) | load {os.getloadavg()[0]:.1f}"
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[16], help="clients in flight (several)"
+    )
+    parser.add_argument("--amqp-url", default="", help="use RabbitMQ instead of the embedded queue")
+    parser.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="also run the broker of this source tree (e.g. `git archive` of an older commit), "
+        "alternating with this one, and print the ratios",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="alternations per concurrency")
+    parser.add_argument("--broker-log", action="store_true", help="show the brokers' logs")
+    args = parser.parse_args()
 
     transport = "rabbitmq" if args.amqp_url else "embedded"
     print(
-        f"transport: {transport}, {args.requests} requests, concurrency {args.concurrency}, "
-        f"{os.cpu_count()} cores"
+        f"transport: {transport}, {args.requests} requests per measurement, "
+        f"{os.cpu_count()} cores, 5 jobs per request"
     )
-    print(
-        f"reference /health:      {health_rate:8.0f} req/s  "
-        f"p50 {statistics.median(health_lat) * 1e3:6.2f} ms"
-    )
-    print(
-        f"/retrieve_from_buffers: {rate:8.0f} req/s  "
-        f"p50 {statistics.median(latencies) * 1e3:6.2f} ms  "
-        f"p99 {percentile(latencies, 0.99) * 1e3:6.2f} ms  (5 jobs per request)"
-    )
-    print(f"ratio retrieve/health:  {rate / health_rate:8.3f}")
-    print(f"last run number: {last_run} (expected {args.requests})")
+    trees: list[tuple[str, Path | None]] = [("this", None)]
+    if args.baseline_tree is not None:
+        trees = [("baseline", args.baseline_tree.resolve()), *trees]
+    for concurrency in args.concurrency:
+        print(f"concurrency {concurrency}:")
+        results: dict[str, list[Measurement]] = {label: [] for label, _ in trees}
+        for round_ in range(args.rounds):
+            # Alternate which goes first, so a change of the machine's load hits both.
+            order = trees if round_ % 2 == 0 else trees[::-1]
+            for label, tree in order:
+                m = await measure(args.requests, concurrency, args.amqp_url, tree, args.broker_log)
+                results[label].append(m)
+                show(label, m, args.requests)
+        if len(trees) == 2:
+            before, after = results["baseline"], results["this"]
+            rate = statistics.median(m.rate for m in after) / statistics.median(
+                m.rate for m in before
+            )
+            p50 = statistics.median(m.p50 for m in after) / statistics.median(m.p50 for m in before)
+            p99 = statistics.median(m.p99 for m in after) / statistics.median(m.p99 for m in before)
+            cpu = statistics.median(m.cpu for m in after) / statistics.median(m.cpu for m in before)
+            print(
+                f"  this/baseline (medians of {args.rounds}): req/s x{rate:.2f}, "
+                f"p50 x{p50:.2f}, p99 x{p99:.2f}, broker cpu/req x{cpu:.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -13,8 +13,16 @@ from __future__ import annotations
 import glob
 import json
 import os
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+#: Threads that issue the fsyncs of one batch at once (see ``fsync_all``).
+FSYNC_THREADS = 8
+_fsync_pool: ThreadPoolExecutor | None = None
+_fsync_pool_guard = threading.Lock()
 
 
 def fsync_directory(directory: Path) -> None:
@@ -24,6 +32,29 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_all(fds: Sequence[int]) -> None:
+    """fsync several files (or directories) at once; returns when all are durable.
+
+    Issued one after the other, each fsync waits for its own journal commit; issued together,
+    the file system commits them in one go (ext4: 4 files in ~0.8 ms instead of 1-10 ms on the
+    development machine). The first error is raised after all have finished.
+    """
+    if len(fds) <= 1:
+        for fd in fds:
+            os.fsync(fd)
+        return
+    global _fsync_pool
+    with _fsync_pool_guard:
+        if _fsync_pool is None:
+            _fsync_pool = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="fsync")
+        pool = _fsync_pool
+    futures = [pool.submit(os.fsync, fd) for fd in fds]
+    errors = [future.exception() for future in futures]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 def partial_path(final: Path, owner: str) -> Path:

@@ -293,16 +293,28 @@ class ConfinedDir:
         os.fsync(self.fd)
 
     def _write_new(self, name: str, data: bytes) -> None:
+        fd = self.write_unsynced(name, data)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def write_unsynced(self, name: str, data: bytes) -> int:
+        """Create ``name`` (one of our temporary names: a leftover is removed first) holding
+        ``data``, not yet fsynced; returns its open descriptor, which the caller fsyncs (with
+        other files at once, see ``atomic.fsync_all``) and closes."""
         with _ignore_missing():
-            os.unlink(name, dir_fd=self.fd)
+            os.unlink(_name(name), dir_fd=self.fd)
         fd = self.open_fd(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
+        except BaseException:
             os.close(fd)
+            self.unlink(name)
+            raise
+        return fd
 
     def unlink(self, name: str) -> None:
         """Remove ``name`` (a symlink itself, never its target); nothing if it is gone."""

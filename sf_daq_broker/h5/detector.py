@@ -8,12 +8,15 @@ arrived, with ``pulse_id`` 0, can still be identified). A converted file adds ``
 flagged, never dropped: users must see that the detector missed a pulse.
 
 ``DetectorFileWriter`` takes frames in batches (memory bounded by the batch, not the run), with
-the frame count known up front; it compresses a batch on several threads and writes each chunk
-directly. ``RawDetectorFile`` reads the raw layout back in batches (the ``convert`` command).
+the frame count known up front; it compresses a batch on several threads (or, ``threads=0``, in
+the calling thread: several pipeline workers writing batches at their own positions with
+``write_at``) and writes each chunk directly. ``RawDetectorFile`` reads the raw layout back in
+batches (the ``convert`` command).
 """
 
 from __future__ import annotations
 
+import threading
 import types
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +29,7 @@ import hdf5plugin  # noqa: F401  (registers the bitshuffle filter for reading)
 import numpy as np
 import numpy.typing as npt
 
+from sf_daq_broker import openmp
 from sf_daq_broker.h5 import bslz4
 
 DETECTOR_NAME = "general/detector_name"
@@ -43,6 +47,15 @@ FRAME_COLUMNS: dict[str, np.dtype[Any]] = {
 OPTIONAL_COLUMNS = frozenset({"requested_pulse_id"})
 
 COMPRESSION_THREADS = 2
+
+
+def _compress_single_threaded(
+    frame: npt.NDArray[Any], buffer: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.uint8]:
+    """A pool thread's frame: the pool is the parallelism, so bitshuffle's OpenMP runs on this
+    thread alone (no team per call spinning on the other cores; ``sf_daq_broker.openmp``)."""
+    with openmp.single_threaded():
+        return bslz4.compress_chunk_into(frame, buffer)
 
 
 class DetectorFileError(Exception):
@@ -149,9 +162,12 @@ class DetectorFileWriter:
         self.dtype = self.groups[0].dtype
         self.compression = compression
         self.frames_written = 0
-        self._buffers: list[list[npt.NDArray[np.uint8]]] = [[] for _ in self.groups]
+        self._lock = threading.Lock()  # h5py calls and the count, from several workers
+        self._local = threading.local()  # each thread's reusable chunk buffers
         self._pool = (
-            ThreadPoolExecutor(threads, thread_name_prefix="bslz4") if compression else None
+            ThreadPoolExecutor(threads, thread_name_prefix="bslz4")
+            if compression and threads > 0
+            else None
         )
         self._file = h5py.File(path, "w")
         try:
@@ -205,6 +221,18 @@ class DetectorFileWriter:
     ) -> None:
         """Append a batch: ``frames`` (k, *frame_shape), one such array per group if there
         are several, and its k rows of frame columns."""
+        self.write_at(self.frames_written, frames, columns)
+
+    def write_at(
+        self,
+        start: int,
+        frames: npt.NDArray[Any] | Sequence[npt.NDArray[Any]],
+        columns: FrameColumns,
+    ) -> None:
+        """Write a batch at rows ``start..`` (the writer's rows are filled exactly once, in
+        any order: pipeline workers finish their batches out of order). Thread-safe: the
+        compression runs in the calling thread (``threads=0``) or on the pool, the HDF5 calls
+        one thread at a time."""
         batches = [frames] if isinstance(frames, np.ndarray) else list(frames)
         if len(batches) != len(self.groups):
             raise DetectorFileError(
@@ -221,34 +249,43 @@ class DetectorFileWriter:
                     f"{len(batch)} frames but {len(columns)} rows of frame columns"
                 )
         count = len(columns)
-        start = self.frames_written
-        if start + count > self.n_frames:
+        if start < 0 or start + count > self.n_frames:
             raise DetectorFileError(
                 f"{start + count} frames written, the file was created for {self.n_frames}"
             )
         for index, batch in enumerate(batches):
-            self._write_data(index, np.ascontiguousarray(batch), start)
-            for name, dataset in self._columns[index].items():
-                dataset[start : start + count, 0] = getattr(columns, name)
-        self.frames_written += count
+            chunks = self._chunks(index, np.ascontiguousarray(batch))
+            offset = (0,) * (batch.ndim - 1)
+            data = self._data[index]
+            with self._lock:
+                for position, chunk in enumerate(chunks, start):
+                    data.id.write_direct_chunk((position, *offset), chunk)
+                for name, dataset in self._columns[index].items():
+                    dataset[start : start + count, 0] = getattr(columns, name)
+        with self._lock:
+            self.frames_written += count
 
-    def _write_data(self, index: int, frames: npt.NDArray[Any], start: int) -> None:
+    def _chunks(self, index: int, frames: npt.NDArray[Any]) -> Any:
+        """The batch's chunks: compressed (on the pool, or here single-threaded in OpenMP:
+        this thread is one of the pipeline's workers, one per core) or the frames' bytes."""
+        if not self.compression:
+            return frames  # an uncompressed chunk is the frame's bytes
+        buffers = self._chunk_buffers(index, frames)
         if self._pool is not None:
-            buffers = self._chunk_buffers(index, frames)
-            chunks: Any = self._pool.map(bslz4.compress_chunk_into, frames, buffers)
-        else:
-            chunks = frames  # an uncompressed chunk is the frame's bytes
-        offset = (0,) * (frames.ndim - 1)
-        data = self._data[index]
-        for position, chunk in enumerate(chunks, start):
-            data.id.write_direct_chunk((position, *offset), chunk)
+            return self._pool.map(_compress_single_threaded, frames, buffers)
+        with openmp.single_threaded():
+            return [bslz4.compress_chunk_into(f, b) for f, b in zip(frames, buffers, strict=True)]
 
     def _chunk_buffers(self, index: int, frames: npt.NDArray[Any]) -> list[npt.NDArray[np.uint8]]:
-        """One reusable output buffer per frame of the batch (allocated once: fresh memory
-        costs a page fault per 4 KiB on first touch)."""
+        """Reusable output buffers, one per frame of a batch and per calling thread (fresh
+        memory costs a page fault per 4 KiB on first touch); a pool's threads share the
+        calling thread's, one frame each."""
         if len(frames) == 0:
             return []
-        buffers = self._buffers[index]
+        every: list[list[npt.NDArray[np.uint8]]] | None = getattr(self._local, "buffers", None)
+        if every is None:
+            every = self._local.buffers = [[] for _ in self.groups]
+        buffers = every[index]
         bound = bslz4.chunk_bound(frames[0])
         while len(buffers) < len(frames):
             buffers.append(np.empty(bound, dtype=np.uint8))
@@ -271,7 +308,7 @@ class DetectorFileWriter:
     def _shutdown(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
-        self._buffers = [[] for _ in self.groups]
+        self._local = threading.local()  # the chunk buffers go
 
     def __enter__(self) -> DetectorFileWriter:
         return self

@@ -3,19 +3,28 @@
 Following ``Layout.source`` pixel by pixel would cost an index load per pixel and defeat
 vectorisation. Instead each output row is cut into runs that are either empty (written as 0) or
 read the raw frame with a constant stride: +1 for unrotated modules, -1 for half turns, +-1024
-for quarter turns (a column of the raw module). Runs of quarter-turned modules in consecutive
-output rows read neighbouring raw columns; they are grouped into *blocks* that the kernel first
-transposes into a small buffer, reading the raw frame along its rows. That is still the slowest
-case (about a quarter of the speed of straight modules): raw rows are 2 KiB apart, which
-hardware prefetchers serve poorly.
+for quarter turns (a column of the raw module).
 
-A task is a band of consecutive output rows: its outputs never overlap another task's, so tasks
-run in parallel without locks, and its calibration constants stay in cache while the kernel
-runs through all frames of a batch.
+Runs of quarter-turned modules in consecutive output rows read neighbouring raw columns; they
+are grouped into *tiles* of up to 64 output rows by 256 output columns (a chip's height), which
+the kernel transposes 8 x 8 values at a time in vector registers (``transpose8``) into a small
+buffer and then converts like a plain run. Tiles reading 128 contiguous bytes of each raw row
+with rows of 256 values to convert measured fastest on the development machine among shapes
+from 32 x 256 to 256 x 32: narrow tiles read 64 bytes per 2 KiB raw row, which the hardware
+prefetches poorly, and short output rows leave the conversion's vector loop in its scalar
+remainder. A tile's constants (~400 KB) stay in L2 cache while the kernel runs through every
+frame of the batch.
 
-One record per run or block, ``int64[7]``: OUT (flat output offset), LENGTH, SRC (flat raw
-offset, -1 = empty), STRIDE, COUNT (rows of a block, 1 for a plain run), SRC_STEP and OUT_STEP
-(offsets between the rows of a block).
+A task is either a band of consecutive output rows (the plain, reversed and empty runs in it)
+or one tile. Tasks never write the same output pixels, so they run in parallel without locks,
+and each keeps its calibration constants in cache while the kernel runs through all frames of
+a batch. Tasks are ordered by where their output starts, so that bands (cheap when they are
+mostly gaps) and tiles interleave and the threads' shares of a batch are alike.
+
+One record per run or tile, ``int64[7]``: OUT (flat output offset), LENGTH, SRC (flat raw
+offset, -1 = empty), STRIDE, COUNT (rows of a tile, 1 for a run), SRC_STEP and OUT_STEP
+(offsets between the rows of a tile). A task's records are ``task_start[t]:task_start[t+1]``;
+a tile task has exactly one record, with COUNT > 1.
 """
 
 from __future__ import annotations
@@ -28,11 +37,14 @@ import numpy.typing as npt
 OUT, LENGTH, SRC, STRIDE, COUNT, SRC_STEP, OUT_STEP = range(7)
 FIELDS = 7
 
-#: Output rows per task: many tasks for two threads, the constants of a band fit in L2 cache,
-#: and a band of a quarter-turned module reads whole 64-byte lines of 32 raw columns.
+#: Output rows per band task: many tasks for two threads, and the constants of a band
+#: (25 bytes per pixel) fit in L2 cache.
 ROWS_PER_TASK = 32
-#: Longest block (rows transposed together): 32 uint16 columns = one 64-byte cache line.
-MAX_BLOCK = 32
+#: Rows of a tile (output rows = raw columns read together: 128 contiguous bytes per raw row).
+MAX_BLOCK = 64
+#: Output columns of a tile (raw rows; a chip's height): the tile's buffer, 64 x 256 uint16,
+#: is 32 KiB, and its output rows are long enough for the conversion's vector loop.
+TILE_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -43,37 +55,61 @@ class Plan:
 
 
 def build_plan(
-    source: npt.NDArray[np.int64], rows_per_task: int = ROWS_PER_TASK, max_block: int = MAX_BLOCK
+    source: npt.NDArray[np.int64],
+    rows_per_task: int = ROWS_PER_TASK,
+    max_block: int = MAX_BLOCK,
+    tile_length: int = TILE_LENGTH,
 ) -> Plan:
-    """Cut ``source`` (output rows x columns, raw index or -1) into runs, blocks and tasks."""
+    """Cut ``source`` (output rows x columns, raw index or -1) into runs, tiles and tasks."""
     height, width = source.shape
     starts, lengths, src, stride = _runs(source)
-    rows = starts // width
-    tasks = rows // rows_per_task
     records = np.zeros((starts.size, FIELDS), dtype=np.int64)
     records[:, OUT] = starts
     records[:, LENGTH] = lengths
     records[:, SRC] = src
     records[:, STRIDE] = stride
     records[:, COUNT] = 1
-    block_heads, block_members = _blocks(records, tasks, width, max_block)
+    block_heads, block_members = _blocks(records, width, max_block)
     keep = np.ones(starts.size, dtype=bool)
     keep[block_members] = False
     for head, count, src_step in block_heads:
         records[head, COUNT] = count
         records[head, SRC_STEP] = src_step
         records[head, OUT_STEP] = width
-        keep[head] = True
-    records, tasks = records[keep], tasks[keep]
-    order = np.lexsort((records[:, OUT], tasks))
-    records, tasks = records[order], tasks[order]
-    n_tasks = (height + rows_per_task - 1) // rows_per_task
-    task_start = np.searchsorted(tasks, np.arange(n_tasks + 1)).astype(np.int64)
-    blocked = records[records[:, SRC] >= 0]
-    scratch = int((blocked[:, COUNT] * blocked[:, LENGTH]).max(initial=1))
+    keep[[head for head, _, _ in block_heads]] = True
+    records = records[keep]
+    tiled = records[:, COUNT] > 1
+    runs, tiles = records[~tiled], _split(records[tiled], tile_length)
+    # Tasks in the order of their first output pixel: a band's first row, a tile's corner.
+    band_keys = runs[:, OUT] // width // rows_per_task * rows_per_task * width
+    keys = np.concatenate([band_keys, tiles[:, OUT]])
+    is_tile = np.concatenate([np.zeros(len(runs), bool), np.ones(len(tiles), bool)])
+    records = np.concatenate([runs, tiles])
+    # One task per band (all its runs) and one per tile (a negative id of its own).
+    task_of = np.where(is_tile, -1 - np.arange(len(records)), keys)
+    order = np.lexsort((records[:, OUT], task_of, keys))
+    records, task_of = records[order], task_of[order]
+    new_task = np.ones(len(records), dtype=bool)
+    new_task[1:] = task_of[1:] != task_of[:-1]
+    task_start = np.append(np.flatnonzero(new_task), len(records)).astype(np.int64)
+    gathered = records[(records[:, SRC] >= 0) & (records[:, STRIDE] != 1)]
+    scratch = int((gathered[:, COUNT] * gathered[:, LENGTH]).max(initial=1))
     # Every output pixel is written exactly once.
     assert int((records[:, LENGTH] * records[:, COUNT]).sum()) == height * width
     return Plan(records=np.ascontiguousarray(records), task_start=task_start, scratch_size=scratch)
+
+
+def _split(tiles: npt.NDArray[np.int64], tile_length: int) -> npt.NDArray[np.int64]:
+    """Cut each block of runs along its length into tiles of ``tile_length`` columns."""
+    pieces = []
+    for record in tiles:
+        for offset in range(0, int(record[LENGTH]), tile_length):
+            piece = record.copy()
+            piece[OUT] += offset
+            piece[LENGTH] = min(tile_length, int(record[LENGTH]) - offset)
+            piece[SRC] += offset * record[STRIDE]
+            pieces.append(piece)
+    return np.asarray(pieces, dtype=np.int64).reshape(-1, FIELDS)
 
 
 def _runs(
@@ -100,9 +136,9 @@ def _runs(
 
 
 def _blocks(
-    records: npt.NDArray[np.int64], tasks: npt.NDArray[np.int64], width: int, max_block: int
+    records: npt.NDArray[np.int64], width: int, max_block: int
 ) -> tuple[list[tuple[int, int, int]], npt.NDArray[np.int64]]:
-    """Group strided runs of consecutive rows of one task that read neighbouring raw columns.
+    """Group strided runs of consecutive output rows that read neighbouring raw columns.
 
     Returns (head index, rows, raw step between rows) per block, and the indices of the runs
     absorbed into a block (not the heads).
@@ -112,9 +148,7 @@ def _blocks(
     )
     columns = records[strided, OUT] % width
     rows = records[strided, OUT] // width
-    order = np.lexsort(
-        (rows, records[strided, STRIDE], records[strided, LENGTH], columns, tasks[strided])
-    )
+    order = np.lexsort((rows, records[strided, STRIDE], records[strided, LENGTH], columns))
     heads: list[tuple[int, int, int]] = []
     members: list[int] = []
     head = -1
@@ -125,7 +159,7 @@ def _blocks(
         if (
             head >= 0
             and count < max_block
-            and _continues(records, tasks, width, previous, index, count, src_step)
+            and _continues(records, width, previous, index, count, src_step)
         ):
             if count == 1:
                 src_step = int(records[index, SRC] - records[previous, SRC])
@@ -143,7 +177,6 @@ def _blocks(
 
 def _continues(
     records: npt.NDArray[np.int64],
-    tasks: npt.NDArray[np.int64],
     width: int,
     previous: int,
     index: int,
@@ -151,7 +184,7 @@ def _continues(
     src_step: int,
 ) -> bool:
     a, b = records[previous], records[index]
-    if tasks[previous] != tasks[index] or b[OUT] - a[OUT] != width:
+    if b[OUT] - a[OUT] != width:
         return False
     if (a[LENGTH], a[STRIDE]) != (b[LENGTH], b[STRIDE]):
         return False

@@ -1,16 +1,18 @@
 """Jungfrau detector source: buffer files → conversion → bitshuffle+LZ4 chunks, in one pass.
 
 A detector run is large (a 32-module detector makes 6.4 GB of raw frames per second of beam),
-so the job never holds the run: it streams bounded batches through a two-stage pipeline,
+so the job never holds the run: it streams bounded batches through a pipeline of workers, one
+per core (at most ``MAX_WORKERS``), each of which carries its batch all the way:
 
-    stage 1 (a thread):   read batch k+1 from the buffer files (numpy memmap, one copy) and
-                          convert it (numba kernel, nogil, on numba's threads);
-    stage 2 (a thread):   compress batch k (bitshuffle+LZ4 on the writer's threads, which
-                          release the GIL) and write each frame as one HDF5 chunk directly,
+    read the batch from the buffer files (numpy memmap, one copy), convert it (numba kernel,
+    nogil, on this thread), compress each frame (bitshuffle+LZ4, single-threaded in OpenMP)
+    and write the chunks directly at the batch's rows of the file,
 
-with two sets of batch buffers that the stages swap, so memory is two batches plus the
-calibration, whatever the run's length, and both cores stay busy. The event loop only
-coordinates, publishes progress and keeps the job's lease alive.
+so memory is one batch per worker plus the calibration, whatever the run's length, and every
+core works on its own batch: no stage waits for another, no OpenMP team spins on a core
+another stage needs. (The former two stages, read+convert in one thread and compress+write in
+another, each with two-thread teams inside, kept the job at ~0.5x of compression alone.) The
+event loop only coordinates, publishes progress and keeps the job's lease alive.
 
 Readiness (BUFFERS.md §4): the job waits until every module's ``LATEST`` has passed ``stop``.
 A module without a buffer at all is missing: it is not waited for, its rows read as zeros and
@@ -45,14 +47,17 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import time
 import urllib.error
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numba
 import numpy as np
 import numpy.typing as npt
 
@@ -82,9 +87,14 @@ from sf_daq_broker.workers.loop import Progress, Source
 from sf_daq_broker.workers.readiness import ANNOUNCE_EVERY
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
 
-#: Raw bytes per batch: 8 frames of an 8-module detector. Two batches are in flight, each with
-#: its converted copy (up to 2x) and compressed chunks: ~0.5 GB for 8 modules.
+#: Raw bytes per batch: 8 frames of an 8-module detector. One batch per worker is in flight,
+#: each with its converted copy (up to 2x) and compressed chunks: ~0.5 GB for 8 modules and
+#: two workers.
 BATCH_BYTES = 64 * 1024 * 1024
+#: Pipeline workers (threads that each carry a batch from the buffer into the file): one per
+#: core, at most this many (memory grows with them); the cores beyond go to each worker's
+#: conversion kernel.
+MAX_WORKERS = 4
 INGESTION_WINDOW = 60.0  # seconds after the time of stop during which late frames are awaited
 #: A stop pulse estimated further ahead than this (seconds) is a mistake, not a run to wait for
 #: (from the settings: ``max_pulses_ahead``, which the broker checks at the door too).
@@ -180,6 +190,7 @@ class DetectorSource(Source):
         poll_seconds: float = POLL_SECONDS,
         batch_bytes: int = BATCH_BYTES,
         config_source: str = "the configuration",
+        workers: int | None = None,
     ) -> None:
         self.buffer_root = Path(buffer_root)
         self.calibration = dict(calibration)
@@ -189,6 +200,11 @@ class DetectorSource(Source):
         self.poll_seconds = poll_seconds
         self.batch_bytes = batch_bytes
         self.config_source = config_source
+        cores = len(os.sched_getaffinity(0))
+        #: Batches carried at once (one thread each), and numba threads of each one's kernel.
+        self.workers = workers or max(1, min(cores, MAX_WORKERS))
+        available = int(numba.config.NUMBA_NUM_THREADS)  # type: ignore[attr-defined]
+        self.kernel_threads = max(1, min(available, cores // self.workers))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DetectorSource:
@@ -485,33 +501,28 @@ class DetectorSource(Source):
         self, reader: JungfrauBufferReader, job: Job, plan: _StreamPlan, progress: Progress
     ) -> _Streamed:
         """The pipeline over the rows to read: the kept ones go through ``plan.export``
-        into ``plan.target``, all of them into ``plan.raw_target`` if given."""
+        into ``plan.target``, all of them into ``plan.raw_target`` if given.
+
+        ``workers`` threads each take the next batch and carry it all the way: read, convert
+        (numba on this thread), compress (bitshuffle single-threaded) and write at its rows
+        of the file. Every core does the whole job for its own batches, so no stage waits for
+        another and no OpenMP team spins on a core another stage needs (measured in
+        ``bench/README.md``); memory is one batch per worker, whatever the run's length.
+        """
         read_ids, read_kept, export = plan.read_ids, plan.read_kept, plan.export
         count = int(read_ids.size)
         raw_shape = _raw_shape(reader)
         batch = max(1, min(count, self.batch_bytes // _raw_frame_bytes(reader)))
-        raw_buffers = [np.empty((batch, *raw_shape), dtype=np.uint16) for _ in range(2)]
-        out_buffers = [export.buffers(batch) for _ in range(2)]
+        n_batches = -(-count // batch)
+        workers = max(1, min(self.workers, n_batches))
+        free_slots = list(range(workers))
+        raw_buffers = [np.empty((batch, *raw_shape), dtype=np.uint16) for _ in range(workers)]
+        out_buffers = [export.buffers(batch) for _ in range(workers)]
+        # The file row of each batch's first kept frame: batches finish out of order.
+        kept_before = np.concatenate([[0], np.cumsum(read_kept)]).astype(np.int64)
         streamed = _Streamed.empty(count, reader.n_modules)
-        written: list[FrameColumns] = []
+        written: dict[int, FrameColumns] = {}
         attributes = provenance(job)
-
-        def prepare(index: int) -> _Batch:
-            first = index * batch
-            pids = read_ids[first : first + batch]
-            frames = reader.read(pids, out=raw_buffers[index % 2], missing="flag")
-            streamed.all_good[first : first + len(pids)] = frames.is_good_frame()
-            columns = frame_columns(frames)
-            kept = read_kept[first : first + len(pids)]
-            rows = frames.data if kept.all() else frames.data[kept]
-            return _Batch(
-                len(pids),
-                frames.data,
-                export.process(rows, out_buffers[index % 2]),
-                columns,
-                columns.take(np.flatnonzero(kept)),
-                (~frames.complete()).sum(axis=0),
-            )
 
         with contextlib.ExitStack() as stack:
             writer = stack.enter_context(
@@ -522,6 +533,7 @@ class DetectorSource(Source):
                     groups=export.groups,
                     compression=plan.compression,
                     attributes=attributes,
+                    threads=0,
                 )
             )
             raw_writer = None
@@ -535,39 +547,64 @@ class DetectorSource(Source):
                         np.uint16,
                         compression=plan.compression,
                         attributes=attributes,
+                        threads=0,
                     )
                 )
 
-            def write(item: _Batch) -> None:
-                writer.write(item.converted, item.kept_columns)
+            def carry(index: int, slot: int) -> _Batch:
+                """One batch from the buffer into the file(s), on a worker thread."""
+                numba.set_num_threads(self.kernel_threads)  # this thread's kernel calls
+                first = index * batch
+                pids = read_ids[first : first + batch]
+                frames = reader.read(pids, out=raw_buffers[slot], missing="flag")
+                streamed.all_good[first : first + len(pids)] = frames.is_good_frame()
+                columns = frame_columns(frames)
+                kept = read_kept[first : first + len(pids)]
+                rows = frames.data if kept.all() else frames.data[kept]
+                item = _Batch(
+                    len(pids),
+                    frames.data,
+                    export.process(rows, out_buffers[slot]),
+                    columns,
+                    columns.take(np.flatnonzero(kept)),
+                    (~frames.complete()).sum(axis=0),
+                )
+                writer.write_at(int(kept_before[first]), item.converted, item.kept_columns)
                 if raw_writer is not None:
-                    raw_writer.write(item.raw, item.columns)
+                    raw_writer.write_at(first, item.raw, item.columns)
+                return item
 
-            n_batches = -(-count // batch)
-            pending: asyncio.Future[_Batch] | None = asyncio.ensure_future(
-                asyncio.to_thread(prepare, 0)
+            loop = asyncio.get_running_loop()
+            pool = stack.enter_context(
+                ThreadPoolExecutor(workers, thread_name_prefix=f"{job.source}-batch")
             )
-            done = 0
+            running: dict[asyncio.Future[_Batch], tuple[int, int]] = {}
+            next_index = done = 0
             try:
-                for index in range(n_batches):
-                    assert pending is not None
-                    item = await pending
-                    pending = None
-                    if index + 1 < n_batches:
-                        pending = asyncio.ensure_future(asyncio.to_thread(prepare, index + 1))
-                    await asyncio.to_thread(write, item)
-                    streamed.incomplete += item.incomplete
-                    if plan.lists:  # the CrystFEL lists need the written rows' event bits
-                        written.append(item.kept_columns)
-                    done += item.count
+                while next_index < n_batches or running:
+                    while free_slots and next_index < n_batches:
+                        slot = free_slots.pop()
+                        future = loop.run_in_executor(pool, carry, next_index, slot)
+                        running[future] = (next_index, slot)
+                        next_index += 1
+                    finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    for future in finished:
+                        index, slot = running.pop(future)
+                        item = future.result()
+                        free_slots.append(slot)
+                        streamed.incomplete += item.incomplete
+                        if plan.lists:  # the CrystFEL lists need the written rows' event bits
+                            written[index] = item.kept_columns
+                        done += item.count
                     await progress.update(done)
             finally:
-                if pending is not None:  # let the reading thread finish before the buffers go
+                if running:  # let the workers finish before the buffers and files go
                     with contextlib.suppress(BaseException):
-                        await asyncio.shield(pending)
+                        await asyncio.shield(asyncio.wait(running))
         if written:
-            streamed.daq_rec = np.concatenate([c.daq_rec for c in written])
-            streamed.good = np.concatenate([c.is_good_frame for c in written])
+            ordered = [written[index] for index in sorted(written)]
+            streamed.daq_rec = np.concatenate([c.daq_rec for c in ordered])
+            streamed.good = np.concatenate([c.is_good_frame for c in ordered])
         return streamed
 
 
