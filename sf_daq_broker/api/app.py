@@ -115,11 +115,14 @@ def _http_error_message(request: web.Request, exc: web.HTTPException) -> str:
 def create_app(settings: Settings, transport: Transport | None = None) -> web.Application:
     """The broker application; the transport defaults to the one the settings name.
 
-    The status store lives in ``settings.state_dir`` so /run_status survives restarts.
+    The status store lives in ``settings.state_dir`` so /run_status survives restarts, and so
+    does the embedded queue's file (the jobs of a single-machine setup).
     """
     app = web.Application(middlewares=[envelope], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
-    app[TRANSPORT] = transport or create_transport(settings.amqp_url, settings.amqp_prefix)
+    app[TRANSPORT] = transport or create_transport(
+        settings.amqp_url, settings.amqp_prefix, settings.state_dir
+    )
     app[METRICS] = BrokerMetrics()
     app[PULSE_SEARCH] = {}
     detector_handlers.install(app, settings)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -102,28 +100,18 @@ def source_kinds(names: list[str]) -> list[SourceKind]:
 def workers_in_process(
     kinds: list[SourceKind],
 ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context running the workers on the broker's own transport and loop."""
+    """A cleanup context running the workers on the broker's own transport and loop; they
+    are stopped (each interrupted job released) before the transport closes."""
     from sf_daq_broker.api.state import SETTINGS, TRANSPORT
     from sf_daq_broker.workers.cli import make_source
-    from sf_daq_broker.workers.loop import Worker
+    from sf_daq_broker.workers.in_process import InProcessWorkers
 
     async def lifetime(app: web.Application) -> AsyncIterator[None]:
         sources = [make_source(kind, app[SETTINGS]) for kind in kinds]
-        task = asyncio.create_task(Worker(app[TRANSPORT], sources).run())
-        task.add_done_callback(_report_stopped_workers)
+        workers = InProcessWorkers(app[TRANSPORT], sources)
+        workers.start()
         log.info("workers for %s run in the broker's process", ", ".join(kinds))
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await workers.stop()
 
     return lifetime
-
-
-def _report_stopped_workers(task: asyncio.Task[None]) -> None:
-    """The workers must never stop on their own: say so loudly if they did."""
-    if not task.cancelled() and task.exception() is not None:
-        log.critical(
-            "the in-process workers stopped: %r; jobs wait until the broker is restarted",
-            task.exception(),
-        )

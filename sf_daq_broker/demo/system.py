@@ -32,7 +32,8 @@ from sf_daq_broker.simulation.jungfrau_writer import DetectorSpec
 from sf_daq_broker.simulation.runner import Simulation
 from sf_daq_broker.transport import Transport, create_transport
 from sf_daq_broker.workers.cli import SOURCE_CLASSES, make_source
-from sf_daq_broker.workers.loop import Source, Worker
+from sf_daq_broker.workers.in_process import InProcessWorkers
+from sf_daq_broker.workers.loop import Source
 
 log = logging.getLogger(__name__)
 
@@ -255,14 +256,16 @@ class DemoSystem:
         for buffer in (simulation.databuffer, simulation.imagebuffer):
             buffer.faults.reply_delay = self.options.buffer_delay
         runner: web.AppRunner | None = None
-        worker_task: asyncio.Task[None] | None = None
+        workers: InProcessWorkers | None = None
         worker_transport: Transport | None = None
         connected = False  # to RabbitMQ: only then are there queues of ours to remove
         try:
             await simulation.start()
             settings = demo_settings(self.options, simulation)
             self.settings = settings
-            broker_transport = create_transport(settings.amqp_url, settings.amqp_prefix)
+            broker_transport = create_transport(
+                settings.amqp_url, settings.amqp_prefix, settings.state_dir
+            )
             if settings.uses_amqp:
                 worker_transport = create_transport(settings.amqp_url, settings.amqp_prefix)
                 await _connect(broker_transport, settings.amqp_url)
@@ -271,15 +274,13 @@ class DemoSystem:
                 worker_transport = broker_transport  # one in-process queue
             runner = await self._serve_broker(settings, broker_transport)
             sources = self._sources(settings)
-            worker = Worker(worker_transport, sources)
-            worker_task = asyncio.create_task(worker.run(), name="demo-workers")
+            workers = InProcessWorkers(worker_transport, sources, name="demo-workers")
+            workers.start()
             self._ready.set()
             await stop.wait()
         finally:
-            if worker_task is not None:
-                worker_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await worker_task
+            if workers is not None:
+                await workers.stop()  # every interrupted job released before the queue closes
             if runner is not None:
                 await runner.cleanup()  # closes the broker's transport
             if worker_transport is not None and self.options.amqp_url:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sf_daq_broker.transport.base import HandoverError, JobDelivery, StatusSubscription, Transport
 
 __all__ = [
@@ -13,12 +15,17 @@ __all__ = [
 ]
 
 
-def create_transport(amqp_url: str, prefix: str = "sf-daq") -> Transport:
-    """RabbitMQ when a URL is given, otherwise the embedded in-process transport."""
+def create_transport(
+    amqp_url: str, prefix: str = "sf-daq", state_dir: Path | None = None
+) -> Transport:
+    """RabbitMQ when a URL is given, otherwise the embedded in-process transport, whose jobs
+    are kept in ``state_dir`` (the broker's, so that a restart resumes them; in memory
+    without one)."""
     if amqp_url:
         from sf_daq_broker.transport.amqp import AmqpTransport
 
         return AmqpTransport(amqp_url, prefix=prefix)
     from sf_daq_broker.transport.embedded import EmbeddedTransport
+    from sf_daq_broker.transport.job_store import QUEUE_FILE
 
-    return EmbeddedTransport()
+    return EmbeddedTransport(state_dir / QUEUE_FILE if state_dir is not None else None)

@@ -426,7 +426,10 @@ class Worker:
             # owns the lease now) was removed on leaving its ``with``.
             if await asyncio.to_thread(lease.owned):
                 await asyncio.to_thread(lease.settle, LeaseState.RELEASED)
-                job_log.warning("worker stopped in the middle: the job goes back to the queue")
+                job_log.warning(
+                    "worker stopped in the middle: lease released, the job is left unsettled "
+                    "for its queue to deliver again"
+                )
             raise
         if not await asyncio.to_thread(lease.owned):
             raise LeaseLost(f"the lease {lease.path} was taken over while the file was published")

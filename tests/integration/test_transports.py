@@ -53,12 +53,14 @@ def sample_job(number: int = 1, kind: SourceKind = SourceKind.DATABUFFER) -> Job
     )
 
 
-@pytest.fixture(params=["rabbitmq", "embedded"])
+@pytest.fixture(params=["rabbitmq", "embedded", "embedded-file"])
 async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
     if request.param == "rabbitmq":
         url = request.getfixturevalue("amqp_url")
         prefix = request.getfixturevalue("amqp_prefix")
         instance: Transport = AmqpTransport(url, prefix=prefix)
+    elif request.param == "embedded-file":  # the single-machine setup's queue on disk
+        instance = EmbeddedTransport(request.getfixturevalue("tmp_path") / "queue.sqlite")
     else:
         instance = EmbeddedTransport()
     await instance.connect()
