@@ -31,7 +31,7 @@ from sf_daq_broker.simulation.archiver import (
 from sf_daq_broker.simulation.channels import ChannelSpec, channel_pulse_ids, expected_values
 from sf_daq_broker.simulation.clock import ManualClock
 from sf_daq_broker.simulation.faults import ALL, PulseSelection
-from sf_daq_broker.transport import StatusSubscription, Transport
+from sf_daq_broker.transport import REJECTED_BY_WORKER, StatusSubscription, Transport
 from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers import api1_source
@@ -383,7 +383,9 @@ async def test_persistent_http_500_is_dead_lettered_with_buffer_range_and_reason
         return bool(dead)
 
     await async_wait_until(dead_lettered, what="the job in the dead-letter queue")
-    assert [job.source for job in dead] == ["BSDATA"]
+    assert [(d.job.source if d.job else None, d.reason) for d in dead] == [
+        ("BSDATA", REJECTED_BY_WORKER)
+    ]
     assert not (raw_dir / "run_000001.BSDATA.h5").exists()
     assert not list(raw_dir.glob(".*.partial"))
     status = await (await system.broker.get("/run_status?pgroup=p12345&run_number=1")).json()
