@@ -18,6 +18,8 @@ version (upgrade the readers, the workers and the broker, before the writers).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 import uuid
 from dataclasses import field
@@ -26,7 +28,7 @@ from typing import Any, TypeVar
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
-from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError, PydanticSerializationError
 
 from sf_daq_broker.bookkeeping.paths import PgroupDirs
 from sf_daq_broker.retrieval import RetrieveRequest
@@ -80,8 +82,9 @@ STATUS_FORMAT_VERSION = 1
 FIRST_FORMAT_VERSION = 1
 
 _VERSION_ERROR = "format_version"
-#: Extra keys refused: see the module's docstring.
-_MESSAGE_CONFIG = ConfigDict(extra="forbid")
+#: Extra keys refused: see the module's docstring. NaN and infinities travel as the JSON
+#: extensions NaN and Infinity, as they always did (a report may hold one; null would lie).
+_MESSAGE_CONFIG = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
 
 class UndecodableMessage(ValueError):
@@ -179,7 +182,13 @@ class StatusEvent:
         }
 
     def to_json(self) -> bytes:
-        return _STATUS_MODEL.dump_json(self)
+        try:
+            return _STATUS_MODEL.dump_json(self)
+        except PydanticSerializationError:
+            # Text that is not Unicode (a lone surrogate: an undecodable file name in an error
+            # message) cannot be JSON; the event must still go out, with "?" in its place.
+            document = json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+            return document.encode("utf-8", "replace")
 
     @classmethod
     def from_json(cls, payload: bytes | str) -> StatusEvent:

@@ -123,10 +123,16 @@ class Topology:
 
 
 class AmqpDelivery(JobDelivery):
-    def __init__(self, message: AbstractIncomingMessage) -> None:
-        """Raises UndecodableMessage if the message carries no job this program can read."""
+    def __init__(self, message: AbstractIncomingMessage, kind: SourceKind | None = None) -> None:
+        """Raises UndecodableMessage if the message carries no job this program can read, or
+        (given the queue's ``kind``) a job of another kind, which this queue's worker would
+        write with the wrong source."""
         self._message = message
         self.job = Job.from_json(message.body)
+        if kind is not None and self.job.kind is not kind:
+            raise UndecodableMessage(
+                f"misrouted job message: a {self.job.kind} job in the {kind} queue"
+            )
         self.redelivered = bool(message.redelivered)
 
     async def ack(self) -> None:
@@ -311,7 +317,7 @@ class AmqpTransport(Transport):
             async with queue.iterator() as messages:
                 async for message in messages:
                     try:
-                        delivery = AmqpDelivery(message)
+                        delivery = AmqpDelivery(message, kind)
                     except UndecodableMessage as exc:
                         await self._refuser.refuse(channel, message, queue.name, str(exc))
                         continue

@@ -128,6 +128,7 @@ async def test_poison_jobs_are_dead_lettered_with_the_reason_and_the_worker_goes
         b"{}",
         changed(template, format_version=99),
         changed(template, run_number="x"),
+        changed(template, kind="detector"),
     ]
     await publish_raw(amqp_url, topology.jobs_exchange, "databuffer", *poison)
     events = await transport.subscribe_status()
@@ -169,6 +170,7 @@ async def test_poison_jobs_are_dead_lettered_with_the_reason_and_the_worker_goes
         "pgroup, beamline, run_number, output_file, log_file, run_info_file, request_time",
         f"undecodable job message: format version 99 is unknown here {VERSIONS}",
         "undecodable job message: run_number: Input should be a valid integer, got 'x'",
+        "misrouted job message: a detector job in the databuffer queue",
     ]
     dead = await transport.take_dead_letters()
     assert [(d.origin, d.body, d.reason, d.job) for d in dead] == [

@@ -260,3 +260,32 @@ def test_a_message_that_is_not_a_status_event_is_refused_with_the_reason(
     payload: bytes | str, reason: str
 ) -> None:
     assert refused(payload, StatusEvent) == reason
+
+
+def test_a_status_event_with_text_that_is_not_unicode_still_travels() -> None:
+    """A lone surrogate (an undecodable file name in an error message) becomes "?"."""
+    event = StatusEvent.for_job(
+        Action.WRITE_REJECTED, sample_job(), "cannot open /raw/x\udcff.h5", ratio=float("nan")
+    )
+    decoded = StatusEvent.from_json(event.to_json())
+    assert decoded.message == "cannot open /raw/x?.h5"
+    assert decoded.details["ratio"] != decoded.details["ratio"]  # NaN still NaN
+    assert dataclasses.replace(decoded, message=event.message, details={}) == dataclasses.replace(
+        event, details={}
+    )
+
+
+def test_nan_and_infinity_travel_as_before() -> None:
+    event = StatusEvent.for_job(
+        Action.WRITE_FINISHED, sample_job(), report={"a": float("inf"), "b": float("-inf")}
+    )
+    assert b'"details":{"report":{"a":Infinity,"b":-Infinity}}' in event.to_json()
+    assert StatusEvent.from_json(event.to_json()) == event
+
+
+def test_a_job_with_text_that_is_not_unicode_is_not_sent() -> None:
+    """Its paths must arrive exactly as they are or not at all (the broker refuses such text
+    at the door, so no job is ever made of it)."""
+    job = dataclasses.replace(sample_job(), output_file="/raw/x\udcff.h5")
+    with pytest.raises(ValueError, match="surrogates not allowed"):
+        job.to_json()
