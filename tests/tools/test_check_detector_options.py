@@ -209,9 +209,8 @@ def test_detector_options_the_check_cannot_read(
     path.write_text(json.dumps(record))
     assert main(["-r", str(path)]) == 1
     assert capsys.readouterr().out.splitlines() == failed(
-        f"{path} is not a run file: detectors.{ONE}.roi must be an object of label: "
-        "[y1, y2, x1, x2] or a list of such lists, got [10, 20, 30, 40] "
-        "(one region is [[y1, y2, x1, x2]])"
+        f"{path} is not a run file: detectors.{ONE}.roi is [10, 20, 30, 40], not "
+        "{label: [y1, y2, x1, x2]} nor a list of [y1, y2, x1, x2]"
     )
     record["detectors"] = {ONE: {}}
     record["selected_pulse_ids"] = "all"
