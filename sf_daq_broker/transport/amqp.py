@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import aio_pika
 from aio_pika.abc import (
@@ -306,7 +306,9 @@ class AmqpTransport(Transport):
                     handed_over,
                 ) from outcome
 
-    async def consume_jobs(self, kind: SourceKind, prefetch: int = 1) -> AsyncIterator[JobDelivery]:
+    async def consume_jobs(
+        self, kind: SourceKind, prefetch: int = 1
+    ) -> AsyncGenerator[JobDelivery, None]:
         connection = await self._connection_or_fail()
         # A channel per consumer: its prefetch is its own, and closing it returns the jobs it
         # had not settled to the queue (RabbitMQ redelivers them to another consumer).

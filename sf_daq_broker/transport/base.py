@@ -14,7 +14,7 @@ Semantics both implementations keep (tests run the same scenarios on both):
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from sf_daq_broker.jobs import Job, SourceKind, StatusEvent
@@ -80,8 +80,11 @@ class Transport(abc.ABC):
         """Queue every job durably, or raise HandoverError."""
 
     @abc.abstractmethod
-    def consume_jobs(self, kind: SourceKind, prefetch: int = 1) -> AsyncIterator[JobDelivery]:
-        """Deliveries of the queue of ``kind``, one by one, until the iterator is closed."""
+    def consume_jobs(
+        self, kind: SourceKind, prefetch: int = 1
+    ) -> AsyncGenerator[JobDelivery, None]:
+        """Deliveries of the queue of ``kind``, one by one, until the generator is closed
+        (``aclose()``: the consumer is cancelled and unacknowledged deliveries go back)."""
 
     @abc.abstractmethod
     async def publish_status(self, event: StatusEvent) -> None:

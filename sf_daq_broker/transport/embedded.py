@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from sf_daq_broker.jobs import Job, SourceKind, StatusEvent
 from sf_daq_broker.transport.base import (
@@ -89,7 +89,9 @@ class EmbeddedTransport(Transport):
         for job in jobs:
             self._queues[job.kind].put_nowait((job, False))
 
-    async def consume_jobs(self, kind: SourceKind, prefetch: int = 1) -> AsyncIterator[JobDelivery]:
+    async def consume_jobs(
+        self, kind: SourceKind, prefetch: int = 1
+    ) -> AsyncGenerator[JobDelivery, None]:
         queue = self._queues[kind]
         unsettled: list[EmbeddedDelivery] = []
         try:

@@ -216,25 +216,25 @@ async def test_three_files_hold_exactly_the_simulated_values(system: System, raw
     with h5py.File(raw_dir / "run_000001.PVCHANNELS.h5") as file:
         assert dict(file.attrs)["pgroup"] == "p12345"
         assert sorted(file) == sorted(p.name for p in PVS)
-        for spec in PVS:
+        for pv in PVS:
             ks = range(
-                last_change_at_or_before(spec, start_ns - 1),
-                last_change_at_or_before(spec, end_ns - 1) + 1,
+                last_change_at_or_before(pv, start_ns - 1),
+                last_change_at_or_before(pv, end_ns - 1) + 1,
             )
-            times = [pv_change_time(spec, k) for k in ks]
-            group = file[spec.name]
+            times = [pv_change_time(pv, k) for k in ks]
+            group = file[pv.name]
             assert group["timestamp"][:].tolist() == times
             assert group["changed_in_interval"][:].tolist() == [t >= start_ns for t in times]
             assert group["changed_in_interval"].dtype == np.bool_
             assert group["pulse_id"][:].tolist() == [
                 pulse_at_or_before(system.clock, t) for t in times
             ]
-            values = [expected_pv_value(spec, k) for k in ks]
-            if spec.type == "string":
+            values = [expected_pv_value(pv, k) for k in ks]
+            if pv.type == "string":
                 assert group["data"].asstr()[:].tolist() == values
             else:
-                assert group["data"].dtype == np.dtype(spec.type)
-                np.testing.assert_array_equal(group["data"][:], np.array(values, spec.type))
+                assert group["data"].dtype == np.dtype(pv.type)
+                np.testing.assert_array_equal(group["data"][:], np.array(values, pv.type))
         # the fast PVs changed inside the run; the slow one only has its value at the start
         assert file["SAR:PV-F64/changed_in_interval"][:].sum() >= 3
         assert file["SAR:PV-WAVE/data"].shape[1] == 4
