@@ -234,7 +234,6 @@ class AmqpTransport(Transport):
 
     @property
     def refused_messages(self) -> int:
-        """Undecodable job and status messages moved to the dead-letter queue so far."""
         return self._refuser.count
 
     async def connect(self) -> None:

@@ -98,6 +98,11 @@ class Transport(abc.ABC):
         (a durable queue on RabbitMQ): events published meanwhile are delivered on return.
         """
 
+    @property
+    def refused_messages(self) -> int:
+        """Undecodable messages this process moved to the dead-letter queue so far."""
+        return 0
+
     @abc.abstractmethod
     async def take_dead_letters(self) -> list[DeadLetter]:
         """Remove and return what is in the dead-letter queue: rejected jobs and messages

@@ -18,6 +18,7 @@ from typing import Any
 import aio_pika
 import pytest
 
+from sf_daq_broker.api.app import create_app
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent, job_id_for
 from sf_daq_broker.status.follower import follow_status
 from sf_daq_broker.status.store import StatusStore
@@ -266,6 +267,7 @@ async def test_poison_status_messages_are_dead_lettered_and_the_broker_follows_o
         f"a message of {queue} cannot be decoded, moved to {topology.dead_letter}: {reason}"
         for reason in reasons
     ]
+    assert [r for r in caplog.records if r.name == "sf_daq_broker.status.follower"] == []
 
 
 def changed_event(event: StatusEvent, **changes: Any) -> bytes:
@@ -357,3 +359,32 @@ async def test_the_debugger_lists_the_dead_letters_with_their_reasons_and_leaves
         "",
         f"0 messages in {never}.jobs.dead-letter (left there)\n",
     )
+
+
+async def test_the_broker_counts_the_status_messages_it_refused_in_its_metrics(
+    aiohttp_client: Any, settings: Any, amqp_url: str, amqp_prefix: str
+) -> None:
+    transport = AmqpTransport(amqp_url, prefix=amqp_prefix)
+    # The broker's durable status queue, bound before anything is published: the messages wait
+    # there for the broker's follower, however long the app takes to subscribe.
+    await transport.connect()
+    await (await transport.subscribe_status(BROKER_STATUS_QUEUE)).close()
+    client = await aiohttp_client(create_app(settings, transport))
+
+    async def metric() -> str:
+        text = await (await client.get("/metrics")).text()
+        (line,) = [x for x in text.splitlines() if x.startswith("sf_daq_refused_messages ")]
+        return line
+
+    assert await metric() == "sf_daq_refused_messages 0.0"
+    await publish_raw(amqp_url, Topology(amqp_prefix).status_exchange, "", b"{}", b"[]")
+
+    async def counted() -> bool:
+        return await metric() == "sf_daq_refused_messages 2.0"
+
+    await async_wait_until(counted, timeout=TIMEOUT, what="two refused status messages")
+    assert [d.reason for d in await transport.take_dead_letters()] == [
+        "undecodable status message: missing action, request_id, job_id, pgroup, run_number, "
+        "source, file",
+        "undecodable status message: Input should be an object",
+    ]
