@@ -27,19 +27,21 @@ import contextlib
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from sf_daq_broker.jobs import Job, SourceKind, StatusEvent
+from sf_daq_broker.jobs import Job, SourceKind, StatusEvent, UndecodableMessage
 from sf_daq_broker.transport.base import (
+    REJECTED_BY_WORKER,
+    DeadLetter,
     HandoverError,
     JobDelivery,
     StatusSubscription,
     Transport,
 )
-from sf_daq_broker.transport.job_store import Claimed, JobStore, QueueInUse
+from sf_daq_broker.transport.job_store import Claimed, DeadRow, JobStore, QueueInUse
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ class EmbeddedDelivery(JobDelivery):
 
     async def reject(self) -> None:
         seq, tag = self.claimed.seq, self.claimed.tag
-        await self._settle(lambda store: store.reject(seq, tag, "rejected by its worker"))
+        await self._settle(lambda store: store.reject(seq, tag, REJECTED_BY_WORKER))
 
 
 class _EmbeddedSubscription(StatusSubscription):
@@ -127,6 +129,7 @@ class EmbeddedTransport(Transport):
             kind: asyncio.Event() for kind in SourceKind
         }
         self._subscribers: set[asyncio.Queue[StatusEvent]] = set()
+        self._refused = 0
 
     # --- the database thread ----------------------------------------------------------------
 
@@ -262,7 +265,9 @@ class EmbeddedTransport(Transport):
         for pending in batch:
             pending.done.set_result(None)
 
-    async def consume_jobs(self, kind: SourceKind, prefetch: int = 1) -> AsyncIterator[JobDelivery]:
+    async def consume_jobs(
+        self, kind: SourceKind, prefetch: int = 1
+    ) -> AsyncGenerator[JobDelivery, None]:
         unsettled: list[EmbeddedDelivery] = []
         try:
             while True:
@@ -298,14 +303,25 @@ class EmbeddedTransport(Transport):
             raise
 
     async def _decoded(self, kind: SourceKind, claimed: Claimed) -> Job | None:
-        """The job, or None for a body that is not a job (dead-lettered with the reason)."""
+        """The job, or None for a message that is no job of this queue: it goes to the
+        dead-letter queue with the reason, and the consumer goes on with the next one."""
         try:
-            return Job.from_json(claimed.body)
-        except Exception as exc:
-            reason = f"not a job: {exc!r}"
-            log.error("a %s job in the embedded queue is dead-lettered: %s", kind, reason)
+            job = Job.from_json(claimed.body)
+            if job.kind is not kind:
+                raise UndecodableMessage(
+                    f"misrouted job message: a {job.kind} job in the {kind} queue"
+                )
+        except UndecodableMessage as exc:
+            reason = str(exc)
+            log.error(
+                "a message of %s cannot be decoded, moved to the dead-letter queue: %s",
+                _origin(kind.value),
+                reason,
+            )
             await self._call(lambda store: store.reject(claimed.seq, claimed.tag, reason))
+            self._refused += 1
             return None
+        return job
 
     def _give_back(self, kind: SourceKind, deliveries: list[EmbeddedDelivery]) -> None:
         """The consumer goes away: its unsettled jobs go back to the queue, redelivered.
@@ -336,17 +352,16 @@ class EmbeddedTransport(Transport):
     async def subscribe_status(self, queue_name: str | None = None) -> StatusSubscription:
         return _EmbeddedSubscription(self._subscribers)
 
-    async def take_dead_letters(self) -> list[Job]:
-        dead = await self._call(lambda store: store.dead())
-        jobs, taken = [], []
-        for seq, body in dead:
-            try:
-                jobs.append(Job.from_json(body))
-            except Exception:
-                continue  # not a job: it stays in the file for a person to look at
-            taken.append(seq)
-        await self._call(lambda store: store.remove(taken))
-        return jobs
+    @property
+    def refused_messages(self) -> int:
+        return self._refused
+
+    async def take_dead_letters(self) -> list[DeadLetter]:
+        return [_dead_letter(row) for row in await self._call(lambda store: store.take_dead())]
+
+    async def peek_dead_letters(self) -> list[DeadLetter]:
+        """What is in the dead-letter queue, left there."""
+        return [_dead_letter(row) for row in await self._call(lambda store: store.dead())]
 
 
 async def _room_for_one(unsettled: list[EmbeddedDelivery], prefetch: int) -> list[EmbeddedDelivery]:
@@ -360,6 +375,21 @@ async def _room_for_one(unsettled: list[EmbeddedDelivery], prefetch: int) -> lis
                 waiter.cancel()
         unsettled = [d for d in unsettled if not d.settled.is_set()]
     return unsettled
+
+
+def _origin(kind: str) -> str:
+    """The queue a dead letter comes from, named like RabbitMQ's (``{prefix}.jobs.{kind}``)."""
+    return f"embedded.jobs.{kind}"
+
+
+def _dead_letter(row: DeadRow) -> DeadLetter:
+    origin = _origin(row.kind)
+    if row.reason != REJECTED_BY_WORKER:
+        return DeadLetter(origin, row.body, row.reason)
+    try:
+        return DeadLetter(origin, row.body, row.reason, Job.from_json(row.body))
+    except UndecodableMessage as exc:  # rejected by a program of another format version
+        return DeadLetter(origin, row.body, str(exc))
 
 
 def _give_back_claim(store: JobStore, claim: concurrent.futures.Future[Claimed | None]) -> None:

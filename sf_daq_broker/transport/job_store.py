@@ -67,6 +67,16 @@ class Claimed:
     redelivered: bool
 
 
+@dataclass(frozen=True, order=True)
+class DeadRow:
+    """A dead-lettered job as it is stored: its queue's kind, its body, why it is there."""
+
+    seq: int
+    kind: str
+    body: bytes
+    reason: str
+
+
 @dataclass(frozen=True)
 class Opened:
     """What opening found: jobs waiting, and how many of them were delivered before (to a
@@ -180,17 +190,24 @@ class JobStore:
                 for seq, tag in deliveries
             )
 
-    def dead(self) -> list[tuple[int, bytes]]:
-        """The dead-lettered jobs, oldest first (they stay until ``remove``)."""
+    def dead(self) -> list[DeadRow]:
+        """The dead-lettered jobs, oldest first (left there)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, body FROM jobs WHERE state = 'dead' ORDER BY seq"
+                "SELECT seq, kind, body, reason FROM jobs WHERE state = 'dead' ORDER BY seq"
             ).fetchall()
-        return [(int(seq), bytes(body)) for seq, body in rows]
+        return [
+            DeadRow(int(seq), str(kind), bytes(body), str(reason))
+            for seq, kind, body, reason in rows
+        ]
 
-    def remove(self, seqs: Sequence[int]) -> None:
+    def take_dead(self) -> list[DeadRow]:
+        """Remove and return the dead-lettered jobs, oldest first, in one transaction."""
         with self._lock, self._db:
-            self._db.executemany("DELETE FROM jobs WHERE seq = ?", [(seq,) for seq in seqs])
+            rows = self._db.execute(
+                "DELETE FROM jobs WHERE state = 'dead' RETURNING seq, kind, body, reason"
+            ).fetchall()
+        return sorted(DeadRow(int(q), str(k), bytes(b), str(r)) for q, k, b, r in rows)
 
     def count(self, kind: str, state: str = "ready") -> int:
         with self._lock:

@@ -16,7 +16,13 @@ from typing import Any
 import pytest
 
 from sf_daq_broker.jobs import SourceKind
-from sf_daq_broker.transport import HandoverError, JobDelivery, create_transport
+from sf_daq_broker.transport import (
+    REJECTED_BY_WORKER,
+    DeadLetter,
+    HandoverError,
+    JobDelivery,
+    create_transport,
+)
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.transport.job_store import JobStore
 from tests.integration.test_transports import sample_job
@@ -123,7 +129,11 @@ async def test_dead_letters_are_kept_on_disk_until_taken(
 
     again = await reopen(queue_file, opened)
     assert again.queued(SourceKind.DATABUFFER) == 1  # job 5; job 4 is not queued any more
-    assert await again.take_dead_letters() == [sample_job(4)]
+    assert await again.take_dead_letters() == [
+        DeadLetter(
+            "embedded.jobs.databuffer", sample_job(4).to_json(), REJECTED_BY_WORKER, sample_job(4)
+        )
+    ]
     assert await again.take_dead_letters() == []
     await again.close()
     assert await (await reopen(queue_file, opened)).take_dead_letters() == []
@@ -197,13 +207,14 @@ async def test_a_second_process_cannot_open_a_queue_in_use(
     assert str(caught.value) == message
 
 
-async def test_a_row_that_is_not_a_job_is_dead_lettered_and_the_next_job_delivered(
+async def test_a_row_that_is_no_job_of_its_queue_is_dead_lettered_with_the_reason(
     queue_file: Path, opened: list[EmbeddedTransport], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """E.g. a job of an older format left in the file by an upgrade: it must not stop the
-    worker at every start."""
+    """E.g. a job of a format this program cannot read, left in the file by an upgrade: it
+    must not stop the worker at every start, nor block the jobs behind it."""
+    misrouted = sample_job(8, kind=SourceKind.ARCHIVER)
     store = JobStore(queue_file)
-    store.publish([("databuffer", b"{not json")])
+    store.publish([("databuffer", b"{not json"), ("databuffer", misrouted.to_json())])
     store.close()
     transport = await reopen(queue_file, opened)
     await transport.publish_jobs([sample_job(9)])
@@ -211,15 +222,24 @@ async def test_a_row_that_is_not_a_job_is_dead_lettered_and_the_next_job_deliver
     assert (delivery.job, delivery.redelivered) == (sample_job(9), False)
     await delivery.ack()
     await consumer.aclose()
-    (record,) = [
-        r
-        for r in caplog.records
-        if r.name == "sf_daq_broker.transport.embedded" and r.levelname == "ERROR"
+    reasons = [
+        "undecodable job message: Invalid JSON: key must be a string at line 1 column 2",
+        "misrouted job message: a archiver job in the databuffer queue",
     ]
-    assert record.getMessage().startswith(
-        "a databuffer job in the embedded queue is dead-lettered: not a job: JSONDecodeError("
-    )
-    assert await transport.take_dead_letters() == []  # not a job: it stays for a person
+    assert [r.getMessage() for r in caplog.records if r.name == "sf_daq_broker.transport.embedded"][
+        -2:
+    ] == [
+        f"a message of embedded.jobs.databuffer cannot be decoded, moved to the dead-letter "
+        f"queue: {reason}"
+        for reason in reasons
+    ]
+    assert transport.refused_messages == 2
+    assert await transport.peek_dead_letters() == [
+        DeadLetter("embedded.jobs.databuffer", b"{not json", reasons[0]),
+        DeadLetter("embedded.jobs.databuffer", misrouted.to_json(), reasons[1]),
+    ]
+    assert len(await transport.take_dead_letters()) == 2
+    assert await transport.take_dead_letters() == []
     assert transport.queued(SourceKind.DATABUFFER) == 0
 
 
@@ -283,4 +303,6 @@ async def test_a_killed_process_leaves_its_unsettled_job_to_the_next_one(
     for delivery in deliveries:
         await delivery.ack()
     await consumer.aclose()
-    assert await again.take_dead_letters() == [sample_job(1)]
+    assert [(d.job, d.reason) for d in await again.take_dead_letters()] == [
+        (sample_job(1), REJECTED_BY_WORKER)
+    ]
