@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sf_daq_broker.transport.base import HandoverError, JobDelivery, StatusSubscription, Transport
 
 __all__ = [
@@ -13,12 +15,17 @@ __all__ = [
 ]
 
 
-def create_transport(amqp_url: str, prefix: str = "sf-daq") -> Transport:
-    """RabbitMQ when a URL is given, otherwise the embedded in-process transport."""
+def create_transport(
+    amqp_url: str, prefix: str = "sf-daq", status_outbox: Path | None = None
+) -> Transport:
+    """RabbitMQ when a URL is given, otherwise the embedded in-process transport.
+
+    ``status_outbox``: where a worker keeps the status events RabbitMQ did not take yet.
+    """
     if amqp_url:
         from sf_daq_broker.transport.amqp import AmqpTransport
 
-        return AmqpTransport(amqp_url, prefix=prefix)
+        return AmqpTransport(amqp_url, prefix=prefix, status_outbox=status_outbox)
     from sf_daq_broker.transport.embedded import EmbeddedTransport
 
     return EmbeddedTransport()

@@ -13,15 +13,14 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pytest
 from aio_pika.exceptions import ChannelInvalidStateError
@@ -36,6 +35,7 @@ from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers.lease import LeasePolicy, lease_path
 from sf_daq_broker.workers.loop import Progress, RetryPolicy, Source, Worker
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
+from tests.private_rabbitmq import PrivateRabbitMQ, private_rabbitmq  # noqa: F401
 from tests.support import async_wait_until
 
 FAST = RetryPolicy(attempts=3, first_delay=0.01, factor=2, max_delay=0.05)
@@ -456,38 +456,20 @@ async def run_worker_with(
     return task, events
 
 
-def _rabbitmqctl(expression: str) -> str:
-    done = subprocess.run(
-        ["rabbitmqctl", "eval", expression], capture_output=True, text=True, timeout=60
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl eval {expression!r}: {done.stderr.strip()}")
-    return done.stdout.strip()
-
-
 @contextlib.contextmanager
-def short_delivery_timeout(amqp_url: str, timeout_ms: int) -> Iterator[None]:
-    """RabbitMQ's server-wide ``consumer_timeout`` set to ``timeout_ms`` for the block.
+def short_delivery_timeout(node: PrivateRabbitMQ, timeout_ms: int) -> Iterator[None]:
+    """RabbitMQ's server-wide ``consumer_timeout`` set to ``timeout_ms`` for the block, on the
+    test session's private node (never the shared server, which other tests use meanwhile).
 
     RabbitMQ 3.10 has no per-queue or per-consumer timeout (3.12+), so the test changes the
-    server's setting at run time and restores it in any case. The timeout is checked on each
-    channel's tick (60 s by default), so the tick is shortened too; channels read it when they
-    open, so only channels opened inside the block see it.
+    node's setting at run time and restores it in any case (other tests use the private node
+    after this one). The timeout is checked on each channel's tick (60 s by default), so the
+    tick is shortened too; channels read it when they open, so only channels opened inside the
+    block see it.
     """
-    reason = ""
-    if shutil.which("rabbitmqctl") is None:
-        reason = "rabbitmqctl is not installed: the delivery timeout cannot be shortened"
-    elif urlparse(amqp_url).hostname not in ("127.0.0.1", "localhost", "::1"):
-        reason = f"RabbitMQ at {amqp_url} is not the local node rabbitmqctl controls"
-    if reason:
-        if os.environ.get("SF_DAQ_REQUIRE_RABBITMQ"):
-            pytest.fail(f"{reason}, but SF_DAQ_REQUIRE_RABBITMQ is set")
-        pytest.skip(reason)
     keys = ("consumer_timeout", "channel_tick_interval")
-    # One rabbitmqctl call per step (each takes ~1 s): the server-wide change, which other
-    # tests on the same server also see, lasts as short as possible.
-    previous = _rabbitmqctl(
-        "{" + ", ".join(f"application:get_env(rabbit, {key})" for key in keys) + "}."
+    previous = node.ctl(
+        "eval", "{" + ", ".join(f"application:get_env(rabbit, {key})" for key in keys) + "}."
     )
     values = dict(zip(keys, re.findall(r"\{ok,(\d+)\}|undefined", previous), strict=True))
     restore = ", ".join(
@@ -497,13 +479,14 @@ def short_delivery_timeout(amqp_url: str, timeout_ms: int) -> Iterator[None]:
         for key, value in values.items()
     )
     try:
-        _rabbitmqctl(
+        node.ctl(
+            "eval",
             f"application:set_env(rabbit, consumer_timeout, {timeout_ms}), "
-            f"application:set_env(rabbit, channel_tick_interval, {timeout_ms // 2})."
+            f"application:set_env(rabbit, channel_tick_interval, {timeout_ms // 2}).",
         )
         yield
     finally:
-        _rabbitmqctl(restore + ".")
+        node.ctl("eval", restore + ".")
 
 
 def delivery_channel_closed(delivery: JobDelivery) -> bool:
@@ -518,7 +501,8 @@ def delivery_channel_closed(delivery: JobDelivery) -> bool:
 
 
 async def test_a_job_longer_than_the_delivery_timeout_runs_once(
-    amqp_url: str, amqp_prefix: str, raw_dir: Path
+    private_rabbitmq: PrivateRabbitMQ,  # noqa: F811
+    raw_dir: Path,
 ) -> None:
     """Real RabbitMQ, real timeout: the job outlives its delivery; the first worker still
     writes the file and sends its status, the job's next delivery is acknowledged from the
@@ -533,9 +517,11 @@ async def test_a_job_longer_than_the_delivery_timeout_runs_once(
             deliveries.append(delivery)
             await super().handle(source, delivery)
 
-    transports = [AmqpTransport(amqp_url, prefix=amqp_prefix) for _ in range(3)]
+    node = private_rabbitmq
+    prefix = f"timeout-{uuid.uuid4().hex[:10]}"
+    transports = [AmqpTransport(node.url, prefix=prefix) for _ in range(3)]
     publisher, first, second = transports
-    with short_delivery_timeout(amqp_url, timeout_ms=1000):
+    with short_delivery_timeout(node, timeout_ms=1000):
         events = await publisher.subscribe_status()
         await publisher.publish_jobs([job])
         workers = [
