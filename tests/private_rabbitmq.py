@@ -52,6 +52,7 @@ class PrivateRabbitMQ:
     def __init__(self, scripts: Path, base: Path) -> None:
         self.scripts = scripts
         self.base = base
+        base.mkdir(parents=True, exist_ok=True)
         self.node = f"sfdaq-test-{uuid.uuid4().hex[:8]}@localhost"
         self.port = _free_port()
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
