@@ -320,6 +320,10 @@ class AmqpTransport(Transport):
                 await asyncio.to_thread(outbox.close)
         return self._status_sender
 
+    def status_backlog(self) -> int:
+        """Status events waiting in the outbox for RabbitMQ."""
+        return 0 if self._status_sender is None else self._status_sender.outbox.count
+
     async def job_queue_depths(self) -> dict[SourceKind, tuple[int, int]] | None:
         """Ready messages and consumers of each job queue (passive declares), None if RabbitMQ
         cannot be asked now. Messages delivered and not yet settled are not counted."""

@@ -67,6 +67,11 @@ class OutboxSender:
         #: The last send failed: new entries do not cut the pause short (RabbitMQ is away).
         self._failing = False
 
+    @property
+    def failing(self) -> bool:
+        """The last try failed (RabbitMQ away): the sender pauses before the next."""
+        return self._failing
+
     def wake(self) -> None:
         """Entries were added: send them (after the pause, if the last try failed)."""
         if self._task is None or self._task.done():

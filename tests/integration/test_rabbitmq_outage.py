@@ -14,6 +14,7 @@ import logging
 import re
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from sf_daq_broker.api.app import create_app
 from sf_daq_broker.api.state import HANDOVER, STATUS
 from sf_daq_broker.bookkeeping.atomic import partial_files
 from sf_daq_broker.config import Settings
-from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
+from sf_daq_broker.jobs import Action, Job, SourceKind
 from sf_daq_broker.status.reconcile import ReconcilePolicy, Reconciler
 from sf_daq_broker.transport.amqp import BROKER_STATUS_QUEUE, AmqpTransport
 from sf_daq_broker.workers.lease import LeasePolicy, lease_path
@@ -271,39 +272,59 @@ async def test_accepted_jobs_wait_in_the_outbox_and_health_shows_them(
         assert status["sources"]["BSDATA"]["message"] == "queued"
 
 
-async def test_a_dead_workers_events_are_sent_by_the_next_process(
+KILLED_WORKER = """
+import asyncio, sys
+from pathlib import Path
+from sf_daq_broker.jobs import Action, StatusEvent
+from sf_daq_broker.transport.amqp import AmqpTransport
+
+async def main():
+    transport = AmqpTransport("amqp://guest:guest@127.0.0.1:1/", prefix=sys.argv[1],
+                              status_outbox=Path(sys.argv[2]))
+    for action in ("write_start", "write_progress", "write_finished"):
+        await transport.publish_status(StatusEvent(
+            action=Action(action), request_id="req", job_id="job-1", pgroup="p12345",
+            run_number=1, source="BSDATA", file="/x.h5", message=action))
+    print("in the outbox", flush=True)
+    await asyncio.Event().wait()  # until killed
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_workers_events_are_sent_by_the_next_process(
     amqp_url: str, amqp_prefix: str, tmp_path: Path
 ) -> None:
-    """A worker whose events could not be sent stops (or dies): the events stay in its
-    outbox file, and the next worker process on the same state directory sends them."""
-    event = StatusEvent(
-        action=Action.WRITE_FINISHED,
-        job_id="job-1",
-        request_id="req",
-        pgroup="p12345",
-        run_number=1,
-        source="BSDATA",
-        file="/x.h5",
-        message="done",
+    """A worker whose events could not be sent is killed (SIGKILL): its events stay in its
+    outbox file, and the next worker process on the same state directory sends them, in
+    the order they were published."""
+    outbox = tmp_path / "outbox"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        KILLED_WORKER,
+        amqp_prefix,
+        str(outbox),
+        stdout=asyncio.subprocess.PIPE,
     )
-    gone = AmqpTransport(
-        "amqp://guest:guest@127.0.0.1:1/", prefix=amqp_prefix, status_outbox=tmp_path / "outbox"
-    )
-    await gone.publish_status(event)
-    await gone.close()
-    assert sorted(p.name for p in (tmp_path / "outbox").glob("*.sqlite")) == ["status.0.sqlite"]
+    assert child.stdout is not None
+    line = await asyncio.wait_for(child.stdout.readline(), 60)
+    assert line == b"in the outbox\n"
+    child.kill()
+    await child.wait()
     listener = AmqpTransport(amqp_url, prefix=amqp_prefix)
     events = await listener.subscribe_status()
-    nxt = AmqpTransport(amqp_url, prefix=amqp_prefix, status_outbox=tmp_path / "outbox")
-    await nxt.connect()
-    received = await asyncio.wait_for(events.__anext__(), 60)
-    assert (received.action, received.job_id, received.message) == (
-        Action.WRITE_FINISHED,
-        "job-1",
-        "done",
-    )
+    following = AmqpTransport(amqp_url, prefix=amqp_prefix, status_outbox=outbox)
+    await following.connect()
+    received = [await asyncio.wait_for(events.__anext__(), 60) for _ in range(3)]
+    assert [(e.action, e.job_id, e.message) for e in received] == [
+        (Action.WRITE_START, "job-1", "write_start"),
+        (Action.WRITE_PROGRESS, "job-1", "write_progress"),
+        (Action.WRITE_FINISHED, "job-1", "write_finished"),
+    ]
+    await async_wait_until(lambda: following.status_backlog() == 0, what="outbox empty")
     await events.close()
-    await nxt.close()
+    await following.close()
     await listener.close()
 
 
