@@ -99,6 +99,21 @@ async def burst(
     if whole:
         await asyncio.to_thread(node.start_app)
     print(f"  {name}: {row.attempts} replies in {time.monotonic() - started:.1f} s")
+    await count_outcomes(client, row, runs, timeout)
+    files = {p for p in root.rglob("*") if p.is_file()}
+    allowed = (raw, root / "state", root / "worker")
+    row.outside = sum(1 for p in files if not any(a in p.parents for a in allowed))
+    worker.cancel()
+    await asyncio.gather(worker, return_exceptions=True)
+    await worker_transport.close()
+    await client.close()
+    return row, reprs
+
+
+async def count_outcomes(
+    client: TestClient[Any, Any], row: Row, runs: list[int], timeout: float
+) -> None:
+    """Failed, stuck (not ended within ``timeout``) and lost (no job status) runs."""
     deadline = time.monotonic() + timeout
     pending = set(runs)
     while pending and time.monotonic() < deadline:
@@ -117,14 +132,6 @@ async def burst(
             row.stuck += 1
         else:
             row.lost += 1
-    files = {p for p in root.rglob("*") if p.is_file()}
-    allowed = (raw, root / "state", root / "worker")
-    row.outside = sum(1 for p in files if not any(a in p.parents for a in allowed))
-    worker.cancel()
-    await asyncio.gather(worker, return_exceptions=True)
-    await worker_transport.close()
-    await client.close()
-    return row, reprs
 
 
 async def main() -> None:

@@ -264,7 +264,7 @@ async def test_accepted_jobs_wait_in_the_outbox_and_health_shows_them(
         delivery = await asyncio.wait_for(consumer.__anext__(), 60)
         runs.append(delivery.job.run_number)
         await delivery.ack()
-    await consumer.aclose()  # type: ignore[attr-defined]
+    await consumer.aclose()
     await transport.close()
     assert runs == [1, 2, 3]
     for run in (1, 2, 3):
@@ -362,7 +362,7 @@ async def test_a_job_no_one_works_on_is_failed_and_its_leftovers_removed(
     taken = [await asyncio.wait_for(consumer.__anext__(), 60) for _ in range(2)]
     for delivery in taken:  # the worker took both and was killed after acknowledging them
         await delivery.ack()
-    await consumer.aclose()  # type: ignore[attr-defined]
+    await consumer.aclose()
     await worker.close()
     first, second = (delivery.job for delivery in taken)
     owner = dead_owner()
@@ -418,7 +418,7 @@ async def test_a_running_job_with_a_live_lease_is_left_alone(
         assert await reconciler.check() == []
     assert (await run_status(client, 1))["run_state"] == "queued"
     await delivery.ack()
-    await consumer.aclose()  # type: ignore[attr-defined]
+    await consumer.aclose()
     await worker.close()
     await reconciler.transport.close()
 
