@@ -64,7 +64,7 @@ async def burst(
     client = TestClient(TestServer(create_app(settings, AmqpTransport(node.url, prefix=prefix))))
     await client.start_server()
     # (the code from before the outboxes runs too: before/after on the same bench)
-    outbox = {"status_outbox": root / "worker"} if OUTBOXES else {}
+    outbox: dict[str, Any] = {"status_outbox": root / "worker"} if OUTBOXES else {}
     worker_transport = AmqpTransport(node.url, prefix=prefix, **outbox)
     worker = asyncio.create_task(
         Worker(worker_transport, [H5Source()], RetryPolicy(attempts=2, first_delay=0.01)).run()

@@ -21,7 +21,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -132,7 +132,7 @@ class PrivateRabbitMQ:
                 os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
 
 
-def private_node_or_skip(base: Path) -> Iterator[PrivateRabbitMQ]:
+def private_node_or_skip(base: Path) -> Generator[PrivateRabbitMQ, None, None]:
     """Start a private node in ``base`` for as long as the generator runs."""
     scripts = _scripts()
     if scripts is None:

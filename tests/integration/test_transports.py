@@ -302,3 +302,46 @@ async def test_the_run_is_refused_only_when_the_outbox_cannot_be_written_either(
     )
     record = json.loads((raw_dir / "run_info/000000/run_000001.json").read_text())
     assert (record["handover"]["status"], record["handover"]["reason"]) == ("failed", reason)
+
+
+async def test_jobs_waiting_for_the_queue_outlive_a_restart_of_the_broker(
+    aiohttp_client: Any, settings: Any, amqp_url: str, amqp_prefix: str
+) -> None:
+    """Accepted while RabbitMQ was away, the broker then stopped: the next broker on the same
+    state directory hands the jobs over (once), and the store says they are queued."""
+    dead = AmqpTransport("amqp://guest:guest@127.0.0.1:1/", prefix=amqp_prefix)
+    first = await aiohttp_client(create_app(settings, dead))
+    reply = await (await first.post("/retrieve_from_buffers", json=REQUEST)).json()
+    job_ids = [job["job_id"] for job in (await run_status(first, 1))["sources"].values()]
+    await first.close()
+    second = await aiohttp_client(create_app(settings, AmqpTransport(amqp_url, amqp_prefix)))
+
+    async def handed_over() -> bool:
+        body = await (await second.get("/health")).json()
+        return body["handover_backlog"] == 0
+
+    await async_wait_until(handed_over, timeout=60, what="the jobs handed over")
+    status = await run_status(second, reply["run_number"])
+    assert [job["message"] for job in status["sources"].values()] == ["queued"] * 5
+    consumer = AmqpTransport(amqp_url, prefix=amqp_prefix)
+    delivered = []
+    for kind in (SourceKind.DATABUFFER, SourceKind.IMAGEBUFFER, SourceKind.ARCHIVER):
+        queue = await next_delivery(consumer, kind)
+        delivered.append(queue[1].job.job_id)
+        await queue[1].ack()
+        await queue[0].aclose()
+    detectors, delivery = await next_delivery(consumer, SourceKind.DETECTOR)
+    delivered.append(delivery.job.job_id)
+    await delivery.ack()
+    delivery = await detectors.__anext__()
+    delivered.append(delivery.job.job_id)
+    await delivery.ack()
+    await detectors.aclose()
+    assert delivered == job_ids
+    assert await consumer.job_queue_depths() == {kind: (0, 0) for kind in SourceKind}
+    await consumer.close()
+
+
+async def run_status(client: TestClient, run: int) -> Any:
+    response = await client.get("/run_status", params={"pgroup": "p12345", "run_number": run})
+    return await response.json()
