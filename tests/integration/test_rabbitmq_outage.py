@@ -434,3 +434,31 @@ def no_status_backlog(amqp_url: str, prefix: str) -> Any:
             await transport.close()
 
     return empty
+
+
+async def test_the_broker_ends_a_lost_job_by_itself(
+    amqp_url: str, amqp_prefix: str, settings: Settings, raw_dir: Path, aiohttp_client: Any
+) -> None:
+    """The broker's own reconciler: a job taken from its queue by a worker that then vanished
+    (no lease, nothing in the queue) ends failed within the grace, so a client waiting for the
+    run (``daq_client --wait``) stops waiting."""
+    quick = ReconcilePolicy(interval=0.05, grace=0.5)
+    client = await aiohttp_client(
+        create_app(settings, AmqpTransport(amqp_url, prefix=amqp_prefix), quick)
+    )
+    assert (await client.post("/retrieve_from_buffers", json=REQUEST)).status == 200
+    worker = AmqpTransport(amqp_url, prefix=amqp_prefix)
+    consumer = worker.consume_jobs(SourceKind.DATABUFFER)
+    delivery = await asyncio.wait_for(consumer.__anext__(), 60)
+    await delivery.ack()  # and the worker was gone before it wrote anything
+    await consumer.aclose()
+    await worker.close()
+
+    async def ended() -> bool:
+        return (await run_status(client, 1))["run_state"] == "failed"
+
+    await async_wait_until(ended, timeout=60, what="the lost job ended")
+    assert (await run_status(client, 1))["sources"]["BSDATA"]["error"] == (
+        "lost: no worker holds it (no lease) and the databuffer queue does not hold it; no file "
+        "was written, send the request again"
+    )
