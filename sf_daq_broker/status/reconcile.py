@@ -22,7 +22,8 @@ events it has not applied yet (they may tell what happened).
 
 An abandoned job is ended truthfully:
 - its output file exists (a worker published it: only complete files get the final name) →
-  ``done``, saying its worker's final status never arrived and completeness is not known;
+  ``done``, saying its worker's final status never arrived and completeness is not known (not
+  for a pedestal job: its "output" is the request record the broker itself writes);
 - its lease says ``failed`` → ``failed`` with that reason;
 - otherwise → ``failed``: lost, with what was seen (no lease, or whose lease, and the empty
   queue), and that no file was written.
@@ -182,7 +183,8 @@ def _verdict(
     row: dict[str, Any], output: Path, directory: ConfinedDir, lease: LeaseRecord | None
 ) -> _Verdict:
     entry = directory.lstat(output.name)
-    if entry is not None and stat.S_ISREG(entry.st_mode):
+    written_by_worker = row["kind"] != SourceKind.PEDESTAL.value
+    if written_by_worker and entry is not None and stat.S_ISREG(entry.st_mode):
         return _Verdict(
             JobState.DONE,
             f"written ({output}), but its worker's final status never arrived: "

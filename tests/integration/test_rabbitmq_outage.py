@@ -30,6 +30,7 @@ from sf_daq_broker.bookkeeping.atomic import partial_files
 from sf_daq_broker.config import Settings
 from sf_daq_broker.jobs import Action, Job, SourceKind
 from sf_daq_broker.status.reconcile import ReconcilePolicy, Reconciler
+from sf_daq_broker.status.store import StatusStore
 from sf_daq_broker.transport.amqp import BROKER_STATUS_QUEUE, AmqpTransport
 from sf_daq_broker.workers.lease import LeasePolicy, lease_path
 from sf_daq_broker.workers.loop import Progress, RetryPolicy, Source, Worker
@@ -462,3 +463,48 @@ async def test_the_broker_ends_a_lost_job_by_itself(
         "lost: no worker holds it (no lease) and the databuffer queue does not hold it; no file "
         "was written, send the request again"
     )
+
+
+async def test_a_lost_pedestal_job_is_failed_not_done(
+    amqp_url: str, amqp_prefix: str, raw_dir: Path
+) -> None:
+    """A pedestal job's output is its request record, which the broker writes itself: that
+    it exists says nothing about the job."""
+    record = raw_dir / "JF_pedestals" / "20261202_120000.json"
+    record.parent.mkdir()
+    record.write_text("{}")
+    job = Job(
+        job_id="pedestal-1",
+        request_id="req",
+        kind=SourceKind.PEDESTAL,
+        source="pedestal",
+        names=("JF13T01V01",),
+        start_pulse_id=0,
+        stop_pulse_id=0,
+        requested_start=0,
+        requested_stop=0,
+        rate_multiplicator=1,
+        pgroup="p12345",
+        beamline="bernina",
+        run_number=0,
+        output_file=str(record),
+        log_file=str(record.with_suffix(".log")),
+        run_info_file=str(record),
+        request_time="2026-12-02 12:00:00.000000",
+    )
+    store = StatusStore()
+    store.record_queued([job])
+    transport = AmqpTransport(amqp_url, prefix=amqp_prefix)
+    await transport.connect()
+    reconciler = Reconciler(transport, store, set, BROKER_STATUS_QUEUE, ReconcilePolicy(grace=0))
+    await transport.subscribe_status(BROKER_STATUS_QUEUE)  # the broker's queue, empty
+    assert await reconciler.check() == []
+    assert await reconciler.check() == ["pedestal-1"]
+    status = store.job_status("pedestal-1")
+    assert status is not None
+    assert (status["state"], status["error"]) == (
+        "failed",
+        "lost: no worker holds it (no lease) and the pedestal queue does not hold it; no file "
+        "was written, send the request again",
+    )
+    await transport.close()
