@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import re
 import socket
 from collections.abc import Iterator
@@ -84,3 +85,24 @@ def failure_kind(exc: BaseException) -> str:
 def describe_failure(url: str, exc: BaseException) -> str:
     """``RabbitMQ at 127.0.0.1:5672 is not reachable (connection closed)``."""
     return f"RabbitMQ at {server_address(url)} is not reachable ({failure_kind(exc)})"
+
+
+class PlainReprs(logging.Filter):
+    """A log handler's filter that cuts object reprs out of every line it writes, also out of
+    the lines of aio-pika and aiormq themselves (``Callback <OneShotCallback: cb=<bound method
+    RobustChannel._on_close of <aio_pika.robust_channel.RobustChannel object at 0x…>>> …``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a repr that fails itself (seen in aio-pika): leave the record be
+            return True
+        if _REPR.search(message):
+            record.msg, record.args = without_reprs(message), None
+        return True
+
+
+def plain_log_lines() -> None:
+    """Install ``PlainReprs`` on every handler of the root logger (the command line does)."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(PlainReprs())
