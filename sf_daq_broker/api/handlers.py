@@ -236,14 +236,15 @@ async def health(request: web.Request) -> web.Response:
     free = await asyncio.to_thread(free_bytes, settings.data_root)
     data_root_ok = free is not None and free >= settings.min_free_bytes
     backlog = await asyncio.to_thread(request.app[HANDOVER].backlog)
-    oldest = backlog.oldest_age()
+    age = backlog.oldest_age()
+    oldest = None if age is None else round(age, 1)  # one value for the field and the message
     fields: dict[str, Any] = {
         "version": __version__,
         "transport": transport.name,
         "transport_ok": transport_ok,
         # Accepted jobs waiting in the broker's outbox for the queue (RabbitMQ away).
         "handover_backlog": backlog.count,
-        "handover_oldest_age_seconds": None if oldest is None else round(oldest, 1),
+        "handover_oldest_age_seconds": oldest,
         "data_root": str(settings.data_root),
         "data_root_ok": data_root_ok,
         "data_root_free_bytes": free,
