@@ -380,8 +380,8 @@ async def test_a_job_no_one_works_on_is_failed_and_its_leftovers_removed(
     assert status["run_state"] == "failed"
     error = status["sources"]["BSDATA"]["error"]
     found = re.fullmatch(
-        rf"lost: its worker {re.escape(owner)} is gone \(lease (\d+) s old\) and the databuffer queue "
-        r"does not hold it; no file was written, send the request again",
+        rf"lost: its worker {re.escape(owner)} is gone \(lease (\d+) s old\) and the "
+        r"databuffer queue does not hold it; no file was written, send the request again",
         error,
     )
     assert found is not None, error
