@@ -588,3 +588,64 @@ async def test_a_fresh_lease_of_a_killed_process_is_taken_over_at_once(raw_dir: 
         in Path(job.log_file).read_text()
     )
     await events.close()
+
+
+class GatedDelivery(JobDelivery):
+    """A delivery whose ack waits for ``gate``: the test stops the worker in between."""
+
+    def __init__(self, inner: JobDelivery) -> None:
+        self.job = inner.job
+        self.redelivered = inner.redelivered
+        self._inner = inner
+        self.acking = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.acked = False
+
+    async def ack(self) -> None:
+        self.acking.set()
+        await self.gate.wait()
+        await self._inner.ack()
+        self.acked = True
+
+    async def reject(self) -> None:
+        await self._inner.reject()
+
+
+async def test_a_stop_while_the_job_is_settled_lets_the_settling_finish(
+    transport: Transport, raw_dir: Path
+) -> None:
+    """The worker is stopped right after write_finished, while the ack is on its way: the
+    ack and the removal of the lease still happen, through the job directory's handle, which
+    stays open until then (it used to be closed under them: EBADF, the lease left behind),
+    and before the consumer gives its unsettled deliveries back to the queue."""
+    job = make_job(raw_dir)
+    deliveries: list[GatedDelivery] = []
+
+    class GatingWorker(Worker):
+        async def handle(self, source: Source, delivery: JobDelivery) -> None:
+            deliveries.append(GatedDelivery(delivery))
+            await super().handle(source, deliveries[-1])
+
+    events = await transport.subscribe_status()
+    await transport.publish_jobs([job])
+    task = asyncio.create_task(
+        GatingWorker(transport, [ScriptedSource()], retry=FAST, lease=LEASES).run()
+    )
+    await collect_until(events, Action.WRITE_FINISHED, timeout=60)
+    await async_wait_until(lambda: deliveries and deliveries[0].acking.is_set(), timeout=60)
+    task.cancel()
+    stopping = "stopped while the job was being settled: settling it first"
+    await async_wait_until(
+        lambda: task.done() or stopping in Path(job.log_file).read_text(),
+        timeout=60,
+        what="the stop to reach the job",
+    )
+    deliveries[0].gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert deliveries[0].acked
+    assert not lease_path(job).exists()
+    assert Path(job.output_file).read_bytes() == b"complete file"
+    assert stopping in Path(job.log_file).read_text()
+    await settled_and_queue_empty(transport, job)
+    await events.close()
