@@ -425,7 +425,7 @@ class Worker:
             )
         finally:
             # Settling (which removes the lease through this handle) is over by now, even if
-            # the worker was stopped meanwhile: see ``_settle_surely``.
+            # the worker was stopped meanwhile: see ``_surely``.
             directory.close()
 
     async def _lease_and_run(
@@ -434,11 +434,30 @@ class Worker:
         settled = await self._acquire(lease, delivery, job_log)
         if settled:
             return
-        # The job runs in its own task so that the heartbeat can stop it alone (lease lost).
+        outcome = await self._work(source, delivery, lease, job_log)
+        if outcome is None:
+            return
+        # The file is published (or the job failed): a stop signal now waits until the
+        # outcome is in the lease, announced and the delivery settled.
+        try:
+            if isinstance(outcome, str):
+                await self._surely(self._fail(delivery, lease, job_log, outcome), job_log)
+            else:
+                await self._surely(self._finish(delivery, lease, outcome, job_log), job_log)
+        except LeaseLost as exc:
+            job_log.error("%s: stopped, the other delivery writes the file", exc)
+
+    async def _work(
+        self, source: Source, delivery: JobDelivery, lease: JobLease, job_log: logging.Logger
+    ) -> CompletenessReport | str | None:
+        """The job's work (``_run``) under its lease's heartbeat: the report of the published
+        file, the reason the job failed, or None if the lease was lost (another delivery
+        runs the job). The work runs in its own task so that the heartbeat can stop it alone;
+        the heartbeat ends with the work, as the lease's state is about to be settled."""
         job_task = asyncio.create_task(self._run(source, delivery, lease, job_log))
         heartbeat = asyncio.create_task(self._heartbeat(lease, job_task, job_log))
         try:
-            await job_task
+            return await job_task
         except LeaseLost as exc:
             job_log.error("%s: stopped, the other delivery writes the file", exc)
         except asyncio.CancelledError:
@@ -448,8 +467,8 @@ class Worker:
             job_log.error("lease lost: stopped, the other delivery writes the file")
         finally:
             heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            await asyncio.wait([heartbeat])  # a stop of this task still comes through
+        return None
 
     async def _acquire(
         self, lease: JobLease, delivery: JobDelivery, job_log: logging.Logger
@@ -466,7 +485,9 @@ class Worker:
                 # A lease goes only once its job is acknowledged (a stopped worker releases
                 # it instead): the delivery we waited for finished, this one is a duplicate.
                 job_log.info("written and acknowledged by the other delivery: acknowledged")
-                await self._settle_surely(delivery, lease, job_log, ack=True, remove=False)
+                await self._surely(
+                    self._settle(delivery, lease, ack=True, remove=False, job_log=job_log), job_log
+                )
                 return True
             if record is None:
                 if await asyncio.to_thread(lease.try_create):
@@ -478,12 +499,16 @@ class Worker:
                 await self._announce_again(
                     Action.WRITE_FINISHED, lease.job, "written by an earlier delivery", job_log
                 )
-                await self._settle_surely(delivery, lease, job_log, ack=True, remove=True)
+                await self._surely(
+                    self._settle(delivery, lease, ack=True, remove=True, job_log=job_log), job_log
+                )
                 return True
             if record.state is LeaseState.FAILED:
                 job_log.info("failed in an earlier delivery (%s): rejected", record.reason)
                 await self._announce_again(Action.WRITE_REJECTED, lease.job, record.reason, job_log)
-                await self._settle_surely(delivery, lease, job_log, ack=False, remove=True)
+                await self._surely(
+                    self._settle(delivery, lease, ack=False, remove=True, job_log=job_log), job_log
+                )
                 return True
             if (
                 record.state is LeaseState.RUNNING
@@ -510,7 +535,7 @@ class Worker:
                 return False
 
     async def _heartbeat(
-        self, lease: JobLease, job_task: asyncio.Task[None], job_log: logging.Logger
+        self, lease: JobLease, job_task: asyncio.Task[Any], job_log: logging.Logger
     ) -> None:
         while True:
             await asyncio.sleep(self.lease.heartbeat)
@@ -525,21 +550,19 @@ class Worker:
 
     async def _run(
         self, source: Source, delivery: JobDelivery, lease: JobLease, job_log: logging.Logger
-    ) -> None:
+    ) -> CompletenessReport | str:
+        """Write and publish the job's file: its report, or why the job failed."""
         job = delivery.job
-        total = expected_total(job)
         final_name = Path(job.output_file).name
         temp_name = temporary_name(job, lease)
         await asyncio.to_thread(_remove_leftovers, lease.directory, final_name, temp_name)
+        total = expected_total(job)
         await self.transport.publish_status(
             StatusEvent.for_job(Action.WRITE_START, job, "started", total=total)
         )
         progress = Progress(self.transport, job, total)
         try:
-            outcome = await self._attempts(source, lease, progress, job_log)
-            if isinstance(outcome, str):
-                await self._fail(delivery, lease, job_log, outcome)
-                return
+            return await self._attempts(source, lease, progress, job_log)
         except asyncio.CancelledError:
             # Stopped (SIGTERM) or the lease was lost; the temporary file (ours alone, whoever
             # owns the lease now) was removed on leaving its ``with``.
@@ -547,7 +570,6 @@ class Worker:
                 await asyncio.to_thread(lease.settle, LeaseState.RELEASED)
                 job_log.warning("worker stopped in the middle: the job goes back to the queue")
             raise
-        await self._finish(delivery, lease, outcome, total, job_log)
 
     async def _attempts(
         self, source: Source, lease: JobLease, progress: Progress, job_log: logging.Logger
@@ -616,7 +638,6 @@ class Worker:
         delivery: JobDelivery,
         lease: JobLease,
         report: CompletenessReport,
-        total: int,
         job_log: logging.Logger,
     ) -> None:
         """The file is published: record it in the lease, say so, acknowledge."""
@@ -627,12 +648,13 @@ class Worker:
         for line in report.lines():
             job_log.info("  %s", line)
         job_log.info("written %s: %s", job.output_file, report.summary())
+        total = expected_total(job)
         await self.transport.publish_status(
             StatusEvent.for_job(
                 Action.WRITE_FINISHED, job, report.summary(), total=total, report=report.to_json()
             )
         )
-        await self._settle_surely(delivery, lease, job_log, ack=True, remove=True)
+        await self._settle(delivery, lease, ack=True, remove=True, job_log=job_log)
 
     async def _fail(
         self, delivery: JobDelivery, lease: JobLease, job_log: logging.Logger, reason: str
@@ -645,7 +667,7 @@ class Worker:
         await asyncio.to_thread(lease.settle, LeaseState.FAILED, reason)
         job_log.error("failed, no file written: %s", reason)
         await self.transport.publish_status(StatusEvent.for_job(Action.WRITE_REJECTED, job, reason))
-        await self._settle_surely(delivery, lease, job_log, ack=False, remove=True)
+        await self._settle(delivery, lease, ack=False, remove=True, job_log=job_log)
 
     async def _announce_again(
         self, action: Action, job: Job, message: str, job_log: logging.Logger
@@ -670,22 +692,14 @@ class Worker:
         with contextlib.suppress(Exception):
             await delivery.reject()
 
-    async def _settle_surely(
-        self,
-        delivery: JobDelivery,
-        lease: JobLease,
-        job_log: logging.Logger,
-        *,
-        ack: bool,
-        remove: bool,
-    ) -> None:
-        """``_settle``, which a stop signal does not interrupt: a job acknowledged must not
-        keep its lease, nor the reverse. The settling runs in a task of its own; a stop that
-        comes meanwhile waits for it to end and is raised afterwards, so that the caller's
-        handle on the job's directory (which removes the lease) is not closed under it."""
-        settling = asyncio.create_task(
-            self._settle(delivery, lease, job_log, ack=ack, remove=remove)
-        )
+    async def _surely(self, work: Coroutine[Any, Any, None], job_log: logging.Logger) -> None:
+        """Run ``work`` (settling the job) to its end even if the worker is stopped meanwhile:
+        a job acknowledged must not keep its lease, nor a finished lease miss its event and
+        ack. ``work`` runs in a task of its own; a stop that comes meanwhile waits for it to
+        end and is raised afterwards, so that the caller's handle on the job's directory
+        (through which the lease is removed) is not closed under it, and the consumer does
+        not give the delivery back to the queue before it is settled."""
+        settling = asyncio.create_task(work)
         stopped: asyncio.CancelledError | None = None
         while not settling.done():
             try:
@@ -702,10 +716,10 @@ class Worker:
         self,
         delivery: JobDelivery,
         lease: JobLease,
-        job_log: logging.Logger,
         *,
         ack: bool,
         remove: bool,
+        job_log: logging.Logger,
     ) -> None:
         """Ack or reject, then (``remove``) drop the settled lease. If the delivery is dead
         (channel closed by the delivery timeout) the lease stays, so that the job's next
