@@ -251,13 +251,15 @@ async def test_a_job_that_cannot_be_started_is_rejected_and_the_worker_goes_on(
     source = ScriptedSource()
     task, events = await run_worker(transport, source, broken, good)
     seen = await collect_until(events, Action.WRITE_FINISHED)
+    while not any(e.action is Action.WRITE_REJECTED for e in seen):  # the jobs run side by side
+        seen += await collect_until(events, Action.WRITE_REJECTED)
     await settled(good)  # acknowledged or rejected, not only announced
     await stop(task)
     rejected = [e for e in seen if e.action is Action.WRITE_REJECTED]
     assert [e.run_number for e in rejected] == [1]
     assert rejected[0].message.startswith("pulses 100-110: cannot work on it: [Errno 2] ")
     assert str(raw_dir / "gone") in rejected[0].message
-    assert seen[-1].run_number == 2
+    assert [e.run_number for e in seen if e.action is Action.WRITE_FINISHED] == [2]
     assert Path(good.output_file).read_bytes() == b"complete file"
     assert source.calls == 1
     dead: list[Job] = []
@@ -324,6 +326,61 @@ async def test_interrupted_job_returns_to_queue_and_is_rewritten(
     assert Path(job.output_file).read_bytes() == b"complete file"
     assert "delivered again" in Path(job.log_file).read_text()
     assert [e.action for e in seen][-1] is Action.WRITE_FINISHED
+    await events.close()
+
+
+class ReadySource(ScriptedSource):
+    """A source that waits for its data (outside the work slot), says it is ready, then works
+    (while ``hold`` is unset); it counts the jobs at work at once."""
+
+    waits_for_data = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[int] = []
+        self.at_work = 0
+        self.most_at_work = 0
+
+    async def retrieve(
+        self, job: Job, target: Path, progress: Progress, job_log: logging.Logger
+    ) -> CompletenessReport:
+        await progress.ready()
+        self.runs.append(job.run_number)
+        self.at_work += 1
+        self.most_at_work = max(self.most_at_work, self.at_work)
+        try:
+            return await super().retrieve(job, target, progress, job_log)
+        finally:
+            self.at_work -= 1
+
+
+async def test_jobs_whose_data_is_ready_take_turns_at_work(
+    transport: Transport, raw_dir: Path
+) -> None:
+    """Two jobs of one kind, both delivered at once, their data there: one works, the other
+    says it waits for it, then works when the first is done — never both at once."""
+    source = ReadySource()
+    source.hold = asyncio.Event()
+    task, events = await run_worker(transport, source, make_job(raw_dir, 1), make_job(raw_dir, 2))
+    waiting = "data ready; waiting for another databuffer job to finish writing"
+    seen: list[StatusEvent] = []
+    async with asyncio.timeout(60):
+        while not seen or seen[-1].message != waiting:
+            seen.append(await events.__anext__())
+    assert seen[-1].action is Action.WRITE_PROGRESS
+    assert source.runs == [3 - seen[-1].run_number]  # the other one is at work
+    source.hold.set()
+    seen += await collect_until(events, Action.WRITE_FINISHED)
+    seen += await collect_until(events, Action.WRITE_FINISHED)
+    for run in (1, 2):
+        await settled(make_job(raw_dir, run))
+    await stop(task)
+    assert sorted(source.runs) == [1, 2]
+    assert source.most_at_work == 1
+    finished = [e.run_number for e in seen if e.action is Action.WRITE_FINISHED]
+    assert finished == source.runs
+    for run in (1, 2):
+        assert Path(make_job(raw_dir, run).output_file).read_bytes() == b"complete file"
     await events.close()
 
 
