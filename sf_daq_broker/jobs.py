@@ -4,6 +4,16 @@ A job carries everything a worker needs, so that a worker never has to read the 
 configuration or bookkeeping to do it: the names, the pulse range, the output and log files.
 Its ``job_id`` depends only on (pgroup, run, source), so a job delivered twice (a worker died
 mid-way) rewrites the same file rather than producing another.
+
+Both are pydantic dataclasses: one model each, validated wherever a message enters a process
+(``from_json``, strictly: no number from a string) and wherever one is made or changed
+(constructor, ``dataclasses.replace``). A message carries ``format_version``; one without it is
+of the first format (version 1, as the first messages were written). A message this program
+cannot read (not JSON, keys missing or unknown, wrong types, another format version) raises
+``UndecodableMessage`` with one line naming the problem, which the transport keeps beside the
+message in the dead-letter queue. Unknown keys are refused rather than ignored: a key this
+program does not know may change what the job means, and a format that adds one is a new
+version (upgrade the readers, the workers and the broker, before the writers).
 """
 
 from __future__ import annotations
@@ -12,9 +22,13 @@ import dataclasses
 import json
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import ConfigDict, TypeAdapter, ValidationError, field_validator
+from pydantic.dataclasses import dataclass
+from pydantic_core import ErrorDetails, PydanticCustomError, PydanticSerializationError
 
 from sf_daq_broker.bookkeeping.paths import PgroupDirs
 from sf_daq_broker.retrieval import RetrieveRequest
@@ -60,12 +74,29 @@ class Action(StrEnum):
     WRITE_REJECTED = "write_rejected"
 
 
+#: The format of the job messages this program writes, and the newest it reads.
+JOB_FORMAT_VERSION = 1
+#: The format of the status messages this program writes, and the newest it reads.
+STATUS_FORMAT_VERSION = 1
+#: The oldest format this program reads (the first, whose messages had no version).
+FIRST_FORMAT_VERSION = 1
+
+_VERSION_ERROR = "format_version"
+#: Extra keys refused: see the module's docstring. NaN and infinities travel as the JSON
+#: extensions NaN and Infinity, as they always did (a report may hold one; null would lie).
+_MESSAGE_CONFIG = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+
+class UndecodableMessage(ValueError):
+    """A job or status message this program cannot read; the text says why, on one line."""
+
+
 def job_id_for(pgroup: str, run_number: int, source: str) -> str:
     """Stable id of the job that retrieves ``source`` for a run."""
     return str(uuid.uuid5(_JOB_NAMESPACE, f"{pgroup}/{run_number}/{source}"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_MESSAGE_CONFIG)
 class Job:
     """One source of one run, to be written into one file."""
 
@@ -91,21 +122,23 @@ class Job:
     log_level: str = "INFO"
     #: A detector job that converts: the pedestal file to use, as recorded in the run JSON.
     pedestal_file: str | None = None
+    format_version: int = JOB_FORMAT_VERSION
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, version: int) -> int:
+        return _known_version(version, JOB_FORMAT_VERSION)
 
     def to_json(self) -> bytes:
-        document = dataclasses.asdict(self)
-        document["names"] = list(self.names)
-        return json.dumps(document).encode()
+        return _JOB_MODEL.dump_json(self)
 
     @classmethod
     def from_json(cls, payload: bytes | str) -> Job:
-        document = json.loads(payload)
-        document["kind"] = SourceKind(document["kind"])
-        document["names"] = tuple(document["names"])
-        return cls(**document)
+        """The job a message carries; UndecodableMessage if it is none."""
+        return _decode(_JOB_MODEL, payload, "job")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_MESSAGE_CONFIG)
 class StatusEvent:
     """A status event of the fanout exchange: headers for filters, a JSON body for the rest."""
 
@@ -119,6 +152,12 @@ class StatusEvent:
     message: str = ""
     timestamp: float = field(default_factory=time.time)
     details: dict[str, Any] = field(default_factory=dict)
+    format_version: int = STATUS_FORMAT_VERSION
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_version(cls, version: int) -> int:
+        return _known_version(version, STATUS_FORMAT_VERSION)
 
     @classmethod
     def for_job(cls, action: Action, job: Job, message: str = "", **details: Any) -> StatusEvent:
@@ -143,15 +182,75 @@ class StatusEvent:
         }
 
     def to_json(self) -> bytes:
-        document = dataclasses.asdict(self)
-        document["action"] = self.action.value
-        return json.dumps(document).encode()
+        try:
+            return _STATUS_MODEL.dump_json(self)
+        except PydanticSerializationError:
+            # Text that is not Unicode (a lone surrogate: an undecodable file name in an error
+            # message) cannot be JSON; the event must still go out, with "?" in its place.
+            document = json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+            return document.encode("utf-8", "replace")
 
     @classmethod
     def from_json(cls, payload: bytes | str) -> StatusEvent:
-        document = json.loads(payload)
-        document["action"] = Action(document["action"])
-        return cls(**document)
+        """The event a message carries; UndecodableMessage if it is none."""
+        return _decode(_STATUS_MODEL, payload, "status")
+
+
+_JOB_MODEL = TypeAdapter(Job)
+_STATUS_MODEL = TypeAdapter(StatusEvent)
+_Message = TypeVar("_Message", Job, StatusEvent)
+#: How much of a wrong value a reason shows.
+_SHOWN_VALUE = 60
+
+
+def _known_version(version: int, newest: int) -> int:
+    if not FIRST_FORMAT_VERSION <= version <= newest:
+        raise PydanticCustomError(
+            _VERSION_ERROR,
+            "format version {version} is unknown here (this sf-daq-broker reads format versions"
+            " {first} to {newest})",
+            {"version": version, "first": FIRST_FORMAT_VERSION, "newest": newest},
+        )
+    return version
+
+
+def _decode(model: TypeAdapter[_Message], payload: bytes | str, what: str) -> _Message:
+    try:
+        return model.validate_json(payload, strict=True)
+    except ValidationError as exc:
+        raise UndecodableMessage(f"undecodable {what} message: {_describe(exc)}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    """One line for a person: the format version if that is wrong (a newer format may differ
+    in anything else), else the missing keys, then every other problem with its key."""
+    problems = error.errors(include_url=False)
+    for problem in problems:
+        if problem["type"] == _VERSION_ERROR:
+            return problem["msg"]
+    parts = []
+    missing = [_key(p) for p in problems if p["type"] == "missing"]
+    if missing:
+        parts.append("missing " + ", ".join(missing))
+    for problem in problems:
+        if problem["type"] == "missing":
+            continue
+        if problem["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            parts.append(f"unknown key {_key(problem)}")
+        elif not problem["loc"] or problem["type"] == "json_invalid":
+            parts.append(problem["msg"])
+        else:
+            parts.append(f"{_key(problem)}: {problem['msg']}, got {_shown(problem['input'])}")
+    return "; ".join(parts)
+
+
+def _key(problem: ErrorDetails) -> str:
+    return ".".join(str(part) for part in problem["loc"])
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_VALUE else text[: _SHOWN_VALUE - 1] + "…"
 
 
 def build_jobs(

@@ -475,6 +475,37 @@ def _refuse_misspelt_keys(body: dict[str, Any]) -> None:
             raise BadRequest(f"unknown key {key!r}: did you mean {intended!r}?")
 
 
+def _parse_range(
+    body: dict[str, Any], max_pulse_range: int, pulse_id_bounds: tuple[int, int]
+) -> tuple[int, int]:
+    """``start_pulseid`` and ``stop_pulseid``: integers, in order, inside the bounds and the
+    longest range a request may ask for."""
+    start = parse_integer(body["start_pulseid"], "start_pulseid")
+    stop = parse_integer(body["stop_pulseid"], "stop_pulseid")
+    if start < 0:
+        raise BadRequest(f"start_pulseid must not be negative, got {start}")
+    check_pulse_id(start, "start_pulseid", pulse_id_bounds)
+    check_pulse_id(stop, "stop_pulseid", pulse_id_bounds)
+    if stop < start:
+        raise BadRequest(f"stop_pulseid {stop} is before start_pulseid {start}")
+    if stop - start > max_pulse_range:
+        raise BadRequest(
+            f"the range stop_pulseid - start_pulseid = {stop - start} pulses is longer than "
+            f"the limit of {max_pulse_range} pulses"
+        )
+    return start, stop
+
+
+def _parse_run_number(body: dict[str, Any]) -> int | None:
+    """A run number the client chose (one it reserved), or None for the next one."""
+    if body.get("run_number") is None:
+        return None
+    run_number = parse_integer(body["run_number"], "run_number")
+    if run_number < 1:
+        raise BadRequest(f"run_number must be a positive integer, got {run_number}")
+    return run_number
+
+
 def parse_retrieve_request(
     body: Any,
     *,
@@ -499,19 +530,7 @@ def parse_retrieve_request(
                 f"{key} is missing (pgroup, start_pulseid and stop_pulseid are mandatory)"
             )
     pgroup = check_pgroup_name(body["pgroup"])
-    start = parse_integer(body["start_pulseid"], "start_pulseid")
-    stop = parse_integer(body["stop_pulseid"], "stop_pulseid")
-    if start < 0:
-        raise BadRequest(f"start_pulseid must not be negative, got {start}")
-    check_pulse_id(start, "start_pulseid", pulse_id_bounds)
-    check_pulse_id(stop, "stop_pulseid", pulse_id_bounds)
-    if stop < start:
-        raise BadRequest(f"stop_pulseid {stop} is before start_pulseid {start}")
-    if stop - start > max_pulse_range:
-        raise BadRequest(
-            f"the range stop_pulseid - start_pulseid = {stop - start} pulses is longer than "
-            f"the limit of {max_pulse_range} pulses"
-        )
+    start, stop = _parse_range(body, max_pulse_range, pulse_id_bounds)
 
     rate = parse_rate_multiplicator(body)
 
@@ -537,11 +556,7 @@ def parse_retrieve_request(
 
     run_options = parse_run_options(body)
 
-    run_number = None
-    if body.get("run_number") is not None:
-        run_number = parse_integer(body["run_number"], "run_number")
-        if run_number < 1:
-            raise BadRequest(f"run_number must be a positive integer, got {run_number}")
+    run_number = _parse_run_number(body)
 
     record = dict(body)
     record.update(start_pulseid=start, stop_pulseid=stop)

@@ -155,6 +155,7 @@ def test_broker_workers_and_simulators_agree_on_addresses_and_files() -> None:
         gain, pedestal = calibration_paths(calibration_root, detector.name)
         assert (configured.gain_file, configured.pedestal_file) == (gain, pedestal)
     pgroup = option(command_of(SERVICES["pgroup"]), "-p")
+    assert settings.local_beamline is not None
     assert PurePosixPath(pgroup).is_relative_to(settings.data_root / settings.local_beamline)
 
 

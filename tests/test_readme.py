@@ -146,7 +146,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         assert process.stdout is not None
         stdout = process.stdout
         lines: queue.Queue[str] = queue.Queue()
-        reader = threading.Thread(target=lambda: [lines.put(line) for line in stdout])
+        reader = threading.Thread(target=lambda: list(map(lines.put, stdout)))
         reader.start()
         seen: list[str] = []
 

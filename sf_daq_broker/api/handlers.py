@@ -269,7 +269,8 @@ async def metrics(request: web.Request) -> web.Response:
     from sf_daq_broker.api.metrics import CONTENT_TYPE_LATEST
 
     counts = await asyncio.to_thread(request.app[STATUS].state_counts)
-    response = web.Response(body=request.app[METRICS].render(counts))
+    refused = request.app[TRANSPORT].refused_messages
+    response = web.Response(body=request.app[METRICS].render(counts, refused))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
 

@@ -30,8 +30,14 @@ class BrokerMetrics:
             ["kind", "state"],
             registry=self.registry,
         )
+        self.refused = Gauge(
+            "sf_daq_refused_messages",
+            "Undecodable status messages this broker moved to the dead-letter queue",
+            registry=self.registry,
+        )
 
-    def render(self, job_counts: dict[tuple[str, str], int]) -> bytes:
+    def render(self, job_counts: dict[tuple[str, str], int], refused: int = 0) -> bytes:
         for (kind, state), count in job_counts.items():
             self.jobs.labels(kind, state).set(count)
+        self.refused.set(refused)
         return generate_latest(self.registry)

@@ -172,7 +172,7 @@ class FrameDecoder:
         available = len(self._buffer) - position
         if available < 4:
             return 0
-        (length,) = struct.unpack_from(">i", self._buffer, position)
+        length: int = struct.unpack_from(">i", self._buffer, position)[0]
         if length < 1 or length > MAX_FRAME_BYTES:
             raise CorruptStream(
                 f"{self._source}: impossible frame length {length} at byte "

@@ -193,7 +193,7 @@ def compress_value(array: np.ndarray, block_size_bytes: int = BLOCK_SIZE_BYTES) 
     array = np.ascontiguousarray(array).reshape(-1)  # bitshuffle sees a flat run of items
     block = block_size_bytes // array.dtype.itemsize
     stream = bitshuffle.compress_lz4(array, block)
-    return BLOB_HEADER.pack(array.nbytes, block_size_bytes) + stream.tobytes()
+    return BLOB_HEADER.pack(array.nbytes, block_size_bytes) + bytes(stream.tobytes())
 
 
 def decompress_value(blob: bytes | memoryview, header: ChannelHeader) -> np.ndarray:
@@ -212,4 +212,5 @@ def decompress_value(blob: bytes | memoryview, header: ChannelHeader) -> np.ndar
         header.name,
         header.type,
     )
-    return values[0].astype(header.native_dtype, copy=False)
+    value: np.ndarray = values[0].astype(header.native_dtype, copy=False)
+    return value

@@ -68,7 +68,10 @@ class DetectorFrames:
 
     def complete(self) -> np.ndarray:
         """(N, M) bool: the module's record is written and has all its packets."""
-        return (self.marker == fmt.MARKER_WRITTEN) & (self.n_recv_packets == fmt.PACKETS_PER_FRAME)
+        complete: np.ndarray = (self.marker == fmt.MARKER_WRITTEN) & (
+            self.n_recv_packets == fmt.PACKETS_PER_FRAME
+        )
+        return complete
 
     def is_good_frame(self) -> np.ndarray:
         """(N,) bool: every module complete and all modules agree on pulse id and frame
@@ -83,7 +86,7 @@ class DetectorFrames:
 Missing = Literal["raise", "zeros", "flag"]
 
 #: Called with (detector, pulse ids) before they are read; see ``JungfrauBufferReader``.
-BeforeRead = Callable[[str, np.ndarray], None]
+BeforeRead = Callable[[str, np.ndarray], object]  # what it returns is ignored
 
 
 class JungfrauBufferReader:

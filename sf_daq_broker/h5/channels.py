@@ -253,7 +253,8 @@ class StreamedGroup:
     def row_bytes(self) -> int:
         """Bytes of one row, roughly (an image counts as its uncompressed size)."""
         data = self._file[self.name]["data"]
-        return 16 + int(np.prod(data.shape[1:], dtype=np.int64)) * max(data.dtype.itemsize, 8)
+        itemsize = int(data.dtype.itemsize)
+        return 16 + int(np.prod(data.shape[1:], dtype=np.int64)) * max(itemsize, 8)
 
     def resize(self, rows: int) -> None:
         group = self._file[self.name]

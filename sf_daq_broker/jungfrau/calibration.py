@@ -39,7 +39,7 @@ class Calibration:
 
     @property
     def n_modules(self) -> int:
-        return self.pixel_mask.shape[0] // MODULE_ROWS
+        return int(self.pixel_mask.shape[0]) // MODULE_ROWS
 
     @classmethod
     def from_arrays(

@@ -122,7 +122,8 @@ def _string_value(name: str, pid: int) -> str:
 
 def _image(spec: ChannelSpec, pid: int) -> np.ndarray:
     base = _image_base(spec.name, spec.shape, spec.type)
-    return np.roll(base, pid % spec.shape[1], axis=1) + base.dtype.type(pid % 64)
+    image: np.ndarray = np.roll(base, pid % spec.shape[1], axis=1) + base.dtype.type(pid % 64)
+    return image
 
 
 @lru_cache(maxsize=16)
@@ -136,6 +137,6 @@ def _image_base(name: str, shape: tuple[int, ...], type_name: str) -> np.ndarray
     distance2 = (y - height // 2) ** 2 + (x - width // 3) ** 2
     amplitude = max(0, min(4000, int(np.iinfo(dtype).max) - 127))
     spot = amplitude * np.maximum(0, radius2 - distance2) // radius2
-    base = (noise.astype(np.int64) + spot).astype(dtype)
+    base: np.ndarray = (noise.astype(np.int64) + spot).astype(dtype)
     base.setflags(write=False)
     return base

@@ -37,7 +37,9 @@ class PulseTiming:
     def ts_ns_array(self, pids: np.ndarray) -> np.ndarray:
         """``ts_ns`` of many pulse ids at once (int64)."""
         pids = np.asarray(pids, dtype=np.int64)
-        return self.t0_ms * 1_000_000 + (pids - self.p0) * PULSE_PERIOD_NS + pids % 1_000_000
+        offset: np.ndarray = (pids - self.p0) * PULSE_PERIOD_NS + pids % 1_000_000
+        ts: np.ndarray = self.t0_ms * 1_000_000 + offset
+        return ts
 
     def first_pulse_at_or_after(self, ns: int) -> int:
         """The smallest pulse id whose timestamp is ``>= ns`` (timestamps strictly increase)."""

@@ -136,7 +136,8 @@ def _adc(
     gain = cal.gain[stage].reshape(-1)[index].astype(np.float64)
     pedestal = cal.pedestal[stage].reshape(-1)[index].astype(np.float64)
     adc = np.clip(np.rint(pedestal + gain * energy), 0, 0x3FFF).astype(np.uint16)
-    return adc | np.uint16(GAIN_CODE[stage] << 14)
+    raw: np.ndarray = adc | np.uint16(GAIN_CODE[stage] << 14)
+    return raw
 
 
 @lru_cache(maxsize=96)

@@ -36,7 +36,8 @@ def mix64(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.uint64)
     x = (x ^ (x >> np.uint64(30))) * _M1
     x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
+    mixed: np.ndarray = x ^ (x >> np.uint64(31))
+    return mixed
 
 
 def hash_grid(seed: int, pids: ArrayLike, n_elements: int) -> np.ndarray:

@@ -3,6 +3,9 @@
 It listens through a private, auto-deleted queue (``AmqpTransport.subscribe_status()``), so
 it never takes an event away from the broker's own status queue, acknowledges everything it
 reads, and leaves nothing in RabbitMQ once it stops — by Ctrl-C or SIGTERM alike.
+
+``--dead-letters`` lists the dead-letter queue instead, leaving it as it is: the jobs workers
+rejected and the messages no one could decode, each with its reason.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import TextIO
 
 from sf_daq_broker.jobs import Action, StatusEvent
-from sf_daq_broker.transport import HandoverError
+from sf_daq_broker.transport import DeadLetter, HandoverError
 from sf_daq_broker.transport.amqp import AmqpTransport
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -56,6 +59,37 @@ def format_event(event: StatusEvent, colour: bool) -> str:
     elif event.action is Action.WRITE_FINISHED and event.message:
         line += f" {event.message}"
     return line
+
+
+#: How much of an undecodable message's body a dead-letter line shows.
+BODY_PREVIEW = 200
+
+
+def format_dead_letter(dead: DeadLetter) -> str:
+    """``origin: what: reason``, what being the job or the body as it came (shortened)."""
+    if dead.job is not None:
+        job = dead.job
+        what = f"{job.source} {job.pgroup} run {job.run_number} {job.output_file}"
+    else:
+        body = repr(dead.body)
+        what = f"body {body if len(body) <= BODY_PREVIEW else body[: BODY_PREVIEW - 1] + '…'}"
+    return f"{dead.origin}: {what}: {dead.reason}"
+
+
+async def list_dead_letters(url: str, prefix: str, out: TextIO) -> int:
+    """Print the dead-letter queue, one line per message; returns how many there are."""
+    transport = AmqpTransport(url, prefix=prefix, declare_topology=False)
+    try:
+        dead = await transport.peek_dead_letters()
+    finally:
+        await transport.close()
+    for letter in dead:
+        print(format_dead_letter(letter), file=out)
+    print(
+        f"{len(dead)} messages in {transport.topology.dead_letter} (left there)",
+        file=sys.stderr,
+    )
+    return len(dead)
 
 
 def format_json(event: StatusEvent) -> str:
@@ -116,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verbose", action="store_true", help="also show the AMQP libraries' log (reconnects)"
     )
+    parser.add_argument(
+        "--dead-letters",
+        action="store_true",
+        help="list the dead-letter queue (rejected jobs, undecodable messages, with the reason)"
+        " without taking anything from it, and exit",
+    )
     return parser
 
 
@@ -125,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL)
     colour = sys.stdout.isatty() and not args.no_color and "NO_COLOR" not in os.environ
     try:
+        if args.dead_letters:
+            asyncio.run(list_dead_letters(args.amqp_url, args.prefix, sys.stdout))
+            return 0
         asyncio.run(watch(args.amqp_url, args.prefix, args.pgroup, args.json, colour, sys.stdout))
     except HandoverError as exc:  # what the transport raises when RabbitMQ cannot be reached
         print(f"error: {exc}", file=sys.stderr)

@@ -7,10 +7,19 @@ the channel files' widened edges, a 100 Hz channel at a reduced beam rate — do
 
 Problems are worded as the facility's original check.py worded them (users grep for them);
 ``found`` counts the expected beam pulses that are present, so "998 vs 1000" means two missing.
+
+A detector file follows the run's options (UPSTREAM_HEAD §1-§2): with ``roi`` (and
+``adc_to_energy``) it has one group ``data/<DET>:ROI_<label>`` per region and no full frame,
+each checked on its own and its frames shaped by its region; with ``selected_pulse_ids`` it
+holds only the selected pulses, so it is judged against those of the range, not the range;
+with ``save_ppicker_events_only`` it holds only pulse-picker events, a number nobody can know
+beforehand: every frame must carry the event, none is counted missing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import time
@@ -26,7 +35,11 @@ import numpy.typing as npt
 
 from sf_daq_broker.bookkeeping.atomic import partial_files
 from sf_daq_broker.bookkeeping.paths import PgroupDirs
+from sf_daq_broker.errors import BadRequest
 from sf_daq_broker.jobs import FILE_SUFFIX, SourceKind
+from sf_daq_broker.jungfrau.events import PPICKER_BIT, has_bit
+from sf_daq_broker.jungfrau.options import Roi, roi_items
+from sf_daq_broker.retrieval import parse_selected_pulse_ids
 from sf_daq_broker.workers.report import NameReport, beam_pulses
 
 #: Timestamps are ns since the epoch; anything before SwissFEL's first beam is not one.
@@ -80,6 +93,18 @@ class Expected:
 
 
 def read_run_record(run_file: Path) -> dict[str, Any]:
+    """The run's bookkeeping JSON, or RunFileError saying why it cannot be one (the detectors'
+    options are read by ``detector_layouts``)."""
+    record = _load_json_object(run_file)
+    _check_run_keys(run_file, record)
+    return record
+
+
+def _not_a_run_file(run_file: Path, why: str) -> RunFileError:
+    return RunFileError(f"{run_file} is not a run file: {why}")
+
+
+def _load_json_object(run_file: Path) -> dict[str, Any]:
     if not run_file.exists():
         raise RunFileError(f"{run_file} does not exist")
     if not run_file.is_file():
@@ -90,10 +115,15 @@ def read_run_record(run_file: Path) -> dict[str, Any]:
         message = f"Can't read provided run file {run_file}, may be not json? ({exc})"
         raise RunFileError(message) from None
     if not isinstance(record, dict):
-        raise RunFileError(f"{run_file} is not a run file: it holds no JSON object")
+        raise _not_a_run_file(run_file, "it holds no JSON object")
+    return record
+
+
+def _check_run_keys(run_file: Path, record: dict[str, Any]) -> None:
+    """The keys the check relies on, with values of the right kind."""
     for key in ("pgroup", "run_number", "start_pulseid", "stop_pulseid"):
         if key not in record:
-            raise RunFileError(f"{run_file} is not a run file: {key} is missing")
+            raise _not_a_run_file(run_file, f"{key} is missing")
     for key, least in (
         ("run_number", 0),
         ("start_pulseid", 0),
@@ -102,17 +132,86 @@ def read_run_record(run_file: Path) -> dict[str, Any]:
     ):
         value = record.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise RunFileError(f"{run_file} is not a run file: {key} is {value!r}")
+            raise _not_a_run_file(run_file, f"{key} is {value!r}")
     for key in ("pgroup", "beamline", "directory_name"):
         if record.get(key) is not None and not isinstance(record[key], str):
-            raise RunFileError(f"{run_file} is not a run file: {key} is {record[key]!r}")
+            raise _not_a_run_file(run_file, f"{key} is {record[key]!r}")
     for key in ("channels_list", "camera_list", "pv_list"):
         names = record.get(key) or []
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
-            raise RunFileError(f"{run_file} is not a run file: {key} is not a list of names")
-    if not isinstance(record.get("detectors") or {}, dict):
-        raise RunFileError(f"{run_file} is not a run file: detectors is not an object")
-    return record
+            raise _not_a_run_file(run_file, f"{key} is not a list of names")
+
+
+@dataclass(frozen=True)
+class DetectorLayout:
+    """What a detector's file holds, by the run's options (UPSTREAM_HEAD §1-§2)."""
+
+    #: Regions of interest: one group each, ``<DET>:ROI_<label>``, and no full frame.
+    rois: tuple[Roi, ...] = ()
+    #: The request's selection: the file holds the good frames of these pulses only.
+    selected_pulse_ids: tuple[int, ...] = ()
+    #: Only frames with the pulse-picker event (``daq_rec`` bit 19).
+    ppicker_only: bool = False
+
+    def groups(self, detector: str) -> list[tuple[str, tuple[int, int, int, int] | None]]:
+        """``data/`` groups of the file, each with its region (None: the whole image)."""
+        if not self.rois:
+            return [(detector, None)]
+        return [(f"{detector}:ROI_{label}", box) for label, box in self.rois]
+
+    def expected(self, expected: Expected) -> Expected:
+        """The run's beam pulses, narrowed to the selection (ids outside the range are ignored,
+        as the worker ignores them)."""
+        if not self.selected_pulse_ids:
+            return expected
+        selected = np.asarray(self.selected_pulse_ids, dtype=np.int64)
+        return dataclasses.replace(
+            expected, pulses=expected.pulses[np.isin(expected.pulses, selected)]
+        )
+
+
+def detector_layouts(run_file: Path, record: dict[str, Any]) -> dict[str, DetectorLayout]:
+    """Each detector's layout; RunFileError for options no broker would have written.
+
+    Only the options that change the layout are read: a run file of another broker version
+    (or the facility's, with options of its own) is checked as long as those make sense.
+    """
+    detectors = record.get("detectors") or {}
+    if not isinstance(detectors, dict):
+        raise _not_a_run_file(run_file, "detectors is not an object")
+    try:
+        selected = parse_selected_pulse_ids(record)
+    except BadRequest as exc:
+        raise _not_a_run_file(run_file, str(exc)) from None
+    return {
+        name: _detector_layout(run_file, name, options, selected)
+        for name, options in detectors.items()
+    }
+
+
+def _detector_layout(
+    run_file: Path, name: str, options: Any, selected: tuple[int, ...]
+) -> DetectorLayout:
+    """The layout one detector's options make; the options no broker accepts are refused."""
+    key = f"detectors.{name}"
+    options = {} if options is None else options
+    if not isinstance(options, dict):
+        raise _not_a_run_file(run_file, f"{key} is not an object of options")
+    flags: dict[str, Any] = {}
+    for flag, default in (("adc_to_energy", True), ("save_ppicker_events_only", False)):
+        flags[flag] = options.get(flag, default)
+        if not isinstance(flags[flag], bool):
+            raise _not_a_run_file(run_file, f"{key}.{flag} is {flags[flag]!r}")
+    try:
+        # Without conversion every conversion option is ignored: the file is the raw layout.
+        rois = roi_items(options.get("roi") or {}) if flags["adc_to_energy"] else ()
+    except (TypeError, ValueError):
+        raise _not_a_run_file(
+            run_file,
+            f"{key}.roi is {options['roi']!r}, not {{label: [y1, y2, x1, x2]}} nor a list of "
+            "[y1, y2, x1, x2]",
+        ) from None
+    return DetectorLayout(rois, selected, flags["save_ppicker_events_only"])
 
 
 def raw_directory(run_file: Path, record: dict[str, Any]) -> Path:
@@ -136,6 +235,7 @@ def check_run(run_file: Path, rate_multiplicator: int = 0) -> CheckResult:
     result = CheckResult(str(run_file))
     try:
         record = read_run_record(run_file)
+        layouts = detector_layouts(run_file, record)
     except RunFileError as exc:
         result.problems.append(str(exc))
         return result
@@ -155,7 +255,7 @@ def check_run(run_file: Path, rate_multiplicator: int = 0) -> CheckResult:
     run_number = int(record["run_number"])
 
     tag = record.get("appended_directory_suffix")  # a tagged run's files: run_NNNNNN-<tag>.*
-    for suffix, names, check in _sources(record):
+    for suffix, names, check in _sources(record, layouts):
         path = dirs.data_file(
             record.get("directory_name"), run_number, suffix, tag if isinstance(tag, str) else None
         )
@@ -169,7 +269,9 @@ def check_run(run_file: Path, rate_multiplicator: int = 0) -> CheckResult:
 Checker = Callable[[h5py.File, list[str], Expected, dict[str, Any]], list[str]]
 
 
-def _sources(record: dict[str, Any]) -> list[tuple[str, list[str], Checker]]:
+def _sources(
+    record: dict[str, Any], layouts: dict[str, DetectorLayout]
+) -> list[tuple[str, list[str], Checker]]:
     """(file suffix, names, checker) of each source the run asked for."""
     sources: list[tuple[str, list[str], Checker]] = []
     for key, kind, checker in (
@@ -179,8 +281,8 @@ def _sources(record: dict[str, Any]) -> list[tuple[str, list[str], Checker]]:
     ):
         if record.get(key):
             sources.append((FILE_SUFFIX[kind], list(record[key]), checker))
-    for detector in record.get("detectors") or {}:
-        sources.append((detector, [detector], _check_detector))
+    for detector, layout in layouts.items():
+        sources.append((detector, [detector], functools.partial(_check_detector, layout)))
     return sources
 
 
@@ -378,9 +480,35 @@ def _changed_in_interval(
 
 
 def _check_detector(
-    file: h5py.File, names: list[str], expected: Expected, details: dict[str, Any]
+    layout: DetectorLayout,
+    file: h5py.File,
+    names: list[str],
+    expected: Expected,
+    details: dict[str, Any],
 ) -> list[str]:
-    """A Jungfrau file (SPEC §5.4): one row per beam pulse of the range, bad frames flagged.
+    """A Jungfrau file (SPEC §5.4): its data groups (one, or one per region of interest)."""
+    (detector,) = names
+    expected = layout.expected(expected)
+    problems: list[str] = []
+    for name, roi in layout.groups(detector):
+        group = file.get(f"data/{name}")
+        if not isinstance(group, h5py.Group):
+            problems.append(f"{detector} has no group /data/{name}")
+            continue
+        problems += _check_detector_group(group, name, roi, layout, expected, details)
+    return problems
+
+
+def _check_detector_group(
+    group: h5py.Group,
+    name: str,
+    roi: tuple[int, int, int, int] | None,
+    layout: DetectorLayout,
+    expected: Expected,
+    details: dict[str, Any],
+) -> list[str]:
+    """One data group: one row per beam pulse of the range (or of the selection), bad frames
+    flagged.
 
     As in the facility's check, the pulse ids in the file are counted against the beam pulses
     and the rows not flagged good are counted apart. A row whose frame never came whole keeps
@@ -388,11 +516,7 @@ def _check_detector(
     it is a bad frame *and* a pulse without data, as the worker's own report says; order and
     range are judged on the pulse ids that are there.
     """
-    (detector,) = names
-    group = file.get(f"data/{detector}")
-    if not isinstance(group, h5py.Group):
-        return [f"{detector} has no group /data/{detector}"]
-    problems = _missing_datasets(group, detector, DETECTOR_DATASETS)
+    problems = _missing_datasets(group, name, DETECTOR_DATASETS)
     if problems:
         return problems
     requested = "requested_pulse_id" in group
@@ -400,29 +524,84 @@ def _check_detector(
     pulse_ids = _column(group, "pulse_id")
     lengths = [ds for ds in columns if len(group[ds]) != pulse_ids.size]
     if lengths:
-        return [f"{detector} length of {','.join(lengths)} is not consistent with pulse_id"]
+        return [f"{name} length of {','.join(lengths)} is not consistent with pulse_id"]
+    if roi is not None:
+        problems += _region(group, name, roi)
     present = pulse_ids != 0
-    found = pulse_ids[present]
-    problems += _order(detector, found)
-    problems += _count(detector, found, expected, details)
-    foreign = int(np.count_nonzero(~np.isin(found, expected.pulses)))
-    if foreign:
-        problems.append(f"{detector} has {foreign} frames outside the requested beam pulses")
+    problems += _order(name, pulse_ids[present])
+    problems += _frames_of_pulses(group, name, present, layout, expected, details)
     if requested:
         other = int(np.count_nonzero(present & (pulse_ids != _column(group, "requested_pulse_id"))))
         if other:
-            problems.append(f"{detector} {other} frames are not of the pulse their row is for")
+            problems.append(f"{name} {other} frames are not of the pulse their row is for")
     good = np.asarray(group["is_good_frame"][()]).ravel() == 1
     bad = int(np.count_nonzero(~good))
-    details[detector].update(
+    details[name].update(
         frames=int(pulse_ids.size), bad_frames=bad, frames_without_pulse_id=int((~present).sum())
     )
     if bad:
-        problems.append(f"{detector} there are bad frames : {bad} out of {pulse_ids.size}")
+        problems.append(f"{name} there are bad frames : {bad} out of {pulse_ids.size}")
+    return problems + _readable(group, name)
+
+
+def _frames_of_pulses(
+    group: h5py.Group,
+    name: str,
+    present: npt.NDArray[np.bool_],
+    layout: DetectorLayout,
+    expected: Expected,
+    details: dict[str, Any],
+) -> list[str]:
+    """The pulses the frames are of: every expected one (unless only pulse-picker events are
+    kept: then each frame must be one) and none other."""
+    found = _column(group, "pulse_id")[present]
+    if layout.ppicker_only:
+        details[name] = {"pulse_picker_events": int(found.size)}
+        events = has_bit(_column(group, "daq_rec")[present], PPICKER_BIT)
+        others = int(np.count_nonzero(~events))
+        problems = (
+            []
+            if not others
+            else [f"{name} {others} frames are not pulse-picker events (daq_rec bit {PPICKER_BIT})"]
+        )
+    else:
+        problems = _count(name, found, expected, details)
+    if layout.selected_pulse_ids:
+        details[name]["selected_pulse_ids"] = int(expected.pulses.size)
+    foreign = int(np.count_nonzero(~np.isin(found, expected.pulses)))
+    if foreign:
+        outside = "selected pulse ids" if layout.selected_pulse_ids else "requested beam pulses"
+        problems.append(f"{name} has {foreign} frames outside the {outside}")
+    return problems
+
+
+def _region(group: h5py.Group, name: str, roi: tuple[int, int, int, int]) -> list[str]:
+    """A region's frames are the region's size, and its ``meta/roi`` (when written) is it."""
+    y1, y2, x1, x2 = roi
+    problems = []
+    shape = tuple(group["data"].shape[1:])
+    if shape != (y2 - y1, x2 - x1):
+        shown = " x ".join(map(str, shape))
+        problems.append(
+            f"{name} frames are {shown}, the roi [{y1}, {y2}, {x1}, {x2}] makes "
+            f"{y2 - y1} x {x2 - x1}"
+        )
+    stored = group.get("meta/roi")
+    if isinstance(stored, h5py.Dataset):
+        written = np.asarray(stored[()]).tolist()
+        if written != [[y1, y2], [x1, x2]]:
+            problems.append(
+                f"{name} meta/roi is {written}, the run asked for [[{y1}, {y2}], [{x1}, {x2}]]"
+            )
+    return problems
+
+
+def _readable(group: h5py.Group, name: str) -> list[str]:
+    """The first and last frame decode (filters, chunks)."""
     data = group["data"]
     try:
         if len(data):
-            data[0], data[len(data) - 1]  # the first and last frame decode (filters, chunks)
+            data[0], data[len(data) - 1]
     except (OSError, ValueError) as exc:
-        problems.append(f"{detector} data cannot be read : {exc}")
-    return problems
+        return [f"{name} data cannot be read : {exc}"]
+    return []

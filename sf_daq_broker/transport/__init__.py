@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from sf_daq_broker.transport.base import HandoverError, JobDelivery, StatusSubscription, Transport
+from sf_daq_broker.transport.base import (
+    REJECTED_BY_WORKER,
+    DeadLetter,
+    HandoverError,
+    JobDelivery,
+    StatusSubscription,
+    Transport,
+)
 
 __all__ = [
+    "REJECTED_BY_WORKER",
+    "DeadLetter",
     "HandoverError",
     "JobDelivery",
     "StatusSubscription",

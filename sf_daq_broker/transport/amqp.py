@@ -8,6 +8,14 @@ Topology (all durable, names under a configurable prefix, default ``sf-daq``):
   jobs for a person to look at;
 - ``{prefix}.status``: fanout exchange of status events.
 
+A message that cannot be decoded (a poison message: not JSON, not a job, a newer format) is
+copied into the dead-letter queue with the reason in its ``x-sf-daq-reason`` header and the queue
+it came from in ``x-sf-daq-origin``, and acknowledged once RabbitMQ confirmed the copy: the
+consumer goes on with the next message, and a person sees in the dead-letter queue what came
+and why it was refused. (Rejecting it into the queue's dead-letter exchange would keep the
+message but lose the reason, which RabbitMQ cannot carry; a crash between the confirmed copy
+and the ack leaves a second copy, never none.)
+
 Broker and workers both declare the whole topology with the same arguments, so whichever
 starts first creates it, and a job published while no worker runs waits in its queue. Jobs are
 persistent messages published with confirms and ``mandatory``: ``publish_jobs`` returns only
@@ -18,8 +26,9 @@ error instead of a silent drop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import aio_pika
 from aio_pika.abc import (
@@ -31,8 +40,10 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
-from sf_daq_broker.jobs import Job, SourceKind, StatusEvent
+from sf_daq_broker.jobs import Job, SourceKind, StatusEvent, UndecodableMessage
 from sf_daq_broker.transport.base import (
+    REJECTED_BY_WORKER,
+    DeadLetter,
     HandoverError,
     JobDelivery,
     StatusSubscription,
@@ -47,6 +58,11 @@ PUBLISH_TIMEOUT = 10.0
 STATUS_QUEUE_LIMIT = 1_000_000
 #: Name of the broker's own durable status queue (below the prefix).
 BROKER_STATUS_QUEUE = "broker"
+#: Headers of a message moved to the dead-letter queue because it could not be decoded.
+REASON_HEADER = "x-sf-daq-reason"
+ORIGIN_HEADER = "x-sf-daq-origin"
+#: A reason longer than this is cut (it lives in a message header).
+REASON_LIMIT = 2000
 
 
 class Topology:
@@ -66,11 +82,7 @@ class Topology:
 
     async def declare(self, channel: AbstractChannel) -> AbstractExchange:
         """Declare everything; returns the jobs exchange."""
-        dead_letter = await channel.declare_exchange(
-            self.dead_letter, aio_pika.ExchangeType.FANOUT, durable=True
-        )
-        dead_queue = await channel.declare_queue(self.dead_letter, durable=True)
-        await dead_queue.bind(dead_letter)
+        await self.declare_dead_letter(channel)
         jobs = await channel.declare_exchange(
             self.jobs_exchange, aio_pika.ExchangeType.TOPIC, durable=True
         )
@@ -79,6 +91,15 @@ class Topology:
             await queue.bind(jobs, routing_key=kind.value)
         await self.declare_status(channel)
         return jobs
+
+    async def declare_dead_letter(self, channel: AbstractChannel) -> AbstractExchange:
+        """The dead-letter exchange, and its queue bound to it."""
+        dead_letter = await channel.declare_exchange(
+            self.dead_letter, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        dead_queue = await channel.declare_queue(self.dead_letter, durable=True)
+        await dead_queue.bind(dead_letter)
+        return dead_letter
 
     async def declare_status(self, channel: AbstractChannel) -> AbstractExchange:
         return await channel.declare_exchange(
@@ -102,9 +123,16 @@ class Topology:
 
 
 class AmqpDelivery(JobDelivery):
-    def __init__(self, message: AbstractIncomingMessage) -> None:
+    def __init__(self, message: AbstractIncomingMessage, kind: SourceKind | None = None) -> None:
+        """Raises UndecodableMessage if the message carries no job this program can read, or
+        (given the queue's ``kind``) a job of another kind, which this queue's worker would
+        write with the wrong source."""
         self._message = message
         self.job = Job.from_json(message.body)
+        if kind is not None and self.job.kind is not kind:
+            raise UndecodableMessage(
+                f"misrouted job message: a {self.job.kind} job in the {kind} queue"
+            )
         self.redelivered = bool(message.redelivered)
 
     async def ack(self) -> None:
@@ -114,16 +142,74 @@ class AmqpDelivery(JobDelivery):
         await self._message.reject(requeue=False)  # dead-letters through the queue's DLX
 
 
+class _Refuser:
+    """Moves messages that cannot be decoded to the dead-letter queue, with the reason (see the
+    module's docstring), and counts them."""
+
+    def __init__(self, topology: Topology) -> None:
+        self._topology = topology
+        #: Messages refused since this process started.
+        self.count = 0
+
+    async def refuse(
+        self, channel: AbstractChannel, message: AbstractIncomingMessage, origin: str, reason: str
+    ) -> None:
+        self.count += 1
+        reason = reason if len(reason) <= REASON_LIMIT else reason[: REASON_LIMIT - 1] + "…"
+        destination = self._topology.dead_letter
+        log.error("a message of %s cannot be decoded, moved to %s: %s", origin, destination, reason)
+        copy = aio_pika.Message(
+            message.body,
+            headers={**(message.headers or {}), REASON_HEADER: reason, ORIGIN_HEADER: origin},
+            content_type=message.content_type,
+            message_id=message.message_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        try:
+            exchange = await self._topology.declare_dead_letter(channel)
+            await exchange.publish(copy, routing_key="", mandatory=True, timeout=PUBLISH_TIMEOUT)
+            await message.ack()
+        except Exception as exc:
+            # Never left unsettled at the head of its queue: a job queue dead-letters it
+            # without the reason (this log line has it); a status queue drops it. If the
+            # channel is gone, RabbitMQ gives it back and the next consumer tries again.
+            log.warning(
+                "the undecodable message of %s was not moved to %s (%s): rejected instead",
+                origin,
+                destination,
+                _describe(exc),
+            )
+            with contextlib.suppress(Exception):
+                await message.reject(requeue=False)
+
+
 class _AmqpSubscription(StatusSubscription):
-    def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
+    """Status events of one queue. An undecodable message of a durable queue (the broker's) is
+    moved to the dead-letter queue and skipped; one of a private queue (a listener such as the
+    debugger, which gets a copy of what the broker's queue dead-letters) is dropped, and
+    ``__anext__`` raises its UndecodableMessage so that the listener can say so and go on."""
+
+    def __init__(
+        self, channel: AbstractChannel, queue: AbstractQueue, refuser: _Refuser | None
+    ) -> None:
         self._channel = channel
         self._iterator = queue.iterator()
+        self._refuser = refuser
         self.queue_name = queue.name  # a private queue gets a generated name: tools show it
 
     async def __anext__(self) -> StatusEvent:
-        message = await self._iterator.__anext__()
-        async with message.process():
-            return StatusEvent.from_json(message.body)
+        while True:
+            message = await self._iterator.__anext__()
+            try:
+                event = StatusEvent.from_json(message.body)
+            except UndecodableMessage as exc:
+                if self._refuser is None:
+                    await message.ack()
+                    raise
+                await self._refuser.refuse(self._channel, message, self.queue_name, str(exc))
+                continue
+            await message.ack()
+            return event
 
     async def close(self) -> None:
         await self._iterator.close()
@@ -144,6 +230,11 @@ class AmqpTransport(Transport):
         self._jobs_exchange: AbstractExchange | None = None
         self._status_exchange: AbstractExchange | None = None
         self._connect_lock = asyncio.Lock()
+        self._refuser = _Refuser(self.topology)
+
+    @property
+    def refused_messages(self) -> int:
+        return self._refuser.count
 
     async def connect(self) -> None:
         async with self._connect_lock:
@@ -214,7 +305,9 @@ class AmqpTransport(Transport):
                     handed_over,
                 ) from outcome
 
-    async def consume_jobs(self, kind: SourceKind, prefetch: int = 1) -> AsyncIterator[JobDelivery]:
+    async def consume_jobs(
+        self, kind: SourceKind, prefetch: int = 1
+    ) -> AsyncGenerator[JobDelivery, None]:
         connection = await self._connection_or_fail()
         # A channel per consumer: its prefetch is its own, and closing it returns the jobs it
         # had not settled to the queue (RabbitMQ redelivers them to another consumer).
@@ -224,7 +317,12 @@ class AmqpTransport(Transport):
             queue = await self.topology.declare_job_queue(channel, kind)
             async with queue.iterator() as messages:
                 async for message in messages:
-                    yield AmqpDelivery(message)
+                    try:
+                        delivery = AmqpDelivery(message, kind)
+                    except UndecodableMessage as exc:
+                        await self._refuser.refuse(channel, message, queue.name, str(exc))
+                        continue
+                    yield delivery
         finally:
             if not channel.is_closed:
                 await channel.close()
@@ -260,17 +358,57 @@ class AmqpTransport(Transport):
                 arguments={"x-max-length": STATUS_QUEUE_LIMIT},
             )
         await queue.bind(self.topology.status_exchange)
-        return _AmqpSubscription(channel, queue)
+        return _AmqpSubscription(channel, queue, None if queue_name is None else self._refuser)
 
-    async def take_dead_letters(self) -> list[Job]:
+    async def take_dead_letters(self) -> list[DeadLetter]:
         connection = await self._connection_or_fail()
         async with connection.channel() as channel:
             queue = await channel.declare_queue(self.topology.dead_letter, durable=True)
-            jobs = []
+            dead = []
             while (message := await queue.get(fail=False)) is not None:
-                jobs.append(Job.from_json(message.body))
+                dead.append(_dead_letter(message))
                 await message.ack()
-            return jobs
+            return dead
+
+    async def peek_dead_letters(self) -> list[DeadLetter]:
+        """What is in the dead-letter queue, left there: read unsettled on a channel of its
+        own, whose closing gives every message back in its place (flagged redelivered)."""
+        connection = await self._connection_or_fail()
+        channel = await connection.channel()
+        try:
+            try:
+                queue = await channel.declare_queue(self.topology.dead_letter, passive=True)
+            except aio_pika.exceptions.ChannelNotFoundEntity:
+                return []  # never declared: nothing was ever dead-lettered
+            dead = []
+            while (message := await queue.get(fail=False)) is not None:
+                dead.append(_dead_letter(message))
+            return dead
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+
+def _dead_letter(message: AbstractIncomingMessage) -> DeadLetter:
+    """A refused message has its reason in its headers; a rejected job RabbitMQ's x-death."""
+    headers = message.headers or {}
+    if REASON_HEADER in headers:
+        return DeadLetter(
+            _text(headers.get(ORIGIN_HEADER)), message.body, _text(headers[REASON_HEADER])
+        )
+    deaths = headers.get("x-death")
+    death = deaths[0] if isinstance(deaths, list) and deaths else {}
+    origin = _text(death.get("queue")) if isinstance(death, dict) else ""
+    try:
+        return DeadLetter(origin, message.body, REJECTED_BY_WORKER, Job.from_json(message.body))
+    except UndecodableMessage as exc:  # rejected by a program of another format version
+        return DeadLetter(origin, message.body, str(exc))
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return "" if value is None else str(value)
 
 
 def _without_password(url: str) -> str:

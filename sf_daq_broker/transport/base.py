@@ -5,13 +5,17 @@ Semantics both implementations keep (tests run the same scenarios on both):
 - a delivered job stays owned by its consumer until ``ack`` (done: gone for good) or
   ``reject`` (failed: moved to the dead-letter queue); a consumer that goes away without
   deciding gives the job back to the queue for another worker;
-- status events fan out to every status subscriber.
+- status events fan out to every status subscriber;
+- a message that cannot be decoded (``UndecodableMessage``) never reaches the consumer, never
+  blocks its queue and never stops the consumer: it goes to the dead-letter queue with the
+  reason, and ``take_dead_letters`` shows it as a ``DeadLetter`` without a job.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
 
 from sf_daq_broker.jobs import Job, SourceKind, StatusEvent
 
@@ -22,6 +26,23 @@ class HandoverError(Exception):
     def __init__(self, message: str, handed_over: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.handed_over = list(handed_over)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message of the dead-letter queue and why it is there: a job a worker rejected (its
+    ``write_rejected`` status event has the worker's reason), or a message that could not be
+    decoded (``job`` is None, ``body`` the bytes as they came, ``reason`` the decoder's)."""
+
+    #: The queue the message was taken from.
+    origin: str
+    body: bytes
+    reason: str
+    job: Job | None = None
+
+
+#: The reason of a job that a worker rejected (the worker says why in the job's status event).
+REJECTED_BY_WORKER = "rejected by a worker (its write_rejected status event says why)"
 
 
 class JobDelivery(abc.ABC):
@@ -59,8 +80,11 @@ class Transport(abc.ABC):
         """Queue every job durably, or raise HandoverError."""
 
     @abc.abstractmethod
-    def consume_jobs(self, kind: SourceKind, prefetch: int = 1) -> AsyncIterator[JobDelivery]:
-        """Deliveries of the queue of ``kind``, one by one, until the iterator is closed."""
+    def consume_jobs(
+        self, kind: SourceKind, prefetch: int = 1
+    ) -> AsyncGenerator[JobDelivery, None]:
+        """Deliveries of the queue of ``kind``, one by one, until the generator is closed
+        (``aclose()``: the consumer is cancelled and unacknowledged deliveries go back)."""
 
     @abc.abstractmethod
     async def publish_status(self, event: StatusEvent) -> None:
@@ -74,9 +98,15 @@ class Transport(abc.ABC):
         (a durable queue on RabbitMQ): events published meanwhile are delivered on return.
         """
 
+    @property
+    def refused_messages(self) -> int:
+        """Undecodable messages this process moved to the dead-letter queue so far."""
+        return 0
+
     @abc.abstractmethod
-    async def take_dead_letters(self) -> list[Job]:
-        """Remove and return the jobs that were rejected into the dead-letter queue."""
+    async def take_dead_letters(self) -> list[DeadLetter]:
+        """Remove and return what is in the dead-letter queue: rejected jobs and messages
+        that could not be decoded, each with its reason."""
 
 
 class StatusSubscription(abc.ABC):

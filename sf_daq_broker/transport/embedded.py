@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from sf_daq_broker.jobs import Job, SourceKind, StatusEvent
-from sf_daq_broker.transport.base import JobDelivery, StatusSubscription, Transport
+from sf_daq_broker.transport.base import (
+    REJECTED_BY_WORKER,
+    DeadLetter,
+    JobDelivery,
+    StatusSubscription,
+    Transport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +89,9 @@ class EmbeddedTransport(Transport):
         for job in jobs:
             self._queues[job.kind].put_nowait((job, False))
 
-    async def consume_jobs(self, kind: SourceKind, prefetch: int = 1) -> AsyncIterator[JobDelivery]:
+    async def consume_jobs(
+        self, kind: SourceKind, prefetch: int = 1
+    ) -> AsyncGenerator[JobDelivery, None]:
         queue = self._queues[kind]
         unsettled: list[EmbeddedDelivery] = []
         try:
@@ -114,6 +122,9 @@ class EmbeddedTransport(Transport):
     async def subscribe_status(self, queue_name: str | None = None) -> StatusSubscription:
         return _EmbeddedSubscription(self._subscribers)
 
-    async def take_dead_letters(self) -> list[Job]:
+    async def take_dead_letters(self) -> list[DeadLetter]:
         jobs, self.dead_letter_jobs = self.dead_letter_jobs, []
-        return jobs
+        return [
+            DeadLetter(f"embedded.jobs.{job.kind.value}", job.to_json(), REJECTED_BY_WORKER, job)
+            for job in jobs
+        ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Literal
 
 import bitshuffle
 import h5py
@@ -50,8 +51,8 @@ def event_bytes(ts: int, pid: int, value: bytes) -> bytes:
     return frame(1, struct.pack(">qq", ts, pid) + value)
 
 
-def decode(stream: bytes, chunk: int | None = None, **options: bool) -> list[object]:
-    decoder = FrameDecoder(**options)
+def decode(stream: bytes, chunk: int | None = None, *, decompress: bool = True) -> list[object]:
+    decoder = FrameDecoder(decompress=decompress)
     items: list[object] = []
     step = chunk or max(1, len(stream))
     for begin in range(0, len(stream), step):
@@ -298,7 +299,7 @@ def compressed_stream(values: np.ndarray, document: dict[str, object]) -> bytes:
 def test_compressed_values_decode_in_bulk_across_any_chunking(
     chunk: int | None, type_name: str, byte_order: str, shape: tuple[int, ...]
 ) -> None:
-    order = ">" if byte_order == "BIG_ENDIAN" else "<"
+    order: Literal[">", "<"] = ">" if byte_order == "BIG_ENDIAN" else "<"
     rng = np.random.default_rng(len(shape) * 100 + shape[0])
     native = (rng.integers(0, 100, (9, *shape)) - 50).astype(type_name)
     wire_shape = list(shape[::-1]) if len(shape) == 2 else list(shape)

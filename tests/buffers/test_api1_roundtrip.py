@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+from typing import Literal
 
 import aiohttp
 import numpy as np
 
 from sf_daq_broker.buffers.api1 import Api1Client
 from sf_daq_broker.buffers.api1_decoder import EventBatch
-from sf_daq_broker.buffers.api1_format import TYPES, ChannelHeader
+from sf_daq_broker.buffers.api1_format import TYPES, ByteOrder, ChannelHeader
 from sf_daq_broker.buffers.pulse_map import PulseMapClient
 from sf_daq_broker.simulation.channels import (
     ChannelSpec,
@@ -26,8 +27,10 @@ NUMERIC = [t for t in TYPES if t != "string"]
 
 def all_channels() -> list[ChannelSpec]:
     specs = [ChannelSpec(name="STRING", type="string", rate_divisor=3)]
+    orders: tuple[ByteOrder, ...] = ("BIG_ENDIAN", "LITTLE_ENDIAN")
+    compressions: tuple[Literal["none", "bitshuffle_lz4"], ...] = ("none", "bitshuffle_lz4")
     for type_name, order, shape, compression in itertools.product(
-        NUMERIC, ("BIG_ENDIAN", "LITTLE_ENDIAN"), ((), (7,), (5, 9)), ("none", "bitshuffle_lz4")
+        NUMERIC, orders, ((), (7,), (5, 9)), compressions
     ):
         name = f"{type_name}-{order}-{len(shape)}d-{compression}"
         specs.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -35,7 +36,7 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def writer(tmp_path: Path, clock: ManualClock) -> JungfrauBufferWriter:
+def writer(tmp_path: Path, clock: ManualClock) -> Iterator[JungfrauBufferWriter]:
     jf = JungfrauBufferWriter(tmp_path / "buffer", [DET1, DET3], clock)
     yield jf
     jf.close()
@@ -43,7 +44,9 @@ def writer(tmp_path: Path, clock: ManualClock) -> JungfrauBufferWriter:
 
 def test_record_layout() -> None:
     assert fmt.RECORD_BYTES == 1_048_617 == 41 + 512 * 1024 * 2
-    offsets = {name: fmt.RECORD_DTYPE.fields[name][1] for name in fmt.RECORD_DTYPE.names}
+    fields, names = fmt.RECORD_DTYPE.fields, fmt.RECORD_DTYPE.names
+    assert fields is not None and names is not None
+    offsets = {name: fields[name][1] for name in names}
     assert offsets == {
         "marker": 0,
         "pulse_id": 1,

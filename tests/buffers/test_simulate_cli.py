@@ -86,8 +86,9 @@ async def check_services(addresses: dict[str, str], tmp_path: Path) -> None:
         with pytest.raises(BufferServerError):  # every buffer answers 500 once
             await imagebuffer.fetch([camera.name], start_ns, end_ns)
         images = await imagebuffer.fetch([camera.name], start_ns, end_ns)
-    assert images.channels[camera.name].values is not None
-    assert images.channels[camera.name].values.shape == (20, *camera.shape)
+    values = images.channels[camera.name].values
+    assert values is not None
+    assert values.shape == (20, *camera.shape)
     async with ArchiverClient(addresses["archiver"]) as archiver:
         with pytest.raises(BufferServerError):
             await archiver.query(["SARUN:FELPHOTENE"], start_ns, end_ns)

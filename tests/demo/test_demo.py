@@ -118,7 +118,7 @@ def test_ctrl_c_mid_run_stops_everything(tmp_path: Path) -> None:
         seen: list[str] = []
         assert process.stdout is not None
         stdout = process.stdout
-        reader = threading.Thread(target=lambda: [lines.put(line) for line in stdout])
+        reader = threading.Thread(target=lambda: list(map(lines.put, stdout)))
         reader.start()
 
         def accepted() -> bool:
@@ -178,7 +178,7 @@ def test_ctrl_c_on_an_idle_stay_exits_130() -> None:
         seen: list[str] = []
         assert process.stdout is not None
         stdout = process.stdout
-        reader = threading.Thread(target=lambda: [lines.put(line) for line in stdout])
+        reader = threading.Thread(target=lambda: list(map(lines.put, stdout)))
         reader.start()
 
         def ready() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import random
@@ -45,6 +46,11 @@ def broker_healthy(port: int) -> bool:
         return False
 
 
+def _up_or_exited(port: int, process: subprocess.Popen[bytes]) -> bool:
+    """Stop waiting for a broker that is up, or that has died (its log says why)."""
+    return broker_healthy(port) or process.poll() is not None
+
+
 @pytest.fixture
 def two_brokers(data_root: Path, tmp_path: Path) -> Iterator[list[int]]:
     env = dict(
@@ -80,7 +86,7 @@ def two_brokers(data_root: Path, tmp_path: Path) -> Iterator[list[int]]:
     try:
         for port, (process, _) in zip(ports, processes, strict=True):
             wait_until(
-                lambda p=port, proc=process: broker_healthy(p) or proc.poll() is not None,
+                functools.partial(_up_or_exited, port, process),
                 timeout=30,
                 what=f"broker on port {port}",
             )

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from sf_daq_broker.api.app import create_app
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent, job_id_for
-from sf_daq_broker.transport import HandoverError, Transport
+from sf_daq_broker.transport import REJECTED_BY_WORKER, DeadLetter, HandoverError, Transport
 from sf_daq_broker.transport.amqp import AmqpTransport, Topology
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from tests.support import async_wait_until
@@ -104,14 +104,14 @@ async def test_reject_dead_letters(transport: Transport) -> None:
     consumer, delivery = await next_delivery(transport, SourceKind.DATABUFFER)
     await delivery.reject()
     await consumer.aclose()
-    dead: list[Job] = []
+    dead: list[DeadLetter] = []
 
     async def collected() -> bool:
         dead.extend(await transport.take_dead_letters())
         return bool(dead)
 
     await async_wait_until(collected, timeout=10, what="the dead-lettered job")
-    assert dead == [sample_job(4)]
+    assert [(d.job, d.reason) for d in dead] == [(sample_job(4), REJECTED_BY_WORKER)]
 
 
 async def test_prefetch_one_holds_back_the_second_job(transport: Transport) -> None:

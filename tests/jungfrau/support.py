@@ -55,6 +55,6 @@ def random_raw(n_frames: int, n_modules: int, seed: int = 1) -> npt.NDArray[np.u
     shape = (n_frames, 512 * n_modules, 1024)
     adc = rng.integers(0, 0x4000, shape, dtype=np.uint16)
     code = rng.choice(np.array([0, 1, 2, 3], dtype=np.uint16), shape, p=[0.9, 0.05, 0.01, 0.04])
-    raw = (code << 14) | adc
+    raw = ((code << 14) | adc).astype(np.uint16, copy=False)
     raw.reshape(-1)[::9973] = 0xC000
     return raw

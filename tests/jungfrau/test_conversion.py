@@ -32,9 +32,8 @@ def test_rounding_is_half_to_even() -> None:
 def test_int32_wraps_like_the_reference_and_nan_inf_become_zero() -> None:
     # gain 1e-6 ADU/keV: 16383 ADU -> 1.6383e10 keV, beyond int32, inside int64: wraps.
     values = _single(1e-6, 0.0, 1.0, [16383, 1000, 0])
-    expected = np.rint(
-        (np.float32([16383, 1000, 0]) - np.float32(0)) * (np.float32(1) / np.float32(1e-6))
-    )
+    adc = np.array([16383, 1000, 0], dtype=np.float32)
+    expected = np.rint((adc - np.float32(0)) * (np.float32(1) / np.float32(1e-6)))
     assert values == expected.astype(np.int64).astype(np.int32).tolist()
     assert values[0] != int(expected[0])  # it really wrapped
     # beyond int64 (gain 1e-30) and inf (gain 0) give 0, as does NaN (0 * inf)
@@ -115,7 +114,7 @@ def test_pixel_mask_in_output_geometry() -> None:
     )
     pixel_mask = converter.pixel_mask
     assert pixel_mask.dtype == np.bool_ and pixel_mask.shape == converter.frame_shape
-    raw = random_raw(1, 4) | 0x0001  # no pixel converts to exactly 0 ...
+    raw = random_raw(1, 4) | np.uint16(0x0001)  # no pixel converts to exactly 0 ...
     out = converter.convert(raw)[0]
     # ... so the good pixels are exactly the nonzero output pixels
     np.testing.assert_array_equal(pixel_mask, out != 0)

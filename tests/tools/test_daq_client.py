@@ -441,7 +441,7 @@ def test_plain_lines_without_tqdm(
     waiting = "waiting for pulse 1111 (the buffers are at 1000, about 1 s)"
     screen = io.StringIO()
     bars = daq_client.ProgressBars(screen)
-    for status in [
+    statuses: list[dict[str, Any]] = [
         {"state": "queued", "progress": {"done": None, "total": None}},
         {"state": "running", "progress": {"done": 0, "total": 100}, "message": waiting},
         {"state": "running", "progress": {"done": 0, "total": 100}, "message": waiting},
@@ -453,7 +453,8 @@ def test_plain_lines_without_tqdm(
             "started_at": 1.0,
             "finished_at": 2.0,
         },
-    ]:
+    ]
+    for status in statuses:
         bars.show({"BSDATA": status})
     bars.close()
     assert re.sub(r" \[\d\d:\d\d\]$", "", screen.getvalue(), flags=re.MULTILINE).splitlines() == [

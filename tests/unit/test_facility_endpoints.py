@@ -21,7 +21,12 @@ from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers.loop import _JobLog
 
 ALVRA_CONSOLE = {"X-Forwarded-For": "129.129.242.17"}
-RUN = {"pgroup": "p12345", "start_pulseid": 1000, "stop_pulseid": 1010, "channels_list": ["A"]}
+RUN: dict[str, Any] = {
+    "pgroup": "p12345",
+    "start_pulseid": 1000,
+    "stop_pulseid": 1010,
+    "channels_list": ["A"],
+}
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from sf_daq_broker.bookkeeping.atomic import partial_files
 from sf_daq_broker.buffers.errors import BufferServerError, DataAgedOut, StreamCut
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent, job_id_for
 from sf_daq_broker.jungfrau.errors import CalibrationError
-from sf_daq_broker.transport import JobDelivery, StatusSubscription, Transport
+from sf_daq_broker.transport import DeadLetter, JobDelivery, StatusSubscription, Transport
 from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers.lease import LeasePolicy, lease_path
@@ -230,14 +230,14 @@ async def test_failures_dead_letter_and_leave_no_file(
     assert not Path(job.output_file).exists()
     assert partial_files(Path(job.output_file)) == []
     assert f"failed, no file written: {reason}" in Path(job.log_file).read_text()
-    dead: list[Job] = []
+    dead: list[DeadLetter] = []
 
     async def dead_lettered() -> bool:
         dead.extend(await transport.take_dead_letters())
         return bool(dead)
 
     await async_wait_until(dead_lettered, what="the job in the dead-letter queue")
-    assert dead == [job]
+    assert [d.job for d in dead] == [job]
     await events.close()
 
 
@@ -262,14 +262,14 @@ async def test_a_job_that_cannot_be_started_is_rejected_and_the_worker_goes_on(
     assert [e.run_number for e in seen if e.action is Action.WRITE_FINISHED] == [2]
     assert Path(good.output_file).read_bytes() == b"complete file"
     assert source.calls == 1
-    dead: list[Job] = []
+    dead: list[DeadLetter] = []
 
     async def dead_lettered() -> bool:
         dead.extend(await transport.take_dead_letters())
         return bool(dead)
 
     await async_wait_until(dead_lettered, what="the broken job in the dead-letter queue")
-    assert dead == [broken]
+    assert [d.job for d in dead] == [broken]
     await events.close()
 
 
@@ -565,7 +565,7 @@ async def test_a_job_that_failed_before_is_dead_lettered_again(raw_dir: Path) ->
     await async_wait_until(lambda: not lease_path(job).exists(), what="lease gone")
     await stop(task)
     assert source.calls == 0
-    assert await transport.take_dead_letters() == [job]
+    assert [d.job for d in await transport.take_dead_letters()] == [job]
     assert "failed in an earlier delivery (aged out): rejected" in Path(job.log_file).read_text()
     (event,) = await collect_until(events, Action.WRITE_REJECTED)  # said again, for the status
     assert (event.job_id, event.message) == (job.job_id, "aged out")

@@ -86,7 +86,7 @@ def demo() -> Iterator[str]:
         seen: list[str] = []
         assert process.stdout is not None
         stdout = process.stdout
-        reader = threading.Thread(target=lambda: [lines.put(line) for line in stdout])
+        reader = threading.Thread(target=lambda: list(map(lines.put, stdout)))
         reader.start()
 
         def ready() -> bool:

@@ -345,12 +345,9 @@ async def test_a_run_page_shows_completeness_log_request_and_previews(
     assert "<td>15000001004, 15000001008</td>" in html
     assert '<p class="message error">pulses 1-2: Jungfrau buffer: aged out</p>' in html
     assert "line 99" in html and "line 60" in html and "line 59\n" not in html
-    assert (
-        json.loads(
-            re.search(r"<pre>(\{.*?)</pre>", html, re.DOTALL).group(1).replace("&#34;", '"')
-        )["directory_name"]
-        == "scan"
-    )
+    request_shown = re.search(r"<pre>(\{.*?)</pre>", html, re.DOTALL)
+    assert request_shown is not None
+    assert json.loads(request_shown.group(1).replace("&#34;", '"'))["directory_name"] == "scan"
     images = re.findall(r'<img class="preview preview-(\w+)" src="([^"]+)"', html)
     assert [kind for kind, _ in images] == ["channel", "channel", "camera"]  # not the failed one
     for kind, url in images:
@@ -359,7 +356,9 @@ async def test_a_run_page_shows_completeness_log_request_and_previews(
         assert response.content_type == "image/png"
         size = Image.open(io.BytesIO(await response.read())).size
         assert size == {"channel": (480, 240), "camera": (640, 420)}[kind]
-    pvs_url = re.search(r'data-fragment="([^"]+)"', html).group(1).replace("&amp;", "&")
+    fragment = re.search(r'data-fragment="([^"]+)"', html)
+    assert fragment is not None
+    pvs_url = fragment.group(1).replace("&amp;", "&")
     status, pvs = await page(client, pvs_url)
     assert status == 200
     assert '<td>15000000993</td><td class="value">7.25</td><td>no (value from before' in pvs
@@ -381,7 +380,7 @@ async def test_previews_are_computed_once_and_refused_for_what_is_not_there(
         return (await client.get("/page/preview.png", params=params)).status == 200
 
     await async_wait_until(detector_done, timeout=60, what="the detector preview")
-    previews = client.server.app[PAGE].previews
+    previews = client.app[PAGE].previews
     computed = previews.computed
     response = await client.get("/page/preview.png", params=params)
     assert Image.open(io.BytesIO(await response.read())).size == (960, 420)
@@ -447,7 +446,7 @@ async def test_the_live_stream_sends_each_changed_row(
     assert stream.status == 200
     assert stream.headers["Content-Type"] == "text/event-stream"
     await async_wait_until(
-        lambda: client.server.app[PAGE].hub.watching("p12345") == 1, what="the subscription"
+        lambda: client.app[PAGE].hub.watching("p12345") == 1, what="the subscription"
     )
     await retrieve(client, CHANNELS_ONLY)
     event = await next_event(stream)
@@ -465,7 +464,7 @@ async def test_the_live_stream_sends_each_changed_row(
     await transport.publish_status(
         StatusEvent.for_job(Action.WRITE_FINISHED, jobs["BSDATA"], "ok", total=50, report=COMPLETE)
     )
-    states = []
+    states: list[str] = []
     while not states or states[-1] != "done":
         event = await next_event(stream)
         assert event["run"] == 1
@@ -475,7 +474,7 @@ async def test_the_live_stream_sends_each_changed_row(
     assert glances(event["html"]) == {"BSDATA": "complete"}
     stream.close()
     await async_wait_until(
-        lambda: client.server.app[PAGE].hub.watching("p12345") == 0, what="the page to go"
+        lambda: client.app[PAGE].hub.watching("p12345") == 0, what="the page to go"
     )
 
 
@@ -519,7 +518,7 @@ async def test_older_runs_page_by_page_and_filters_look_further_back(
     await delivery.ack()
     await consumer.aclose()
     await transport.publish_status(StatusEvent.for_job(Action.WRITE_REJECTED, delivery.job, "x"))
-    store = client.server.app[STATUS]
+    store = client.app[STATUS]
     dirs = PgroupDirs("bernina", "p12345", raw_dir)
 
     def numbers(**options: Any) -> tuple[list[int], int | None]:

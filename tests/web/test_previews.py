@@ -180,7 +180,7 @@ async def test_the_service_computes_once_caches_and_refuses_a_flood() -> None:
             service.get("d", pow, 4, 2),
             return_exceptions=True,
         )
-        assert results[:2] == [1024, 27]
+        assert list(results[:2]) == [1024, 27]
         assert isinstance(results[2], PreviewBusy)
 
         # The second picture pushes out the least recently used entry, the first picture.

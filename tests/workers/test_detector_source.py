@@ -205,7 +205,7 @@ async def test_converted_files_equal_the_kernel(system: System) -> None:
     outcomes.update(await system.outcomes(2))
     assert {e.action for e in outcomes.values()} == {Action.WRITE_FINISHED}
     pids = pulses()
-    cases = [
+    cases: list[tuple[int, str, dict[str, Any], type]] = [
         (first, ONE, {}, np.float32),
         (first, FOUR, {"factor": 12.4, "disabled_modules": (1,)}, np.int32),
         (second, ONE, {"factor": 0.5}, np.int32),

@@ -31,7 +31,7 @@ from sf_daq_broker.simulation.archiver import (
 from sf_daq_broker.simulation.channels import ChannelSpec, channel_pulse_ids, expected_values
 from sf_daq_broker.simulation.clock import ManualClock
 from sf_daq_broker.simulation.faults import ALL, PulseSelection
-from sf_daq_broker.transport import StatusSubscription, Transport
+from sf_daq_broker.transport import REJECTED_BY_WORKER, StatusSubscription, Transport
 from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers import api1_source
@@ -216,25 +216,25 @@ async def test_three_files_hold_exactly_the_simulated_values(system: System, raw
     with h5py.File(raw_dir / "run_000001.PVCHANNELS.h5") as file:
         assert dict(file.attrs)["pgroup"] == "p12345"
         assert sorted(file) == sorted(p.name for p in PVS)
-        for spec in PVS:
+        for pv in PVS:
             ks = range(
-                last_change_at_or_before(spec, start_ns - 1),
-                last_change_at_or_before(spec, end_ns - 1) + 1,
+                last_change_at_or_before(pv, start_ns - 1),
+                last_change_at_or_before(pv, end_ns - 1) + 1,
             )
-            times = [pv_change_time(spec, k) for k in ks]
-            group = file[spec.name]
+            times = [pv_change_time(pv, k) for k in ks]
+            group = file[pv.name]
             assert group["timestamp"][:].tolist() == times
             assert group["changed_in_interval"][:].tolist() == [t >= start_ns for t in times]
             assert group["changed_in_interval"].dtype == np.bool_
             assert group["pulse_id"][:].tolist() == [
                 pulse_at_or_before(system.clock, t) for t in times
             ]
-            values = [expected_pv_value(spec, k) for k in ks]
-            if spec.type == "string":
+            values = [expected_pv_value(pv, k) for k in ks]
+            if pv.type == "string":
                 assert group["data"].asstr()[:].tolist() == values
             else:
-                assert group["data"].dtype == np.dtype(spec.type)
-                np.testing.assert_array_equal(group["data"][:], np.array(values, spec.type))
+                assert group["data"].dtype == np.dtype(pv.type)
+                np.testing.assert_array_equal(group["data"][:], np.array(values, pv.type))
         # the fast PVs changed inside the run; the slow one only has its value at the start
         assert file["SAR:PV-F64/changed_in_interval"][:].sum() >= 3
         assert file["SAR:PV-WAVE/data"].shape[1] == 4
@@ -383,7 +383,9 @@ async def test_persistent_http_500_is_dead_lettered_with_buffer_range_and_reason
         return bool(dead)
 
     await async_wait_until(dead_lettered, what="the job in the dead-letter queue")
-    assert [job.source for job in dead] == ["BSDATA"]
+    assert [(d.job.source if d.job else None, d.reason) for d in dead] == [
+        ("BSDATA", REJECTED_BY_WORKER)
+    ]
     assert not (raw_dir / "run_000001.BSDATA.h5").exists()
     assert not list(raw_dir.glob(".*.partial"))
     status = await (await system.broker.get("/run_status?pgroup=p12345&run_number=1")).json()

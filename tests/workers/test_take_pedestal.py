@@ -278,9 +278,9 @@ async def test_a_pedestal_recovers_the_true_pedestals_and_the_next_run_uses_it(
     gain_file, _ = system.simulation.calibration_files[DETECTOR]
     converter = Converter.from_files(DETECTOR, gain_file, installed, ConversionOptions())
     writer = system.simulation.jungfrau
-    raw = np.stack(
-        [writer.expected_record(DETECTOR, 0, pid)["data"][0] for pid in range(start, start + 8)]
-    )
+    records = [writer.expected_record(DETECTOR, 0, pid) for pid in range(start, start + 8)]
+    raw = np.stack([record["data"][0] for record in records if record is not None])
+    assert len(raw) == 8
     with h5py.File(system.raw_dir / f"run_{run:06d}.{DETECTOR}.h5") as file:
         np.testing.assert_array_equal(file[f"data/{DETECTOR}/data"][:], converter.convert(raw))
 
