@@ -44,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -747,16 +747,14 @@ async def _next(consumer: AsyncIterator[JobDelivery]) -> JobDelivery:
 
 
 async def _close_consumer(
-    consumer: AsyncIterator[JobDelivery], pull: asyncio.Task[JobDelivery] | None
+    consumer: AsyncGenerator[JobDelivery, None], pull: asyncio.Task[JobDelivery] | None
 ) -> None:
     """Stop waiting for a delivery, then close the consumer (its unsettled deliveries go back
     to the queue)."""
     if pull is not None and not pull.done():
         pull.cancel()
         await asyncio.wait([pull])
-    closing = getattr(consumer, "aclose", None)
-    if closing is not None:
-        await closing()
+    await consumer.aclose()
 
 
 def _remove_leftovers(directory: ConfinedDir, final_name: str, keep: str) -> None:
