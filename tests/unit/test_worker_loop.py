@@ -377,8 +377,9 @@ async def test_jobs_whose_data_is_ready_take_turns_at_work(
     await stop(task)
     assert sorted(source.runs) == [1, 2]
     assert source.most_at_work == 1
+    # (the second may be published first: the first one's event follows its work slot)
     finished = [e.run_number for e in seen if e.action is Action.WRITE_FINISHED]
-    assert finished == source.runs
+    assert sorted(finished) == [1, 2]
     for run in (1, 2):
         assert Path(make_job(raw_dir, run).output_file).read_bytes() == b"complete file"
     await events.close()
