@@ -709,6 +709,8 @@ class Worker:
                     job_log.warning("stopped while the job was being settled: settling it first")
                 stopped = exc
         if stopped is not None:
+            if not settling.cancelled():
+                settling.exception()  # looked at: the stop is what the caller hears
             raise stopped
         settling.result()
 
