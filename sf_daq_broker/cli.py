@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
+    from sf_daq_broker.transport.failures import plain_log_lines
+
+    plain_log_lines()  # no object reprs in the log, not even aio-pika's own lines
     status: int = args.func(args)
     return status
 

@@ -7,8 +7,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+#: How long a test waits for a condition by default: generous, so that a loaded machine (two
+#: cores, several test runs at once) is slow but never fails; a passing test does not wait it.
+PATIENCE = 60.0
 
-def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+
+def wait_until(
+    condition: Callable[[], Any], timeout: float = PATIENCE, what: str = "condition"
+) -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -21,7 +27,7 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = 
 
 
 async def async_wait_until(
-    condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
+    condition: Callable[[], Any], timeout: float = PATIENCE, what: str = "condition"
 ) -> Any:
     deadline = time.monotonic() + timeout
     while True:

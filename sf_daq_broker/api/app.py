@@ -18,14 +18,17 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from sf_daq_broker.api import detector_handlers, facility_handlers, handlers, pedestal_handlers
+from sf_daq_broker.api.handover import Handover
 from sf_daq_broker.api.metrics import BrokerMetrics
-from sf_daq_broker.api.state import METRICS, PULSE_SEARCH, SETTINGS, STATUS, TRANSPORT
+from sf_daq_broker.api.state import HANDOVER, METRICS, PULSE_SEARCH, SETTINGS, STATUS, TRANSPORT
 from sf_daq_broker.config import Settings
 from sf_daq_broker.errors import BrokerError
 from sf_daq_broker.status.follower import follow_status
+from sf_daq_broker.status.reconcile import ReconcilePolicy, Reconciler
 from sf_daq_broker.status.store import StatusStore
 from sf_daq_broker.transport import Transport, create_transport
 from sf_daq_broker.transport.amqp import BROKER_STATUS_QUEUE
+from sf_daq_broker.transport.failures import describe_failure, without_reprs
 from sf_daq_broker.web.app import setup_page
 
 log = logging.getLogger(__name__)
@@ -112,19 +115,28 @@ def _http_error_message(request: web.Request, exc: web.HTTPException) -> str:
     return exc.reason
 
 
-def create_app(settings: Settings, transport: Transport | None = None) -> web.Application:
+RECONCILE = web.AppKey("reconcile", ReconcilePolicy)
+
+
+def create_app(
+    settings: Settings,
+    transport: Transport | None = None,
+    reconcile: ReconcilePolicy | None = None,
+) -> web.Application:
     """The broker application; the transport defaults to the one the settings name.
 
-    The status store lives in ``settings.state_dir`` so /run_status survives restarts, and so
-    does the embedded queue's file (the jobs of a single-machine setup).
+    The status store, the outbox of accepted jobs (``handover``) and the embedded queue's
+    jobs live in ``settings.state_dir`` so /run_status, jobs waiting for RabbitMQ and the jobs
+    of a single-machine setup survive restarts.
     """
     app = web.Application(middlewares=[envelope], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[TRANSPORT] = transport or create_transport(
-        settings.amqp_url, settings.amqp_prefix, settings.state_dir
+        settings.amqp_url, settings.amqp_prefix, state_dir=settings.state_dir
     )
     app[METRICS] = BrokerMetrics()
     app[PULSE_SEARCH] = {}
+    app[RECONCILE] = reconcile or ReconcilePolicy()
     detector_handlers.install(app, settings)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
@@ -139,8 +151,10 @@ async def _transport_lifetime(app: web.Application) -> AsyncIterator[None]:
     try:
         await transport.connect()
     except Exception as exc:
-        # Start anyway: /health says what is wrong and requests get a 503 until it is back.
-        log.error("%s transport not reachable at start-up: %s", transport.name, exc)
+        # Start anyway: /health says what is wrong; accepted jobs wait in the outbox.
+        url = getattr(transport, "url", "")
+        reason = describe_failure(url, exc) if url else without_reprs(str(exc))
+        log.error("%s transport not reachable at start-up: %s", transport.name, reason)
     yield
     await transport.close()
 
@@ -148,9 +162,21 @@ async def _transport_lifetime(app: web.Application) -> AsyncIterator[None]:
 async def _status_lifetime(app: web.Application) -> AsyncIterator[None]:
     store = StatusStore(app[SETTINGS].state_dir / "status.sqlite")
     app[STATUS] = store
-    follower = asyncio.create_task(follow_status(app[TRANSPORT], store, BROKER_STATUS_QUEUE))
+    transport = app[TRANSPORT]
+    handover = await asyncio.to_thread(Handover.open, transport, store, app[SETTINGS].state_dir)
+    app[HANDOVER] = handover
+    handover.start()
+    reconciler = Reconciler(
+        transport, store, handover.waiting_job_ids, BROKER_STATUS_QUEUE, app[RECONCILE]
+    )
+    tasks = [
+        asyncio.create_task(follow_status(transport, store, BROKER_STATUS_QUEUE)),
+        asyncio.create_task(reconciler.run()),
+    ]
     yield
-    follower.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await follower
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await handover.close()
     store.close()

@@ -17,21 +17,21 @@ from aiohttp import web
 
 from sf_daq_broker import __version__
 from sf_daq_broker.api.caller import beamline_of, client_address
+from sf_daq_broker.api.handover import announce_queued
 from sf_daq_broker.api.horizon import buffers_now, check_range
 from sf_daq_broker.api.json_input import check_document, parse_json
 from sf_daq_broker.api.models import MAX_RUN_NUMBER
 from sf_daq_broker.api.openapi import OPERATIONS, openapi_document
-from sf_daq_broker.api.state import METRICS, SETTINGS, STATUS, TRANSPORT
+from sf_daq_broker.api.state import HANDOVER, METRICS, SETTINGS, STATUS, TRANSPORT
 from sf_daq_broker.bookkeeping.ledger import accept_request, close_pgroup, record_handover_failure
 from sf_daq_broker.bookkeeping.paths import PgroupDirs, open_pgroup
 from sf_daq_broker.bookkeeping.runs import allocate_run_number, read_last_run
 from sf_daq_broker.buffers.errors import BufferClientError
 from sf_daq_broker.buffers.horizon import WAITING_PREFIX
 from sf_daq_broker.errors import BadRequest, NotFound, Unavailable
-from sf_daq_broker.jobs import Action, StatusEvent
 from sf_daq_broker.pedestals.store import pedestals_in_use
 from sf_daq_broker.retrieval import module_count, parse_integer, parse_retrieve_request
-from sf_daq_broker.status.store import JobState, run_state
+from sf_daq_broker.status.store import WAITING_FOR_QUEUE, JobState, run_state
 from sf_daq_broker.transport import HandoverError
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ async def caller_pgroup(request: web.Request, params: dict[str, Any]) -> PgroupD
 
 
 async def retrieve_from_buffers(request: web.Request) -> web.Response:
-    settings, transport, store = request.app[SETTINGS], request.app[TRANSPORT], request.app[STATUS]
+    settings, store = request.app[SETTINGS], request.app[STATUS]
     body = await read_json_body(request)
     beamline = caller_beamline(request)
     parsed = parse_retrieve_request(
@@ -103,7 +103,7 @@ async def retrieve_from_buffers(request: web.Request) -> web.Response:
     run = accepted.run_number
     await asyncio.to_thread(store.record_queued, accepted.jobs)
     try:
-        await transport.publish_jobs(accepted.jobs)
+        waiting = await request.app[HANDOVER].submit(accepted.jobs)
     except HandoverError as exc:
         log.error("run %d of %s: jobs not handed over: %s", run, dirs.pgroup, exc)
         await asyncio.to_thread(
@@ -114,22 +114,19 @@ async def retrieve_from_buffers(request: web.Request) -> web.Response:
             f"run {run} of {dirs.pgroup} was recorded but its jobs could not be queued ({exc}); "
             "the run number is not reused: send the request again when the queue is back",
         ) from exc
-    await asyncio.gather(
-        *(
-            transport.publish_status(
-                StatusEvent.for_job(Action.WRITE_REQUEST, job, f"{job.source} job queued")
-            )
-            for job in accepted.jobs
-        )
+    waiting_ids = {job.job_id for job in waiting}
+    await announce_queued(
+        request.app[TRANSPORT], [job for job in accepted.jobs if job.job_id not in waiting_ids]
     )
     log.info(
-        "run %d of %s (%s): pulses %d-%d, %d jobs, request %s",
+        "run %d of %s (%s): pulses %d-%d, %d jobs%s, request %s",
         run,
         dirs.pgroup,
         beamline,
         parsed.start_pulseid,
         parsed.stop_pulseid,
         len(accepted.jobs),
+        f" ({len(waiting)} waiting for the queue)" if waiting else "",
         accepted.request_id,
     )
     return reply(
@@ -238,10 +235,16 @@ async def health(request: web.Request) -> web.Response:
     transport_ok = await transport.is_healthy()
     free = await asyncio.to_thread(free_bytes, settings.data_root)
     data_root_ok = free is not None and free >= settings.min_free_bytes
+    backlog = await asyncio.to_thread(request.app[HANDOVER].backlog)
+    age = backlog.oldest_age()
+    oldest = None if age is None else round(age, 1)  # one value for the field and the message
     fields: dict[str, Any] = {
         "version": __version__,
         "transport": transport.name,
         "transport_ok": transport_ok,
+        # Accepted jobs waiting in the broker's outbox for the queue (RabbitMQ away).
+        "handover_backlog": backlog.count,
+        "handover_oldest_age_seconds": oldest,
         "data_root": str(settings.data_root),
         "data_root_ok": data_root_ok,
         "data_root_free_bytes": free,
@@ -254,10 +257,15 @@ async def health(request: web.Request) -> web.Response:
         else f"data root {settings.data_root} is full ({free} bytes free, requests need "
         f"{settings.min_free_bytes})"
     )
+    transport_problem = f"{transport.name} transport is not reachable"
+    if backlog.count:
+        transport_problem += (
+            f" ({backlog.count} accepted jobs wait for it, the oldest for {oldest:.0f} s)"
+        )
     problems = [
         what
         for what, ok in (
-            (f"{transport.name} transport is not reachable", transport_ok),
+            (transport_problem, transport_ok),
             (data_root_problem, data_root_ok),
         )
         if not ok
@@ -343,6 +351,9 @@ def run_summary(run: str, state: str, jobs: list[dict[str, Any]], incomplete: li
     waiting = [job for job in jobs if job["message"].startswith(WAITING_PREFIX)]
     if waiting and state == JobState.RUNNING:
         line += f"; {waiting[0]['source']} {waiting[0]['message']}"
+    unqueued = [job["source"] for job in jobs if job["message"] == WAITING_FOR_QUEUE]
+    if unqueued and state in (JobState.QUEUED, JobState.RUNNING):
+        line += f"; {', '.join(unqueued)} {WAITING_FOR_QUEUE}"
     return line
 
 

@@ -28,7 +28,7 @@ from sf_daq_broker.api.handlers import (
     read_params,
     reply,
 )
-from sf_daq_broker.api.state import SETTINGS, STATUS, TRANSPORT
+from sf_daq_broker.api.state import HANDOVER, SETTINGS, STATUS, TRANSPORT
 from sf_daq_broker.bookkeeping.atomic import dump_json
 from sf_daq_broker.bookkeeping.ledger import request_time_now
 from sf_daq_broker.bookkeeping.paths import PEDESTAL_DIRECTORY, PgroupDirs, open_pgroup
@@ -69,16 +69,17 @@ async def take_pedestal(request: web.Request) -> web.Response:
     job = pedestal_job(parsed, dirs, files, settings, request_id, request_time)
     await asyncio.to_thread(request.app[STATUS].record_queued, [job])
     try:
-        await transport.publish_jobs([job])
+        waiting = await request.app[HANDOVER].submit([job])
     except HandoverError as exc:
         await asyncio.to_thread(request.app[STATUS].record_handover_failed, [job], str(exc), [])
         raise Unavailable(
             f"pedestal {files.name} of {dirs.pgroup} was recorded but could not be queued "
             f"({exc}): send the request again when the queue is back"
         ) from exc
-    await transport.publish_status(
-        StatusEvent.for_job(Action.WRITE_REQUEST, job, "pedestal job queued")
-    )
+    if not waiting:  # else announced when handed over
+        await transport.publish_status(
+            StatusEvent.for_job(Action.WRITE_REQUEST, job, "pedestal job queued")
+        )
     frames = expected_frames(settings, parsed)
     wait = frames / 100 * parsed.rate_multiplicator + 10
     log.info(

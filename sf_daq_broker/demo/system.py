@@ -264,7 +264,7 @@ class DemoSystem:
             settings = demo_settings(self.options, simulation)
             self.settings = settings
             broker_transport = create_transport(
-                settings.amqp_url, settings.amqp_prefix, settings.state_dir
+                settings.amqp_url, settings.amqp_prefix, state_dir=settings.state_dir
             )
             if settings.uses_amqp:
                 worker_transport = create_transport(settings.amqp_url, settings.amqp_prefix)

@@ -11,6 +11,7 @@ import logging
 
 from sf_daq_broker.status.store import StatusStore
 from sf_daq_broker.transport import Transport
+from sf_daq_broker.transport.failures import without_reprs
 
 log = logging.getLogger(__name__)
 
@@ -27,5 +28,8 @@ async def follow_status(transport: Transport, store: StatusStore, queue_name: st
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("status events not followed (%s); retrying in %.0f s", exc, RETRY_SECONDS)
+            reason = without_reprs(str(exc)) or exc.__class__.__name__
+            log.warning(
+                "status events not followed (%s); retrying in %.0f s", reason, RETRY_SECONDS
+            )
             await asyncio.sleep(RETRY_SECONDS)

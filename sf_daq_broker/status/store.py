@@ -5,6 +5,9 @@ transactions make each status event one atomic update. The store is fed from one
 broker's status follower) and read by /run_status and /metrics; it only ever holds small rows,
 so one file per broker is plenty. Events are applied in arrival order, which is the order each
 worker published them in; a job that is delivered again (a worker died) simply starts over.
+A job that ended (done or failed) moves back to running only on a ``write_start`` newer than
+its end: a start or progress event that waited in a worker's outbox through an outage and
+arrives after the job's end (its final event, or the reconciler's verdict) is old news.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from typing import Any
 from sf_daq_broker.jobs import Action, Job, StatusEvent
 
 log = logging.getLogger(__name__)
+
+#: The message of a job the broker accepted while RabbitMQ was away (``api.handover``).
+WAITING_FOR_QUEUE = "queued (waiting for the queue)"
 
 #: Called with (pgroup, run_number) after a change of that run's jobs is committed.
 Listener = Callable[[str, int], None]
@@ -126,6 +132,58 @@ class StatusStore:
             replace=True,
         )
 
+    def set_queued_message(self, job_ids: list[str], message: str) -> None:
+        """Say where a queued job waits (``WAITING_FOR_QUEUE`` in the broker's outbox, then
+        ``queued`` in RabbitMQ); a job that moved on meanwhile is left alone."""
+        with self._lock, self._db:
+            rows = self._db.execute(
+                f"SELECT DISTINCT pgroup, run_number FROM jobs WHERE job_id IN"
+                f" ({', '.join('?' * len(job_ids))})",
+                job_ids,
+            ).fetchall()
+            self._db.executemany(
+                "UPDATE jobs SET message = ?, updated_at = ? WHERE job_id = ? AND state = ?",
+                [(message, time.time(), job_id, JobState.QUEUED.value) for job_id in job_ids],
+            )
+        self._notify((row["pgroup"], row["run_number"]) for row in rows)
+
+    def unfinished(self) -> list[dict[str, Any]]:
+        """Jobs queued or running: job_id, pgroup, run_number, source, kind, file, state,
+        updated_at (what the reconciler judges)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id, pgroup, run_number, source, kind, file, state, updated_at"
+                " FROM jobs WHERE state IN (?, ?) ORDER BY rowid",
+                (JobState.QUEUED.value, JobState.RUNNING.value),
+            ).fetchall()
+        return [dict(row) for row in rows]
+
+    def conclude(self, job_id: str, seen_at: float, state: JobState, message: str) -> bool:
+        """End a job the reconciler found abandoned, unless it changed since ``seen_at`` (its
+        ``updated_at`` then): a status event that came in meanwhile wins. True if ended."""
+        now = time.time()
+        with self._lock, self._db:
+            changed = self._db.execute(
+                "UPDATE jobs SET state = ?, message = ?, finished_at = ?, updated_at = ?"
+                " WHERE job_id = ? AND updated_at = ? AND state IN (?, ?)",
+                (
+                    state.value,
+                    message,
+                    now,
+                    now,
+                    job_id,
+                    seen_at,
+                    JobState.QUEUED.value,
+                    JobState.RUNNING.value,
+                ),
+            ).rowcount
+            row = self._db.execute(
+                "SELECT pgroup, run_number FROM jobs WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        if changed and row is not None:
+            self._notify([(row["pgroup"], row["run_number"])])
+        return bool(changed)
+
     def _insert(self, jobs: list[Job], state: JobState, message: str, replace: bool) -> None:
         now = time.time()
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
@@ -184,6 +242,8 @@ class StatusStore:
             )
             if event.action is Action.WRITE_REQUEST:
                 return  # never moves a job back to queued
+            if self._is_old_news(event):
+                return
             updates: dict[str, Any] = {"state": state.value, "updated_at": now}
             if event.message:
                 updates["message"] = event.message
@@ -208,6 +268,21 @@ class StatusStore:
                 f"UPDATE jobs SET {assignments} WHERE job_id = ?",
                 [*updates.values(), event.job_id],
             )
+
+    def _is_old_news(self, event: StatusEvent) -> bool:
+        """A start or progress event of a job that ended after it (see the module docstring);
+        called under the lock."""
+        if event.action not in (Action.WRITE_START, Action.WRITE_PROGRESS):
+            return False
+        row = self._db.execute(
+            "SELECT state, finished_at FROM jobs WHERE job_id = ?", (event.job_id,)
+        ).fetchone()
+        if row is None or row["state"] not in (JobState.DONE.value, JobState.FAILED.value):
+            return False
+        ended = row["finished_at"]
+        if event.action is Action.WRITE_PROGRESS:
+            return True  # a job that starts over sends its start first
+        return ended is not None and event.timestamp <= ended
 
     def run_status(self, pgroup: str, run_number: int) -> list[dict[str, Any]]:
         """The jobs of one run, in the order they were queued."""

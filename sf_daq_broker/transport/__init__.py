@@ -25,15 +25,21 @@ __all__ = [
 
 
 def create_transport(
-    amqp_url: str, prefix: str = "sf-daq", state_dir: Path | None = None
+    amqp_url: str,
+    prefix: str = "sf-daq",
+    status_outbox: Path | None = None,
+    state_dir: Path | None = None,
 ) -> Transport:
-    """RabbitMQ when a URL is given, otherwise the embedded in-process transport, whose jobs
-    are kept in ``state_dir`` (the broker's, so that a restart resumes them; in memory
-    without one)."""
+    """RabbitMQ when a URL is given, otherwise the embedded in-process transport.
+
+    ``status_outbox``: where a worker keeps the status events RabbitMQ did not take yet.
+    ``state_dir``: where the embedded transport keeps its jobs (the broker's, so that a restart
+    resumes them; in memory without one).
+    """
     if amqp_url:
         from sf_daq_broker.transport.amqp import AmqpTransport
 
-        return AmqpTransport(amqp_url, prefix=prefix)
+        return AmqpTransport(amqp_url, prefix=prefix, status_outbox=status_outbox)
     from sf_daq_broker.transport.embedded import EmbeddedTransport
     from sf_daq_broker.transport.job_store import QUEUE_FILE
 

@@ -21,6 +21,15 @@ starts first creates it, and a job published while no worker runs waits in its q
 persistent messages published with confirms and ``mandatory``: ``publish_jobs`` returns only
 after RabbitMQ has taken responsibility for every job, and a job that no queue would take is an
 error instead of a silent drop.
+
+Status events are never dropped: one that cannot be sent now (RabbitMQ away, the channel
+closed) goes into an outbox (``outbox``) and is sent from there, in order, once RabbitMQ is
+back; while the outbox holds events every new one queues behind them, so a job's events keep
+their order. A worker gives its outbox a file (``status_outbox``), so the events also outlive
+a crash of the worker; without one (the broker's own ``write_request`` events, tests) the
+outbox is in memory and outlives the outage only.
+
+Messages about failures name them plainly (``failures``): never an aio-pika object repr.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Sequence
+from pathlib import Path
 
 import aio_pika
 from aio_pika.abc import (
@@ -49,6 +59,9 @@ from sf_daq_broker.transport.base import (
     StatusSubscription,
     Transport,
 )
+from sf_daq_broker.transport.failures import describe_failure, failure_kind
+from sf_daq_broker.transport.outbox import Entry, Outbox
+from sf_daq_broker.transport.outbox_sender import OutboxSender
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +190,7 @@ class _Refuser:
                 "the undecodable message of %s was not moved to %s (%s): rejected instead",
                 origin,
                 destination,
-                _describe(exc),
+                failure_kind(exc),
             )
             with contextlib.suppress(Exception):
                 await message.reject(requeue=False)
@@ -219,10 +232,19 @@ class _AmqpSubscription(StatusSubscription):
 class AmqpTransport(Transport):
     name = "rabbitmq"
 
-    def __init__(self, url: str, prefix: str = "sf-daq", declare_topology: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "sf-daq",
+        declare_topology: bool = True,
+        status_outbox: Path | None = None,
+    ) -> None:
         """``declare_topology=False`` for pure listeners (the debugger): they declare only the
-        status exchange, so they leave no durable job queues behind on a fresh server."""
+        status exchange, so they leave no durable job queues behind on a fresh server.
+        ``status_outbox``: the directory of the durable outbox of status events (workers)."""
         self.url = url
+        self.status_outbox_dir = status_outbox
+        self._status_sender: OutboxSender | None = None
         self.declare_topology = declare_topology
         self.topology = Topology(prefix)
         self._connection: AbstractRobustConnection | None = None
@@ -237,6 +259,9 @@ class AmqpTransport(Transport):
         return self._refuser.count
 
     async def connect(self) -> None:
+        sender = await self._status_outbox()
+        if sender.outbox.count:
+            sender.wake()  # events left by an outage or by an earlier process of this worker
         async with self._connect_lock:
             if self._connection is not None and not self._connection.is_closed:
                 return
@@ -253,6 +278,15 @@ class AmqpTransport(Transport):
             log.info("connected to RabbitMQ at %s", _without_password(self.url))
 
     async def close(self) -> None:
+        """Close; status events still in the outbox stay there (in its file, for the next
+        process of this worker; an in-memory outbox's are lost, and said so)."""
+        if self._status_sender is not None:
+            await self._status_sender.close()
+            outbox = self._status_sender.outbox
+            if outbox.count and outbox.path is None:
+                log.error("%d status events not sent: RabbitMQ did not come back", outbox.count)
+            await asyncio.to_thread(outbox.close)
+            self._status_sender = None
         if self._connection is not None:
             await self._connection.close()
         self._connection = self._channel = None
@@ -269,9 +303,7 @@ class AmqpTransport(Transport):
         try:
             await asyncio.wait_for(self.connect(), CONNECT_TIMEOUT * 2)
         except Exception as exc:
-            raise HandoverError(
-                f"RabbitMQ at {_without_password(self.url)} is not reachable: {_describe(exc)}"
-            ) from exc
+            raise HandoverError(describe_failure(self.url, exc)) from exc
         assert self._connection is not None
         return self._connection
 
@@ -301,7 +333,7 @@ class AmqpTransport(Transport):
         for job, outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 raise HandoverError(
-                    f"RabbitMQ did not take the {job.source} job: {_describe(outcome)}",
+                    f"RabbitMQ did not take the {job.source} job ({failure_kind(outcome)})",
                     handed_over,
                 ) from outcome
 
@@ -328,22 +360,95 @@ class AmqpTransport(Transport):
                 await channel.close()
 
     async def publish_status(self, event: StatusEvent) -> None:
+        """Sent and confirmed, or in the outbox (never raises: a status event that cannot be
+        sent now must never fail a job)."""
+        sender = await self._status_outbox()
+        if not sender.outbox.count:
+            try:
+                await self._send_status(event.to_json(), dict(event.headers()))
+                return
+            except Exception as exc:
+                log.warning(
+                    "status event %s of %s waits in the outbox: %s",
+                    event.action,
+                    event.job_id,
+                    describe_failure(self.url, exc),
+                )
+        await asyncio.to_thread(sender.outbox.put, [(event.job_id, event.to_json())])
+        sender.wake()
+
+    async def _send_status(self, body: bytes, headers: dict[str, str]) -> None:
+        await self._connection_or_fail()
+        assert self._status_exchange is not None
+        await self._status_exchange.publish(
+            aio_pika.Message(
+                body,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                headers=dict(headers),
+            ),
+            routing_key="",
+            mandatory=False,  # nobody listening is fine for status events
+            timeout=PUBLISH_TIMEOUT,
+        )
+
+    async def _send_status_entry(self, entry: Entry) -> None:
         try:
-            await self._connection_or_fail()
-            assert self._status_exchange is not None
-            await self._status_exchange.publish(
-                aio_pika.Message(
-                    event.to_json(),
-                    content_type="application/json",
-                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                    headers=dict(event.headers()),
-                ),
-                routing_key="",
-                mandatory=False,  # nobody listening is fine for status events
-                timeout=PUBLISH_TIMEOUT,
-            )
-        except Exception as exc:  # a lost status event must never fail a job
-            log.warning("status event %s of %s not sent: %s", event.action, event.job_id, exc)
+            headers = dict(StatusEvent.from_json(entry.body).headers())
+        except Exception:  # written by another version: the body is what matters
+            headers = {}
+        await self._send_status(entry.body, headers)
+
+    async def _status_outbox(self) -> OutboxSender:
+        """The outbox of status events, opened at first use (its file claimed for this
+        process: ``Outbox.claim``)."""
+        if self._status_sender is None:
+            if self.status_outbox_dir is None:
+                outbox = Outbox()
+            else:
+                outbox = await asyncio.to_thread(Outbox.claim, self.status_outbox_dir, "status")
+            if self._status_sender is None:  # not opened by another task meanwhile
+                self._status_sender = OutboxSender(
+                    outbox,
+                    self._send_status_entry,
+                    "status events",
+                    lambda exc: describe_failure(self.url, exc),
+                )
+            else:
+                await asyncio.to_thread(outbox.close)
+        return self._status_sender
+
+    def status_backlog(self) -> int:
+        """Status events waiting in the outbox for RabbitMQ."""
+        return 0 if self._status_sender is None else self._status_sender.outbox.count
+
+    async def job_queue_depths(self) -> dict[SourceKind, tuple[int, int]] | None:
+        """Ready messages and consumers of each job queue (passive declares), None if RabbitMQ
+        cannot be asked now. Messages delivered and not yet settled are not counted."""
+        try:
+            connection = await self._connection_or_fail()
+            async with connection.channel() as channel:
+                depths = {}
+                for kind in SourceKind:
+                    queue = await channel.declare_queue(self.topology.job_queue(kind), passive=True)
+                    result = queue.declaration_result
+                    depths[kind] = (result.message_count or 0, result.consumer_count or 0)
+                return depths
+        except Exception as exc:
+            log.info("job queues not inspected: %s", describe_failure(self.url, exc))
+            return None
+
+    async def status_queue_depth(self, queue_name: str) -> int | None:
+        """Events waiting in a named status queue (the broker's), None if unknown."""
+        try:
+            connection = await self._connection_or_fail()
+            async with connection.channel() as channel:
+                queue = await channel.declare_queue(
+                    self.topology.status_queue(queue_name), passive=True
+                )
+                return queue.declaration_result.message_count or 0
+        except Exception:
+            return None
 
     async def subscribe_status(self, queue_name: str | None = None) -> StatusSubscription:
         """Subscribe with a private queue, or a named durable one that outlives this process."""
@@ -413,8 +518,3 @@ def _text(value: object) -> str:
 
 def _without_password(url: str) -> str:
     return str(URL(url).with_password(None)) if "@" in url else url
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or exc.__class__.__name__
-    return text if len(text) < 300 else text[:300] + "…"

@@ -108,6 +108,15 @@ class Transport(abc.ABC):
         """Remove and return what is in the dead-letter queue: rejected jobs and messages
         that could not be decoded, each with its reason."""
 
+    async def job_queue_depths(self) -> dict[SourceKind, tuple[int, int]] | None:
+        """(ready messages, consumers) of each job queue, None where that cannot be seen
+        (then nothing is reconciled: ``status.reconcile``)."""
+        return None
+
+    async def status_queue_depth(self, queue_name: str) -> int | None:
+        """Events waiting in the named status queue, None if unknown."""
+        return None
+
 
 class StatusSubscription(abc.ABC):
     """Status events in the order they were published, until closed."""

@@ -52,6 +52,7 @@ SPACING_SAMPLE = 1024
 class Api1Source(Source):
     name: ClassVar[str]
     keep_compressed: ClassVar[bool]
+    waits_for_data = True
 
     def __init__(
         self,
@@ -92,6 +93,7 @@ class Api1Source(Source):
                 pulse_map, job, self.ready_timeout, self.poll_seconds, progress.waiting
             )
             aged_out = await beyond_retention(pulse_map, job, self.retention_pulses, self.name)
+            await progress.ready()  # the wait above held no work slot: the fetch does
             async with open_channel_file(target, provenance(job)) as (stage, file):
                 channels = _Channels(file, job, stage, progress)
                 await channels.fetch(client, job.names, start_ns, end_ns, self.keep_compressed)

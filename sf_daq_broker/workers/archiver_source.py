@@ -99,6 +99,7 @@ def pv_values(data: PvData) -> npt.NDArray[Any] | list[str]:
 
 class ArchiverSource(Source):
     kind = SourceKind.ARCHIVER
+    waits_for_data = True
 
     def __init__(
         self,
@@ -126,6 +127,7 @@ class ArchiverSource(Source):
             start_ns, end_ns = await range_when_ready(
                 pulse_map, job, self.ready_timeout, self.poll_seconds, progress.waiting
             )
+            await progress.ready()  # the wait above held no work slot: the query does
             # end exclusive: a change at ts(stop + 1) belongs to the next run
             found = await archiver.query(job.names, start_ns, end_ns, end_inclusive=False)
             finder = PulseFinder(pulse_map, job, start_ns, end_ns)

@@ -73,7 +73,11 @@ async def _serve(settings: Settings, kinds: list[SourceKind]) -> int:
     from sf_daq_broker.transport import create_transport
     from sf_daq_broker.workers.loop import Worker
 
-    transport = create_transport(settings.amqp_url, settings.amqp_prefix)
+    # Status events RabbitMQ cannot take now wait in a file of the state directory, so they
+    # outlive an outage and a crash of this process (``transport.outbox``).
+    transport = create_transport(
+        settings.amqp_url, settings.amqp_prefix, status_outbox=settings.state_dir / "outbox"
+    )
     worker = Worker(transport, [make_source(kind, settings) for kind in kinds])
     task = asyncio.create_task(worker.run())
     loop = asyncio.get_running_loop()

@@ -178,6 +178,7 @@ class _Streamed:
 
 class DetectorSource(Source):
     kind = SourceKind.DETECTOR
+    waits_for_data = True
 
     def __init__(
         self,
@@ -237,6 +238,7 @@ class DetectorSource(Source):
             job.start_pulse_id, job.stop_pulse_id + 1, job.rate_multiplicator, dtype=np.int64
         )
         missing_modules = await self._wait_until_ready(reader, job, job_log, progress)
+        await progress.ready()  # the wait above held no work slot: the conversion does
         if missing_modules:
             job_log.warning(
                 "%s: modules %s have no buffer (no LATEST in %s): their rows are zeros and "

@@ -20,6 +20,21 @@ and a symlink planted at a file's name is never followed.
 Jobs longer than RabbitMQ's delivery timeout are run once thanks to a job lease beside the
 output file: see ``lease.py``. The consumer loop starts consuming again if its queue iterator
 ends because the channel was closed (the delivery timeout closes it).
+
+A job waiting for its data never holds back the jobs of its kind behind it. The worker keeps
+up to ``prefetch`` deliveries of a kind in hand, each in its own task, but only ``at_work`` of
+them (one by default: a detector job uses every core) do the heavy work at once: a job takes
+one of its kind's *work slots* (``WorkSlot``) when its data is there — a source that waits for
+data says so with ``Progress.ready()`` after the wait, the loop takes the slot before calling
+any other source — and gives it back when the attempt ends (so a retry's back-off does not
+hold it either). Why this and not giving a waiting job back to the queue: a requeued job loses
+its place, costs a redelivery per look (RabbitMQ cannot delay a requeue), and its lease and
+its status would flap between "queued" and "running"; a job kept in hand keeps its lease
+(heartbeat: RabbitMQ's delivery timeout is handled as for any long job), its temporary file
+and its truthful "waiting for pulse …" status. Memory stays bounded: at most ``prefetch`` jobs
+of a kind are in hand (the queue's prefetch and a bound on the tasks), a waiting one costs a
+poll of the pulse map now and then, and the broker refuses ranges too far ahead
+(``buffers.horizon``), so a job does not wait for long.
 """
 
 from __future__ import annotations
@@ -29,10 +44,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from sf_daq_broker.bookkeeping.atomic import partial_name, partial_pattern
 from sf_daq_broker.bookkeeping.confined import ConfinedDir, OutsideRaw
@@ -81,10 +96,37 @@ class Progress:
         #: What the job is doing now (a job of several steps, e.g. a pedestal): the events'
         #: message says "{phase}: {done} of {total}".
         self.phase = phase
+        #: The work slot of the job's current attempt (set by the loop; None: no limit).
+        self.slot: WorkSlot | None = None
+        self._parent: Progress | None = None
 
     def for_phase(self, phase: str, total: int) -> Progress:
         """Progress of one step of the job, announced as the job's progress."""
-        return Progress(self._transport, self._job, total, self._interval, phase=phase)
+        step = Progress(self._transport, self._job, total, self._interval, phase=phase)
+        step._parent = self
+        return step
+
+    async def ready(self) -> None:
+        """The job's data is there: wait for one of its kind's work slots (see the module
+        docstring), saying so if another job holds it. A source that waits for data calls this
+        after the wait and before the heavy work; again is harmless."""
+        if self._parent is not None:
+            await self._parent.ready()
+            return
+        slot = self.slot
+        if slot is None or slot.held:
+            return
+        if slot.busy():
+            await self._transport.publish_status(
+                StatusEvent.for_job(
+                    Action.WRITE_PROGRESS,
+                    self._job,
+                    f"data ready; waiting for another {self._job.kind} job to finish writing",
+                    done=self.done,
+                    total=self.total,
+                )
+            )
+        await slot.take()
 
     async def update(self, done: int, total: int | None = None) -> None:
         self.done = done
@@ -121,10 +163,38 @@ class Progress:
         )
 
 
+class WorkSlot:
+    """One attempt's claim on the work slots of its kind: taken once (``take``), given back
+    once when the attempt ends (``give_back``), so a failing or stopped attempt never keeps
+    one."""
+
+    def __init__(self, slots: asyncio.Semaphore) -> None:
+        self._slots = slots
+        self.held = False
+
+    def busy(self) -> bool:
+        """Whether ``take`` would wait now."""
+        return self._slots.locked()
+
+    async def take(self) -> None:
+        if not self.held:
+            await self._slots.acquire()
+            self.held = True
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self._slots.release()
+
+
 class Source(abc.ABC):
     """What a source module implements: fetch the job's data and write it to ``target``."""
 
     kind: ClassVar[SourceKind]
+    #: True if ``retrieve`` waits for its data and then calls ``progress.ready()`` before the
+    #: heavy work (the wait does not hold a work slot); False: the loop takes the job's work
+    #: slot before calling ``retrieve``.
+    waits_for_data: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def retrieve(
@@ -220,20 +290,66 @@ def _announce(job: Job, redelivered: bool, job_log: logging.Logger) -> None:
     )
 
 
+#: Deliveries of a kind a worker keeps in hand by default: the jobs waiting for their data or
+#: for a work slot, and the ones at work (see the module docstring).
+PREFETCH = 8
+
+
+class _Hands:
+    """The deliveries of one kind in hand, each handled in a task of its own; at most
+    ``limit`` at once (the queue's prefetch bounds them too, but a consumer started again
+    after its channel closed gets new ones while the old ones still run)."""
+
+    def __init__(self, limit: int) -> None:
+        self._room = asyncio.Semaphore(limit)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def room(self) -> None:
+        """Wait until another delivery may be taken into hand."""
+        await self._room.acquire()
+
+    def unused(self) -> None:
+        """The room waited for was not used (no delivery came)."""
+        self._room.release()
+
+    def start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._room.release()
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("the task of a job died: %r", exc, exc_info=exc)
+
+    async def stop(self) -> None:
+        """Stop every job in hand and wait until each has given its lease back (or settled)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class Worker:
     def __init__(
         self,
         transport: Transport,
         sources: Sequence[Source],
         retry: RetryPolicy | None = None,
-        prefetch: int = 1,
+        prefetch: int = PREFETCH,
         lease: LeasePolicy | None = None,
+        at_work: int = 1,
     ) -> None:
+        """``prefetch``: jobs of a kind in hand at once (waiting for data, for a work slot, or
+        at work); ``at_work``: jobs of a kind doing the heavy work at once."""
         self.transport = transport
         self.sources = list(sources)
         self.retry = retry or RetryPolicy()
-        self.prefetch = prefetch
+        self.prefetch = max(1, prefetch)
+        self.at_work = max(1, min(at_work, self.prefetch))
         self.lease = lease or LeasePolicy()
+        self._slots: dict[SourceKind, asyncio.Semaphore] = {}
 
     async def run(self) -> None:
         """Consume the queue of every source until cancelled."""
@@ -241,13 +357,49 @@ class Worker:
 
     async def _consume(self, source: Source) -> None:
         log.info("worker for %s jobs waiting on the %s transport", source.kind, self.transport.name)
-        while True:
-            async for delivery in self.transport.consume_jobs(source.kind, self.prefetch):
-                await self.handle(source, delivery)
-            # The consumer's channel was closed (e.g. by RabbitMQ's delivery timeout while a
-            # long job ran): its unsettled jobs went back to the queue; consume again.
-            log.warning("the %s consumer ended; consuming again", source.kind)
-            await asyncio.sleep(self.lease.reconsume_delay)
+        hands = _Hands(self.prefetch)
+        try:
+            while True:
+                await self._consume_once(source, hands)
+                # The consumer's channel was closed (e.g. by RabbitMQ's delivery timeout while
+                # a long job ran): its unsettled jobs went back to the queue (the ones in hand
+                # go on, their leases keep them from running twice); consume again.
+                log.warning("the %s consumer ended; consuming again", source.kind)
+                await asyncio.sleep(self.lease.reconsume_delay)
+        finally:
+            await hands.stop()
+
+    async def _consume_once(self, source: Source, hands: _Hands) -> None:
+        """Take deliveries into hand until the consumer ends (its channel was closed)."""
+        consumer = self.transport.consume_jobs(source.kind, self.prefetch)
+        # The next delivery is awaited in a task of its own (shielded): a stop must not reach
+        # the consumer while jobs in hand still settle, or it would close the consumer first
+        # and give their deliveries back to the queue under them.
+        pull: asyncio.Task[JobDelivery] | None = None
+        try:
+            while True:
+                await hands.room()
+                pull = asyncio.create_task(_next(consumer))
+                try:
+                    delivery = await asyncio.shield(pull)
+                except BaseException:  # StopAsyncIteration (the consumer ended) included
+                    hands.unused()
+                    raise
+                hands.start(self.handle(source, delivery))
+        except StopAsyncIteration:
+            return
+        except BaseException:
+            # Stopped: the jobs in hand give their leases back (or finish settling) before
+            # the consumer gives the unsettled ones back to the queue.
+            await hands.stop()
+            raise
+        finally:
+            await _close_consumer(consumer, pull)
+
+    def _slot(self, kind: SourceKind) -> WorkSlot:
+        if kind not in self._slots:
+            self._slots[kind] = asyncio.Semaphore(self.at_work)
+        return WorkSlot(self._slots[kind])
 
     async def handle(self, source: Source, delivery: JobDelivery) -> None:
         job = delivery.job
@@ -272,6 +424,8 @@ class Worker:
                 source, delivery, JobLease(job, self.lease, directory), job_log
             )
         finally:
+            # Settling (which removes the lease through this handle) is over by now, even if
+            # the worker was stopped meanwhile: see ``_surely``.
             directory.close()
 
     async def _lease_and_run(
@@ -280,11 +434,30 @@ class Worker:
         settled = await self._acquire(lease, delivery, job_log)
         if settled:
             return
-        # The job runs in its own task so that the heartbeat can stop it alone (lease lost).
+        outcome = await self._work(source, delivery, lease, job_log)
+        if outcome is None:
+            return
+        # The file is published (or the job failed): a stop signal now waits until the
+        # outcome is in the lease, announced and the delivery settled.
+        try:
+            if isinstance(outcome, str):
+                await self._surely(self._fail(delivery, lease, job_log, outcome), job_log)
+            else:
+                await self._surely(self._finish(delivery, lease, outcome, job_log), job_log)
+        except LeaseLost as exc:
+            job_log.error("%s: stopped, the other delivery writes the file", exc)
+
+    async def _work(
+        self, source: Source, delivery: JobDelivery, lease: JobLease, job_log: logging.Logger
+    ) -> CompletenessReport | str | None:
+        """The job's work (``_run``) under its lease's heartbeat: the report of the published
+        file, the reason the job failed, or None if the lease was lost (another delivery
+        runs the job). The work runs in its own task so that the heartbeat can stop it alone;
+        the heartbeat ends with the work, as the lease's state is about to be settled."""
         job_task = asyncio.create_task(self._run(source, delivery, lease, job_log))
         heartbeat = asyncio.create_task(self._heartbeat(lease, job_task, job_log))
         try:
-            await job_task
+            return await job_task
         except LeaseLost as exc:
             job_log.error("%s: stopped, the other delivery writes the file", exc)
         except asyncio.CancelledError:
@@ -294,8 +467,8 @@ class Worker:
             job_log.error("lease lost: stopped, the other delivery writes the file")
         finally:
             heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            await asyncio.wait([heartbeat])  # a stop of this task still comes through
+        return None
 
     async def _acquire(
         self, lease: JobLease, delivery: JobDelivery, job_log: logging.Logger
@@ -312,7 +485,9 @@ class Worker:
                 # A lease goes only once its job is acknowledged (a stopped worker releases
                 # it instead): the delivery we waited for finished, this one is a duplicate.
                 job_log.info("written and acknowledged by the other delivery: acknowledged")
-                await self._settle(delivery, lease, job_log, ack=True, remove=False)
+                await self._surely(
+                    self._settle(delivery, lease, ack=True, remove=False, job_log=job_log), job_log
+                )
                 return True
             if record is None:
                 if await asyncio.to_thread(lease.try_create):
@@ -324,12 +499,16 @@ class Worker:
                 await self._announce_again(
                     Action.WRITE_FINISHED, lease.job, "written by an earlier delivery", job_log
                 )
-                await self._settle(delivery, lease, job_log, ack=True, remove=True)
+                await self._surely(
+                    self._settle(delivery, lease, ack=True, remove=True, job_log=job_log), job_log
+                )
                 return True
             if record.state is LeaseState.FAILED:
                 job_log.info("failed in an earlier delivery (%s): rejected", record.reason)
                 await self._announce_again(Action.WRITE_REJECTED, lease.job, record.reason, job_log)
-                await self._settle(delivery, lease, job_log, ack=False, remove=True)
+                await self._surely(
+                    self._settle(delivery, lease, ack=False, remove=True, job_log=job_log), job_log
+                )
                 return True
             if (
                 record.state is LeaseState.RUNNING
@@ -356,7 +535,7 @@ class Worker:
                 return False
 
     async def _heartbeat(
-        self, lease: JobLease, job_task: asyncio.Task[None], job_log: logging.Logger
+        self, lease: JobLease, job_task: asyncio.Task[Any], job_log: logging.Logger
     ) -> None:
         while True:
             await asyncio.sleep(self.lease.heartbeat)
@@ -371,56 +550,19 @@ class Worker:
 
     async def _run(
         self, source: Source, delivery: JobDelivery, lease: JobLease, job_log: logging.Logger
-    ) -> None:
+    ) -> CompletenessReport | str:
+        """Write and publish the job's file: its report, or why the job failed."""
         job = delivery.job
-        total = expected_total(job)
-        directory = lease.directory
         final_name = Path(job.output_file).name
         temp_name = temporary_name(job, lease)
-        await asyncio.to_thread(_remove_leftovers, directory, final_name, temp_name)
+        await asyncio.to_thread(_remove_leftovers, lease.directory, final_name, temp_name)
+        total = expected_total(job)
         await self.transport.publish_status(
             StatusEvent.for_job(Action.WRITE_START, job, "started", total=total)
         )
         progress = Progress(self.transport, job, total)
-        attempt = 0
         try:
-            while True:
-                attempt += 1
-                try:
-                    with await asyncio.to_thread(directory.new_file, temp_name) as temp:
-                        try:
-                            report = await source.retrieve(job, temp.path, progress, job_log)
-                        except Exception:
-                            # A temporary file replaced under the source explains its failure.
-                            await asyncio.to_thread(temp.check)
-                            raise
-                        if not await asyncio.to_thread(lease.owned):
-                            raise LeaseLost(f"the lease {lease.path} was taken over")
-                        await asyncio.to_thread(temp.publish, final_name)
-                    break
-                except BufferClientError as exc:
-                    if not exc.transient:
-                        await self._fail(delivery, lease, job_log, str(exc))
-                        return
-                    if attempt >= self.retry.attempts:
-                        await self._fail(
-                            delivery, lease, job_log, f"{exc} (gave up after {attempt} tries)"
-                        )
-                        return
-                    pause = self.retry.delay(attempt)
-                    job_log.warning("try %d failed: %s; next try in %.1f s", attempt, exc, pause)
-                    await asyncio.sleep(pause)
-                except (ConversionError, OutsideRaw) as exc:
-                    await self._fail(delivery, lease, job_log, str(exc))
-                    return
-                except LeaseLost:
-                    raise
-                except Exception as exc:
-                    if not await asyncio.to_thread(lease.owned):
-                        raise LeaseLost(f"the lease {lease.path} was taken over") from exc
-                    job_log.exception("unexpected error")
-                    await self._fail(delivery, lease, job_log, f"unexpected error: {exc!r}")
-                    return
+            return await self._attempts(source, lease, progress, job_log)
         except asyncio.CancelledError:
             # Stopped (SIGTERM) or the lease was lost; the temporary file (ours alone, whoever
             # owns the lease now) was removed on leaving its ``with``.
@@ -431,19 +573,91 @@ class Worker:
                     "for its queue to deliver again"
                 )
             raise
+
+    async def _attempts(
+        self, source: Source, lease: JobLease, progress: Progress, job_log: logging.Logger
+    ) -> CompletenessReport | str:
+        """Try until the file is published (its report) or the job fails (the reason)."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._attempt(source, lease, progress, job_log)
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                verdict = await self._judge(exc, attempt, lease, job_log)
+            if isinstance(verdict, str):
+                return verdict
+            await asyncio.sleep(verdict)
+
+    async def _attempt(
+        self, source: Source, lease: JobLease, progress: Progress, job_log: logging.Logger
+    ) -> CompletenessReport:
+        """One try: the source writes the temporary file, which is then published. The try
+        holds a work slot of its kind from when its data is ready to its end."""
+        job = lease.job
+        slot = progress.slot = self._slot(source.kind)
+        try:
+            if not source.waits_for_data:
+                await progress.ready()
+            temp_name = temporary_name(job, lease)
+            with await asyncio.to_thread(lease.directory.new_file, temp_name) as temp:
+                try:
+                    report = await source.retrieve(job, temp.path, progress, job_log)
+                except Exception:
+                    # A temporary file replaced under the source explains its failure.
+                    await asyncio.to_thread(temp.check)
+                    raise
+                if not await asyncio.to_thread(lease.owned):
+                    raise LeaseLost(f"the lease {lease.path} was taken over")
+                await asyncio.to_thread(temp.publish, Path(job.output_file).name)
+            return report
+        finally:
+            slot.give_back()
+
+    async def _judge(
+        self, exc: Exception, attempt: int, lease: JobLease, job_log: logging.Logger
+    ) -> float | str:
+        """After the ``attempt``-th try failed with ``exc``: the pause before the next try,
+        or why the job fails."""
+        if isinstance(exc, BufferClientError):
+            if not exc.transient:
+                return str(exc)
+            if attempt >= self.retry.attempts:
+                return f"{exc} (gave up after {attempt} tries)"
+            pause = self.retry.delay(attempt)
+            job_log.warning("try %d failed: %s; next try in %.1f s", attempt, exc, pause)
+            return pause
+        if isinstance(exc, ConversionError | OutsideRaw):
+            return str(exc)
+        if not await asyncio.to_thread(lease.owned):
+            raise LeaseLost(f"the lease {lease.path} was taken over") from exc
+        job_log.error("unexpected error", exc_info=exc)
+        return f"unexpected error: {exc!r}"
+
+    async def _finish(
+        self,
+        delivery: JobDelivery,
+        lease: JobLease,
+        report: CompletenessReport,
+        job_log: logging.Logger,
+    ) -> None:
+        """The file is published: record it in the lease, say so, acknowledge."""
+        job = delivery.job
         if not await asyncio.to_thread(lease.owned):
             raise LeaseLost(f"the lease {lease.path} was taken over while the file was published")
         await asyncio.to_thread(lease.settle, LeaseState.FINISHED)
         for line in report.lines():
             job_log.info("  %s", line)
         job_log.info("written %s: %s", job.output_file, report.summary())
+        total = expected_total(job)
         await self.transport.publish_status(
             StatusEvent.for_job(
                 Action.WRITE_FINISHED, job, report.summary(), total=total, report=report.to_json()
             )
         )
-        # Shielded: a stop signal now must not leave the job acknowledged with its lease.
-        await asyncio.shield(self._settle(delivery, lease, job_log, ack=True, remove=True))
+        await self._settle(delivery, lease, ack=True, remove=True, job_log=job_log)
 
     async def _fail(
         self, delivery: JobDelivery, lease: JobLease, job_log: logging.Logger, reason: str
@@ -456,7 +670,7 @@ class Worker:
         await asyncio.to_thread(lease.settle, LeaseState.FAILED, reason)
         job_log.error("failed, no file written: %s", reason)
         await self.transport.publish_status(StatusEvent.for_job(Action.WRITE_REJECTED, job, reason))
-        await asyncio.shield(self._settle(delivery, lease, job_log, ack=False, remove=True))
+        await self._settle(delivery, lease, ack=False, remove=True, job_log=job_log)
 
     async def _announce_again(
         self, action: Action, job: Job, message: str, job_log: logging.Logger
@@ -481,14 +695,36 @@ class Worker:
         with contextlib.suppress(Exception):
             await delivery.reject()
 
+    async def _surely(self, work: Coroutine[Any, Any, None], job_log: logging.Logger) -> None:
+        """Run ``work`` (settling the job) to its end even if the worker is stopped meanwhile:
+        a job acknowledged must not keep its lease, nor a finished lease miss its event and
+        ack. ``work`` runs in a task of its own; a stop that comes meanwhile waits for it to
+        end and is raised afterwards, so that the caller's handle on the job's directory
+        (through which the lease is removed) is not closed under it, and the consumer does
+        not give the delivery back to the queue before it is settled."""
+        settling = asyncio.create_task(work)
+        stopped: asyncio.CancelledError | None = None
+        while not settling.done():
+            try:
+                await asyncio.shield(settling)
+            except asyncio.CancelledError as exc:
+                if stopped is None:
+                    job_log.warning("stopped while the job was being settled: settling it first")
+                stopped = exc
+        if stopped is not None:
+            if not settling.cancelled():
+                settling.exception()  # looked at: the stop is what the caller hears
+            raise stopped
+        settling.result()
+
     async def _settle(
         self,
         delivery: JobDelivery,
         lease: JobLease,
-        job_log: logging.Logger,
         *,
         ack: bool,
         remove: bool,
+        job_log: logging.Logger,
     ) -> None:
         """Ack or reject, then (``remove``) drop the settled lease. If the delivery is dead
         (channel closed by the delivery timeout) the lease stays, so that the job's next
@@ -509,6 +745,21 @@ class Worker:
             return
         if remove:
             await asyncio.to_thread(lease.remove_settled)
+
+
+async def _next(consumer: AsyncIterator[JobDelivery]) -> JobDelivery:
+    return await anext(consumer)
+
+
+async def _close_consumer(
+    consumer: AsyncGenerator[JobDelivery, None], pull: asyncio.Task[JobDelivery] | None
+) -> None:
+    """Stop waiting for a delivery, then close the consumer (its unsettled deliveries go back
+    to the queue)."""
+    if pull is not None and not pull.done():
+        pull.cancel()
+        await asyncio.wait([pull])
+    await consumer.aclose()
 
 
 def _remove_leftovers(directory: ConfinedDir, final_name: str, keep: str) -> None:

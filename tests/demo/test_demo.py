@@ -18,7 +18,7 @@ import pytest
 
 from sf_daq_broker.jobs import FILE_SUFFIX, SourceKind
 from sf_daq_broker.workers.cli import SOURCE_CLASSES
-from tests.support import wait_until
+from tests.support import PATIENCE, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = [sys.executable, "-m", "sf_daq_broker", "demo"]
@@ -127,10 +127,10 @@ def test_ctrl_c_mid_run_stops_everything(tmp_path: Path) -> None:
             return any(line.startswith("accepted    run 1") for line in seen)
 
         try:
-            wait_until(accepted, timeout=60, what="the demo's run to be accepted")
+            wait_until(accepted, timeout=2 * PATIENCE, what="the demo's run to be accepted")
             children = _children(process.pid)
             process.send_signal(signal.SIGINT)
-            assert process.wait(timeout=60) == 130
+            assert process.wait(timeout=2 * PATIENCE) == 130
         finally:
             if process.poll() is None:
                 process.kill()
@@ -187,9 +187,9 @@ def test_ctrl_c_on_an_idle_stay_exits_130() -> None:
             return any(line.startswith("ready: ") for line in seen)
 
         try:
-            wait_until(ready, timeout=120, what="the demo to stay ready")
+            wait_until(ready, timeout=2 * PATIENCE, what="the demo to stay ready")
             process.send_signal(signal.SIGINT)
-            assert process.wait(timeout=60) == 130
+            assert process.wait(timeout=2 * PATIENCE) == 130
         finally:
             if process.poll() is None:
                 process.kill()

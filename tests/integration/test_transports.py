@@ -241,33 +241,109 @@ async def test_unroutable_job_is_an_error_not_a_drop(amqp_url: str, amqp_prefix:
         await queue.unbind(topology.jobs_exchange, routing_key="archiver")
     with pytest.raises(HandoverError) as caught:
         await transport.publish_jobs([sample_job(1), sample_job(2, kind=SourceKind.ARCHIVER)])
-    assert str(caught.value).startswith("RabbitMQ did not take the BSDATA job: ")
+    assert str(caught.value) == "RabbitMQ did not take the BSDATA job (message refused)"
     assert caught.value.handed_over == ["BSDATA"]
     await transport.close()
 
 
-async def test_rabbitmq_down_gives_503_and_records_it(
+async def test_rabbitmq_down_the_run_is_accepted_and_waits_for_the_queue(
     aiohttp_client: Any, settings: Any, raw_dir: Path
 ) -> None:
+    """RabbitMQ away, the disk fine: the run gets its number (200), its jobs wait in the
+    broker's outbox, /run_status and /health say so, and no message shows an object repr."""
+    dead = AmqpTransport("amqp://guest:guest@127.0.0.1:1/", prefix="unused")
+    client = await aiohttp_client(create_app(settings, dead))
+    for run in (1, 2):
+        response = await client.post("/retrieve_from_buffers", json=REQUEST)
+        reply = await response.json()
+        assert (response.status, reply["message"], reply["run_number"]) == (200, str(run), run)
+    status = await (
+        await client.get("/run_status", params={"pgroup": "p12345", "run_number": 1})
+    ).json()
+    waiting = "BSDATA, CAMERAS, PVCHANNELS, JF13T01V01, JF07T03V01"
+    assert status["message"] == (
+        f"run 1 of p12345 is queued: 0 of 5 sources done; {waiting} queued (waiting for the queue)"
+    )
+    assert [
+        (job["source"], job["state"], job["message"]) for job in status["sources"].values()
+    ] == [(source, "queued", "queued (waiting for the queue)") for source in waiting.split(", ")]
+    health = await client.get("/health")
+    body = await health.json()
+    assert (health.status, body["handover_backlog"]) == (503, 10)
+    assert body["message"] == (
+        "rabbitmq transport is not reachable (10 accepted jobs wait for it, the oldest for "
+        f"{body['handover_oldest_age_seconds']:.0f} s)"
+    )
+    record = json.loads((raw_dir / "run_info/000000/run_000001.json").read_text())
+    assert "handover" not in record
+
+
+async def test_the_run_is_refused_only_when_the_outbox_cannot_be_written_either(
+    aiohttp_client: Any, settings: Any, raw_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from sf_daq_broker.transport.outbox import Outbox
+
+    def broken(self: Outbox, items: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(Outbox, "put", broken)
     dead = AmqpTransport("amqp://guest:guest@127.0.0.1:1/", prefix="unused")
     client = await aiohttp_client(create_app(settings, dead))
     response = await client.post("/retrieve_from_buffers", json=REQUEST)
     reply = await response.json()
-    assert response.status == 503
-    assert reply["status"] == "failed"
-    assert reply["message"].startswith(
-        "run 1 of p12345 was recorded but its jobs could not be queued (RabbitMQ at "
-        "amqp://guest@127.0.0.1:1/ is not reachable: "
+    outbox = settings.state_dir / "handover" / "jobs.0.sqlite"
+    reason = (
+        f"RabbitMQ does not take jobs and the outbox {outbox} cannot be written (disk I/O error)"
     )
-    assert reply["message"].endswith(
-        "the run number is not reused: send the request again when the queue is back"
+    assert (response.status, reply["message"]) == (
+        503,
+        f"run 1 of p12345 was recorded but its jobs could not be queued ({reason}); the run "
+        "number is not reused: send the request again when the queue is back",
     )
     record = json.loads((raw_dir / "run_info/000000/run_000001.json").read_text())
-    assert record["handover"]["status"] == "failed"
-    assert record["handover"]["handed_over"] == []
-    assert record["handover"]["reason"].startswith("RabbitMQ at amqp://guest@127.0.0.1:1/")
-    response = await client.post("/retrieve_from_buffers", json=REQUEST)
-    assert (await response.json())["message"].startswith("run 2 of p12345 was recorded")
-    health = await client.get("/health")
-    assert health.status == 503
-    assert (await health.json())["message"] == "rabbitmq transport is not reachable"
+    assert (record["handover"]["status"], record["handover"]["reason"]) == ("failed", reason)
+
+
+async def test_jobs_waiting_for_the_queue_outlive_a_restart_of_the_broker(
+    aiohttp_client: Any, settings: Any, amqp_url: str, amqp_prefix: str
+) -> None:
+    """Accepted while RabbitMQ was away, the broker then stopped: the next broker on the same
+    state directory hands the jobs over (once), and the store says they are queued."""
+    dead = AmqpTransport("amqp://guest:guest@127.0.0.1:1/", prefix=amqp_prefix)
+    first = await aiohttp_client(create_app(settings, dead))
+    reply = await (await first.post("/retrieve_from_buffers", json=REQUEST)).json()
+    job_ids = [job["job_id"] for job in (await run_status(first, 1))["sources"].values()]
+    await first.close()
+    second = await aiohttp_client(create_app(settings, AmqpTransport(amqp_url, amqp_prefix)))
+
+    async def handed_over() -> bool:
+        body = await (await second.get("/health")).json()
+        return body["handover_backlog"] == 0
+
+    await async_wait_until(handed_over, timeout=60, what="the jobs handed over")
+    status = await run_status(second, reply["run_number"])
+    assert [job["message"] for job in status["sources"].values()] == ["queued"] * 5
+    consumer = AmqpTransport(amqp_url, prefix=amqp_prefix)
+    delivered = []
+    for kind in (SourceKind.DATABUFFER, SourceKind.IMAGEBUFFER, SourceKind.ARCHIVER):
+        queue = await next_delivery(consumer, kind)
+        delivered.append(queue[1].job.job_id)
+        await queue[1].ack()
+        await queue[0].aclose()
+    detectors, delivery = await next_delivery(consumer, SourceKind.DETECTOR)
+    delivered.append(delivery.job.job_id)
+    await delivery.ack()
+    delivery = await detectors.__anext__()
+    delivered.append(delivery.job.job_id)
+    await delivery.ack()
+    await detectors.aclose()
+    assert delivered == job_ids
+    assert await consumer.job_queue_depths() == {kind: (0, 0) for kind in SourceKind}
+    await consumer.close()
+
+
+async def run_status(client: TestClient, run: int) -> Any:
+    response = await client.get("/run_status", params={"pgroup": "p12345", "run_number": run})
+    return await response.json()

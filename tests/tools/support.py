@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.transport import Transport
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
+from tests.support import PATIENCE
 
 REPO = Path(__file__).resolve().parents[2]
 SEED_START, SEED_STOP = 11884948775, 11884949774
@@ -48,7 +49,7 @@ class PulseServer:
 async def take_job(transport: Transport, kind: SourceKind) -> Job:
     """The next job of a kind, acknowledged at once: the test plays the worker."""
     consumer = transport.consume_jobs(kind)
-    delivery = await asyncio.wait_for(consumer.__anext__(), 10)
+    delivery = await asyncio.wait_for(consumer.__anext__(), PATIENCE)
     await delivery.ack()
     await consumer.aclose()
     return delivery.job
@@ -82,7 +83,7 @@ async def write_job(transport: Transport, job: Job, fail: str | None = None) -> 
     await transport.publish_status(finished)
 
 
-async def read_until(stream: asyncio.StreamReader, text: str, timeout: float = 10.0) -> str:
+async def read_until(stream: asyncio.StreamReader, text: str, timeout: float = PATIENCE) -> str:
     """Everything read from ``stream`` up to and including ``text`` (which may lack a newline)."""
     seen = ""
 

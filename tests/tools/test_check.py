@@ -26,6 +26,7 @@ from sf_daq_broker.h5.atomic import temporary_name
 from sf_daq_broker.h5.channels import ChannelRows, CompressedImages, provenance, write_channels
 from sf_daq_broker.jobs import RETRIEVAL_KINDS, Job
 from sf_daq_broker.tools.check import main
+from tests.support import PATIENCE
 from tests.tools.support import REPO, LiveBroker, take_job
 
 START, STOP = 11884948800, 11884948899  # 100 pulses
@@ -191,7 +192,7 @@ async def test_a_good_run_passes(make_run: Callable[..., Awaitable[Run]], raw_di
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), PATIENCE)
     assert stdout.decode().splitlines() == [
         "Result of consistency check (summary) : True",
         "    OK : all tests passed (4 sources, 100 beam pulses at rate 1/1)",

@@ -14,6 +14,7 @@ import pytest
 from sf_daq_broker.tools import client as client_module
 from sf_daq_broker.tools.client import BrokerClient
 from sf_daq_broker.tools.daq_client import InputFileError, RemoteBroker
+from tests.support import PATIENCE
 from tests.tools.support import REPO, LiveBroker, PulseServer, read_until
 
 CHANNELS = ["SAR-CVME-TIFALL5:EvtSet", "SAR-CVME-TIFALL4:EvtSet"]
@@ -108,8 +109,8 @@ async def test_ctrl_c_asks_whether_to_keep_the_pulses(
         prompt = await read_until(process.stdout, "[s]-save them into; any other key - discard : ")
         process.stdin.write(f"{answer}\n".encode())
         await process.stdin.drain()
-        rest = (await asyncio.wait_for(process.stdout.read(), 20)).decode()
-        assert await asyncio.wait_for(process.wait(), 20) == 0
+        rest = (await asyncio.wait_for(process.stdout.read(), PATIENCE)).decode()
+        assert await asyncio.wait_for(process.wait(), PATIENCE) == 0
     finally:
         if process.returncode is None:
             process.kill()

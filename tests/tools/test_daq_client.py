@@ -19,6 +19,7 @@ from sf_daq_broker.jobs import SourceKind
 from sf_daq_broker.tools import daq_client
 from sf_daq_broker.tools.daq_client import Accepted, BrokerRefused, InputFileError, main, retrieve
 from sf_daq_broker.transport.amqp import AmqpTransport
+from tests.support import PATIENCE
 from tests.tools.support import REPO, SEED_START, SEED_STOP, LiveBroker, take_job, write_job
 
 SEED_CHANNELS = ["SAR-CVME-TIFALL5:EvtSet", "SAR-CVME-TIFALL4:EvtSet"]
@@ -78,7 +79,7 @@ async def run_script(*argv: str, env: dict[str, str] | None = None) -> tuple[int
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 30)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), PATIENCE)
     assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()
 
@@ -341,7 +342,7 @@ async def test_wait_follows_the_run(
     await write_job(worker, channels)
     reason = "detector buffer of JF07T32V01 holds no pulse of 11884948775-11884949774"
     await write_job(worker, detector, fail=reason if outcome == "failure" else None)
-    status = await asyncio.wait_for(client, 20)
+    status = await asyncio.wait_for(client, PATIENCE)
 
     directory = raw_dir / "covid" / "detector_test2"
     expected = [

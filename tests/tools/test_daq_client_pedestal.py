@@ -20,6 +20,7 @@ from sf_daq_broker.tools.broker_debugger import format_event
 from sf_daq_broker.tools.daq_client import main
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers.report import CompletenessReport, NameReport
+from tests.support import PATIENCE
 from tests.tools.support import LiveBroker, serve, take_job
 
 DETECTOR = "JF13T01V01"
@@ -85,7 +86,7 @@ async def test_take_pedestal_and_wait_for_its_result(
     reason = f"{DETECTOR} cannot take a pedestal: modules 0: off"
     assert isinstance(broker.transport, EmbeddedTransport)
     job = await play_pedestal_worker(broker.transport, reason if outcome == "failed" else None)
-    status = await asyncio.wait_for(client, 20)
+    status = await asyncio.wait_for(client, PATIENCE)
     name = job.options["name"]
     files = job.options["detectors"][DETECTOR]
     expected = [

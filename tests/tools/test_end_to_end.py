@@ -61,7 +61,7 @@ from sf_daq_broker.tools.daq_client import retrieve
 from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.workers.cli import SOURCE_CLASSES, make_source
 from sf_daq_broker.workers.loop import RetryPolicy, Worker
-from tests.support import async_wait_until
+from tests.support import PATIENCE, async_wait_until
 from tests.tools.support import REPO, read_until, serve
 
 pytestmark = pytest.mark.rabbitmq
@@ -129,7 +129,7 @@ class Daq:
             return sources if states <= {"done", "failed"} else None
 
         result: dict[str, dict[str, Any]] = await async_wait_until(
-            final, timeout=30, what=f"run {run} of {pgroup} to finish"
+            final, timeout=2 * PATIENCE, what=f"run {run} of {pgroup} to finish"
         )
         return result
 
@@ -219,7 +219,7 @@ async def run_tool(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 2 * PATIENCE)
     assert process.returncode is not None
     return process.returncode, stdout.decode(), stderr.decode()
 
@@ -551,8 +551,8 @@ async def test_ctrl_c_during_run(daq: Daq, capsys: pytest.CaptureFixture[str], a
         prompt = await read_until(process.stdout, PROMPT)
         process.stdin.write(f"{answer}\n".encode())
         await process.stdin.drain()
-        rest = (await asyncio.wait_for(process.stdout.read(), 30)).decode()
-        assert await asyncio.wait_for(process.wait(), 30) == 0
+        rest = (await asyncio.wait_for(process.stdout.read(), PATIENCE)).decode()
+        assert await asyncio.wait_for(process.wait(), PATIENCE) == 0
     finally:
         if process.returncode is None:
             process.kill()
@@ -635,11 +635,11 @@ async def test_broker_debugger_json_shows_a_real_run(
         sources = {"BSDATA", "CAMERAS", "PVCHANNELS"}
         events: list[dict[str, Any]] = []
         while {e["source"] for e in events if e["action"] == "write_finished"} != sources:
-            line = await asyncio.wait_for(process.stdout.readline(), 10)
+            line = await asyncio.wait_for(process.stdout.readline(), PATIENCE)
             events.append(json.loads(line))
 
         process.send_signal(signal.SIGINT)
-        assert await asyncio.wait_for(process.wait(), 10) == 0
+        assert await asyncio.wait_for(process.wait(), PATIENCE) == 0
         assert (await process.stdout.read(), await process.stderr.read()) == (b"", b"")
     finally:
         if process.returncode is None:

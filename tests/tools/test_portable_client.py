@@ -25,6 +25,7 @@ from sf_daq_broker.jobs import SourceKind
 from sf_daq_broker.retrieval import CAMERA_SUFFIX as BROKER_CAMERA_SUFFIX
 from sf_daq_broker.tools import daq_client
 from sf_daq_broker.tools.daq_client import CAMERA_SUFFIX, main
+from tests.support import PATIENCE
 from tests.tools.support import (
     REPO,
     SEED_START,
@@ -76,7 +77,12 @@ def requests_only_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run(python: Path, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(python), *argv], cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+        [str(python), *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=2 * PATIENCE,
+        check=False,
     )
 
 
@@ -130,7 +136,7 @@ async def test_the_copy_retrieves_and_follows_with_plain_lines(
     client = asyncio.create_task(asyncio.to_thread(run, requests_only_python, *argv, cwd=copied))
     for kind in (SourceKind.DATABUFFER, SourceKind.IMAGEBUFFER):
         await write_job(broker.transport, await take_job(broker.transport, kind))
-    result = await asyncio.wait_for(client, 60)
+    result = await asyncio.wait_for(client, 2 * PATIENCE)
     raw = raw_dir
     assert result.stdout.splitlines() == [
         "success: run number(request_id) is 1",
@@ -165,7 +171,7 @@ async def test_follow_picks_up_a_run_after_ctrl_c_of_wait(
     await read_until(process.stdout, "success: run number(request_id) is 1\n")
     await read_until(process.stderr, "BSDATA: queued")  # following
     process.send_signal(signal.SIGINT)
-    _, err = await asyncio.wait_for(process.communicate(), 30)
+    _, err = await asyncio.wait_for(process.communicate(), PATIENCE)
     assert process.returncode == 130
     assert (
         err.decode()
@@ -192,7 +198,7 @@ async def test_follow_picks_up_a_run_after_ctrl_c_of_wait(
     await write_job(broker.transport, await take_job(broker.transport, SourceKind.DATABUFFER))
     camera = await take_job(broker.transport, SourceKind.IMAGEBUFFER)
     await write_job(broker.transport, camera, fail="image buffer: HTTP 500")
-    result = await asyncio.wait_for(follower, 60)
+    result = await asyncio.wait_for(follower, 2 * PATIENCE)
     assert result.stdout.splitlines()[-1] == "run 1 of p12345 failed: 1 of 2 sources failed"
     assert result.returncode == 1
 

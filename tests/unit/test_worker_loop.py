@@ -13,15 +13,14 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pytest
 from aio_pika.exceptions import ChannelInvalidStateError
@@ -36,6 +35,7 @@ from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers.lease import LeasePolicy, lease_path
 from sf_daq_broker.workers.loop import Progress, RetryPolicy, Source, Worker
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
+from tests.private_rabbitmq import PrivateRabbitMQ, private_rabbitmq  # noqa: F401
 from tests.support import async_wait_until
 
 FAST = RetryPolicy(attempts=3, first_delay=0.01, factor=2, max_delay=0.05)
@@ -107,7 +107,7 @@ async def transport(request: pytest.FixtureRequest) -> AsyncIterator[Transport]:
 
 
 async def collect_until(
-    events: StatusSubscription, action: Action, timeout: float = 10
+    events: StatusSubscription, action: Action, timeout: float = 60
 ) -> list[StatusEvent]:
     seen: list[StatusEvent] = []
     async with asyncio.timeout(timeout):
@@ -119,7 +119,9 @@ async def collect_until(
 async def settled(job: Job) -> None:
     """Wait until the delivery is settled: its lease goes only after the ack or reject, which
     follow the status event (a worker stopped in between leaves the job to its next delivery)."""
-    await async_wait_until(lambda: not lease_path(job).exists(), what="the delivery settled")
+    await async_wait_until(
+        lambda: not lease_path(job).exists(), timeout=60, what="the delivery settled"
+    )
 
 
 async def run_worker(
@@ -249,13 +251,15 @@ async def test_a_job_that_cannot_be_started_is_rejected_and_the_worker_goes_on(
     source = ScriptedSource()
     task, events = await run_worker(transport, source, broken, good)
     seen = await collect_until(events, Action.WRITE_FINISHED)
+    while not any(e.action is Action.WRITE_REJECTED for e in seen):  # the jobs run side by side
+        seen += await collect_until(events, Action.WRITE_REJECTED)
     await settled(good)  # acknowledged or rejected, not only announced
     await stop(task)
     rejected = [e for e in seen if e.action is Action.WRITE_REJECTED]
     assert [e.run_number for e in rejected] == [1]
     assert rejected[0].message.startswith("pulses 100-110: cannot work on it: [Errno 2] ")
     assert str(raw_dir / "gone") in rejected[0].message
-    assert seen[-1].run_number == 2
+    assert [e.run_number for e in seen if e.action is Action.WRITE_FINISHED] == [2]
     assert Path(good.output_file).read_bytes() == b"complete file"
     assert source.calls == 1
     dead: list[DeadLetter] = []
@@ -279,7 +283,7 @@ async def test_a_delivery_that_lost_its_lease_leaves_the_new_owners_file_alone(
     source = ScriptedSource([BufferServerError("data buffer: HTTP 503", 503)])
     source.hold = asyncio.Event()
     task, events = await run_worker(transport, source, job)
-    await asyncio.wait_for(source.started.wait(), 10)
+    await asyncio.wait_for(source.started.wait(), 60)
     # Another delivery takes the job over: its lease and its own temporary file.
     other_partial = Path(job.output_file).with_name(f".{Path(job.output_file).name}.other.partial")
     other_partial.write_bytes(b"the new owner's half file")
@@ -306,7 +310,7 @@ async def test_interrupted_job_returns_to_queue_and_is_rewritten(
     first = ScriptedSource()
     first.hold = asyncio.Event()  # never released: the worker is stopped mid-job
     task, events = await run_worker(transport, first, job)
-    await asyncio.wait_for(first.started.wait(), 10)
+    await asyncio.wait_for(first.started.wait(), 60)
     (partial,) = partial_files(Path(job.output_file))  # the worker's own temporary name
     assert partial.read_bytes() == b"partial"
     await stop(task)
@@ -322,6 +326,62 @@ async def test_interrupted_job_returns_to_queue_and_is_rewritten(
     assert Path(job.output_file).read_bytes() == b"complete file"
     assert "delivered again" in Path(job.log_file).read_text()
     assert [e.action for e in seen][-1] is Action.WRITE_FINISHED
+    await events.close()
+
+
+class ReadySource(ScriptedSource):
+    """A source that waits for its data (outside the work slot), says it is ready, then works
+    (while ``hold`` is unset); it counts the jobs at work at once."""
+
+    waits_for_data = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[int] = []
+        self.at_work = 0
+        self.most_at_work = 0
+
+    async def retrieve(
+        self, job: Job, target: Path, progress: Progress, job_log: logging.Logger
+    ) -> CompletenessReport:
+        await progress.ready()
+        self.runs.append(job.run_number)
+        self.at_work += 1
+        self.most_at_work = max(self.most_at_work, self.at_work)
+        try:
+            return await super().retrieve(job, target, progress, job_log)
+        finally:
+            self.at_work -= 1
+
+
+async def test_jobs_whose_data_is_ready_take_turns_at_work(
+    transport: Transport, raw_dir: Path
+) -> None:
+    """Two jobs of one kind, both delivered at once, their data there: one works, the other
+    says it waits for it, then works when the first is done — never both at once."""
+    source = ReadySource()
+    source.hold = asyncio.Event()
+    task, events = await run_worker(transport, source, make_job(raw_dir, 1), make_job(raw_dir, 2))
+    waiting = "data ready; waiting for another databuffer job to finish writing"
+    seen: list[StatusEvent] = []
+    async with asyncio.timeout(60):
+        while not seen or seen[-1].message != waiting:
+            seen.append(await events.__anext__())
+    assert seen[-1].action is Action.WRITE_PROGRESS
+    assert source.runs == [3 - seen[-1].run_number]  # the other one is at work
+    source.hold.set()
+    seen += await collect_until(events, Action.WRITE_FINISHED)
+    seen += await collect_until(events, Action.WRITE_FINISHED)
+    for run in (1, 2):
+        await settled(make_job(raw_dir, run))
+    await stop(task)
+    assert sorted(source.runs) == [1, 2]
+    assert source.most_at_work == 1
+    # (the second may be published first: the first one's event follows its work slot)
+    finished = [e.run_number for e in seen if e.action is Action.WRITE_FINISHED]
+    assert sorted(finished) == [1, 2]
+    for run in (1, 2):
+        assert Path(make_job(raw_dir, run).output_file).read_bytes() == b"complete file"
     await events.close()
 
 
@@ -343,7 +403,7 @@ async def log_says(job: Job, *texts: str) -> None:
         log_file = Path(job.log_file)
         return log_file.is_file() and any(text in log_file.read_text() for text in texts)
 
-    await async_wait_until(found, timeout=20, what=f"one of {texts} in the job log")
+    await async_wait_until(found, timeout=60, what=f"one of {texts} in the job log")
 
 
 #: What the waiting delivery logs when it acknowledges itself: the lease says finished (the
@@ -356,7 +416,7 @@ DUPLICATE_ACKED = (
 
 async def settled_and_queue_empty(transport: Transport, job: Job) -> None:
     """The lease is gone (a delivery was settled), nothing waits in the queue or the DLQ."""
-    await async_wait_until(lambda: not lease_path(job).exists(), timeout=20, what="lease gone")
+    await async_wait_until(lambda: not lease_path(job).exists(), timeout=60, what="lease gone")
     assert await transport.take_dead_letters() == []
     consumer = transport.consume_jobs(SourceKind.DATABUFFER)
     with pytest.raises(TimeoutError):
@@ -383,29 +443,95 @@ async def test_a_second_delivery_waits_for_the_running_one(
     transport: Transport, raw_dir: Path
 ) -> None:
     """Two deliveries of one job at once (what a delivery timeout produces): one runs, the
-    other waits for it and is acknowledged without touching the file or sending status."""
+    other waits for it and is acknowledged without touching the file or sending status —
+    except a ``write_finished`` said again if it saw the lease finished before it was removed
+    (in case the first delivery's event was lost): which of the two it did, its log says."""
     job = make_job(raw_dir)
     source = ScriptedSource()
     source.hold = asyncio.Event()
     events = await transport.subscribe_status()
     await transport.publish_jobs([job, job])
+    deliveries: list[WatchedDelivery] = []
     workers = [
-        asyncio.create_task(Worker(transport, [source], retry=FAST, lease=LEASES).run())
+        asyncio.create_task(
+            watching(deliveries)(transport, [source], retry=FAST, lease=LEASES).run()
+        )
         for _ in range(2)
     ]
-    await asyncio.wait_for(source.started.wait(), 10)
+    await asyncio.wait_for(source.started.wait(), 60)
     await log_says(job, "running in another delivery")
     assert json.loads(lease_path(job).read_bytes())["state"] == "running"
     source.hold.set()
-    seen = await collect_until(events, Action.WRITE_FINISHED)
-    await log_says(job, *DUPLICATE_ACKED)
+    await async_wait_until(
+        lambda: len(deliveries) == 2 and all(d.outcome for d in deliveries),
+        timeout=60,
+        what="both deliveries to be settled",
+    )
+    assert [d.outcome for d in deliveries] == ["ack", "ack"]
     await settled_and_queue_empty(transport, job)
-    await stop_all_and_check_ran_once(workers, source, seen)
-    with pytest.raises(TimeoutError):  # the waiting delivery sends nothing
-        async with asyncio.timeout(0.3):
-            await events.__anext__()
+    for task in workers:
+        await stop(task)
+    assert source.calls == 1
+    sent = await events_sent_so_far(transport, events, job)
+    again = [e.action for e in sent if e.message == "written by an earlier delivery"]
+    assert [e.action for e in sent if e.message != "written by an earlier delivery"] == [
+        Action.WRITE_START,
+        Action.WRITE_PROGRESS,
+        Action.WRITE_FINISHED,
+    ]
+    log_text = Path(job.log_file).read_text()
+    said_again, acknowledged = (text in log_text for text in DUPLICATE_ACKED)
+    assert said_again != acknowledged  # the waiting delivery took one of the two ways
+    assert again == ([Action.WRITE_FINISHED] if said_again else [])
     assert Path(job.output_file).read_bytes() == b"complete file"
     await events.close()
+
+
+class WatchedDelivery(JobDelivery):
+    """A delivery that records how it was settled; its ack waits for ``gate`` (open unless
+    the test closes it), so that a test can stop the worker in between."""
+
+    def __init__(self, inner: JobDelivery) -> None:
+        self.job = inner.job
+        self.redelivered = inner.redelivered
+        self._inner = inner
+        self.acking = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.outcome: str | None = None
+
+    async def ack(self) -> None:
+        self.acking.set()
+        await self.gate.wait()
+        await self._inner.ack()
+        self.outcome = "ack"
+
+    async def reject(self) -> None:
+        await self._inner.reject()
+        self.outcome = "reject"
+
+
+def watching(deliveries: list[WatchedDelivery]) -> type[Worker]:
+    """A worker class whose deliveries are watched (appended to ``deliveries``)."""
+
+    class WatchingWorker(Worker):
+        async def handle(self, source: Source, delivery: JobDelivery) -> None:
+            deliveries.append(WatchedDelivery(delivery))
+            await super().handle(source, deliveries[-1])
+
+    return WatchingWorker
+
+
+async def events_sent_so_far(
+    transport: Transport, events: StatusSubscription, job: Job
+) -> list[StatusEvent]:
+    """Every event published before now, without waiting for silence: a marker event is
+    published and the events are read up to it (one transport keeps the order)."""
+    await transport.publish_status(StatusEvent.for_job(Action.WRITE_PROGRESS, job, "marker"))
+    seen = await collect_until(events, Action.WRITE_PROGRESS)
+    while seen[-1].message != "marker":
+        seen += await collect_until(events, Action.WRITE_PROGRESS)
+    return seen[:-1]
 
 
 async def test_a_stale_lease_is_taken_over(raw_dir: Path) -> None:
@@ -456,38 +582,20 @@ async def run_worker_with(
     return task, events
 
 
-def _rabbitmqctl(expression: str) -> str:
-    done = subprocess.run(
-        ["rabbitmqctl", "eval", expression], capture_output=True, text=True, timeout=60
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl eval {expression!r}: {done.stderr.strip()}")
-    return done.stdout.strip()
-
-
 @contextlib.contextmanager
-def short_delivery_timeout(amqp_url: str, timeout_ms: int) -> Iterator[None]:
-    """RabbitMQ's server-wide ``consumer_timeout`` set to ``timeout_ms`` for the block.
+def short_delivery_timeout(node: PrivateRabbitMQ, timeout_ms: int) -> Iterator[None]:
+    """RabbitMQ's server-wide ``consumer_timeout`` set to ``timeout_ms`` for the block, on the
+    test session's private node (never the shared server, which other tests use meanwhile).
 
     RabbitMQ 3.10 has no per-queue or per-consumer timeout (3.12+), so the test changes the
-    server's setting at run time and restores it in any case. The timeout is checked on each
-    channel's tick (60 s by default), so the tick is shortened too; channels read it when they
-    open, so only channels opened inside the block see it.
+    node's setting at run time and restores it in any case (other tests use the private node
+    after this one). The timeout is checked on each channel's tick (60 s by default), so the
+    tick is shortened too; channels read it when they open, so only channels opened inside the
+    block see it.
     """
-    reason = ""
-    if shutil.which("rabbitmqctl") is None:
-        reason = "rabbitmqctl is not installed: the delivery timeout cannot be shortened"
-    elif urlparse(amqp_url).hostname not in ("127.0.0.1", "localhost", "::1"):
-        reason = f"RabbitMQ at {amqp_url} is not the local node rabbitmqctl controls"
-    if reason:
-        if os.environ.get("SF_DAQ_REQUIRE_RABBITMQ"):
-            pytest.fail(f"{reason}, but SF_DAQ_REQUIRE_RABBITMQ is set")
-        pytest.skip(reason)
     keys = ("consumer_timeout", "channel_tick_interval")
-    # One rabbitmqctl call per step (each takes ~1 s): the server-wide change, which other
-    # tests on the same server also see, lasts as short as possible.
-    previous = _rabbitmqctl(
-        "{" + ", ".join(f"application:get_env(rabbit, {key})" for key in keys) + "}."
+    previous = node.ctl(
+        "eval", "{" + ", ".join(f"application:get_env(rabbit, {key})" for key in keys) + "}."
     )
     values = dict(zip(keys, re.findall(r"\{ok,(\d+)\}|undefined", previous), strict=True))
     restore = ", ".join(
@@ -497,13 +605,14 @@ def short_delivery_timeout(amqp_url: str, timeout_ms: int) -> Iterator[None]:
         for key, value in values.items()
     )
     try:
-        _rabbitmqctl(
+        node.ctl(
+            "eval",
             f"application:set_env(rabbit, consumer_timeout, {timeout_ms}), "
-            f"application:set_env(rabbit, channel_tick_interval, {timeout_ms // 2})."
+            f"application:set_env(rabbit, channel_tick_interval, {timeout_ms // 2}).",
         )
         yield
     finally:
-        _rabbitmqctl(restore + ".")
+        node.ctl("eval", restore + ".")
 
 
 def delivery_channel_closed(delivery: JobDelivery) -> bool:
@@ -518,7 +627,8 @@ def delivery_channel_closed(delivery: JobDelivery) -> bool:
 
 
 async def test_a_job_longer_than_the_delivery_timeout_runs_once(
-    amqp_url: str, amqp_prefix: str, raw_dir: Path
+    private_rabbitmq: PrivateRabbitMQ,  # noqa: F811
+    raw_dir: Path,
 ) -> None:
     """Real RabbitMQ, real timeout: the job outlives its delivery; the first worker still
     writes the file and sends its status, the job's next delivery is acknowledged from the
@@ -533,16 +643,18 @@ async def test_a_job_longer_than_the_delivery_timeout_runs_once(
             deliveries.append(delivery)
             await super().handle(source, delivery)
 
-    transports = [AmqpTransport(amqp_url, prefix=amqp_prefix) for _ in range(3)]
+    node = private_rabbitmq
+    prefix = f"timeout-{uuid.uuid4().hex[:10]}"
+    transports = [AmqpTransport(node.url, prefix=prefix) for _ in range(3)]
     publisher, first, second = transports
-    with short_delivery_timeout(amqp_url, timeout_ms=1000):
+    with short_delivery_timeout(node, timeout_ms=1000):
         events = await publisher.subscribe_status()
         await publisher.publish_jobs([job])
         workers = [
             asyncio.create_task(RecordingWorker(t, [source], retry=FAST, lease=LEASES).run())
             for t in (first, second)
         ]
-        await asyncio.wait_for(source.started.wait(), 10)
+        await asyncio.wait_for(source.started.wait(), 60)
         await async_wait_until(
             lambda: delivery_channel_closed(deliveries[0]),
             timeout=20,
@@ -587,4 +699,45 @@ async def test_a_fresh_lease_of_a_killed_process_is_taken_over_at_once(raw_dir: 
         f"taking over the job from {owner} (lease running, 0 s old)"
         in Path(job.log_file).read_text()
     )
+    await events.close()
+
+
+async def test_a_stop_while_the_job_is_settled_lets_the_settling_finish(
+    transport: Transport, raw_dir: Path
+) -> None:
+    """The worker is stopped right after write_finished, while the ack is on its way: the
+    ack and the removal of the lease still happen, through the job directory's handle, which
+    stays open until then (it used to be closed under them: EBADF, the lease left behind),
+    and before the consumer gives its unsettled deliveries back to the queue."""
+    job = make_job(raw_dir)
+    deliveries: list[WatchedDelivery] = []
+
+    class GatingWorker(Worker):
+        async def handle(self, source: Source, delivery: JobDelivery) -> None:
+            deliveries.append(WatchedDelivery(delivery))
+            deliveries[-1].gate.clear()
+            await super().handle(source, deliveries[-1])
+
+    events = await transport.subscribe_status()
+    await transport.publish_jobs([job])
+    task = asyncio.create_task(
+        GatingWorker(transport, [ScriptedSource()], retry=FAST, lease=LEASES).run()
+    )
+    await collect_until(events, Action.WRITE_FINISHED)
+    await async_wait_until(lambda: deliveries and deliveries[0].acking.is_set(), timeout=60)
+    task.cancel()
+    stopping = "stopped while the job was being settled: settling it first"
+    await async_wait_until(
+        lambda: task.done() or stopping in Path(job.log_file).read_text(),
+        timeout=60,
+        what="the stop to reach the job",
+    )
+    deliveries[0].gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert deliveries[0].outcome == "ack"
+    assert not lease_path(job).exists()
+    assert Path(job.output_file).read_bytes() == b"complete file"
+    assert stopping in Path(job.log_file).read_text()
+    await settled_and_queue_empty(transport, job)
     await events.close()

@@ -38,7 +38,7 @@ from sf_daq_broker.workers import api1_source
 from sf_daq_broker.workers.api1_source import DataBufferSource, ImageBufferSource
 from sf_daq_broker.workers.archiver_source import ArchiverSource
 from sf_daq_broker.workers.loop import RetryPolicy, Source, Worker
-from tests.support import async_wait_until
+from tests.support import PATIENCE, async_wait_until
 
 START = 15_000_000_000
 CHANNELS = [
@@ -154,7 +154,7 @@ async def embedded(
 async def outcome(events: StatusSubscription, sources: int = 1) -> dict[str, StatusEvent]:
     """The final event (finished or rejected) of each of ``sources`` jobs."""
     final: dict[str, StatusEvent] = {}
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(PATIENCE):
         while len(final) < sources:
             event = await events.__anext__()
             if event.action in (Action.WRITE_FINISHED, Action.WRITE_REJECTED):

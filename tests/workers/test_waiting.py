@@ -10,17 +10,23 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import h5py
+import numpy as np
 import pytest
 
 from sf_daq_broker.jobs import Action
+from sf_daq_broker.simulation.channels import expected_values
 from sf_daq_broker.tools.broker_debugger import format_event
 from sf_daq_broker.tools.daq_client import ProgressBars
+from sf_daq_broker.transport import Transport
+from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers import readiness
 from tests.support import async_wait_until
-from tests.workers.test_end_to_end import START, System, outcome, start_system
+from tests.workers.test_end_to_end import CHANNELS, START, System, outcome, start_system
 
 
 @pytest.fixture
@@ -87,4 +93,80 @@ async def test_a_range_in_the_future_says_what_it_waits_for(embedded: System) ->
     assert final["BSDATA"].action is Action.WRITE_FINISHED
     reply = await run_status(embedded)
     assert reply["message"] == "run 1 of p12345 is done: 1 of 1 sources done"
+    await events.close()
+
+
+@pytest.fixture(params=["embedded", "rabbitmq"])
+async def system(
+    request: pytest.FixtureRequest,
+    aiohttp_server: Any,
+    aiohttp_client: Any,
+    make_settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[System]:
+    monkeypatch.setattr(readiness, "ANNOUNCE_EVERY", 0.05)
+    transport: Transport = EmbeddedTransport()
+    worker_transport = transport
+    if request.param == "rabbitmq":
+        url, prefix = request.getfixturevalue("amqp_url"), request.getfixturevalue("amqp_prefix")
+        transport = AmqpTransport(url, prefix=prefix)
+        worker_transport = AmqpTransport(url, prefix=prefix)
+    async for system in start_system(
+        aiohttp_server, aiohttp_client, make_settings, transport, worker_transport
+    ):
+        yield system
+    await worker_transport.close()
+
+
+async def test_a_job_waiting_for_its_data_does_not_hold_back_the_next_one(
+    system: System, raw_dir: Path
+) -> None:
+    """Two jobs of one kind, one worker: the first waits for a range the buffers have not
+    reached, the second's range is in the buffer. The second is written while the first
+    still waits; the first is written once its data arrives."""
+    events = await system.transport.subscribe_status()
+    system.clock.advance_to(START + 300)
+    spec = CHANNELS[0]  # SAR:F64, every pulse
+    future = await system.request(
+        channels_list=[spec.name], start_pulseid=START + 1000, stop_pulseid=START + 1099
+    )
+    present = await system.request(channels_list=[spec.name])  # START+10 .. START+109
+    assert (future, present) == (1, 2)
+    waiting = f"waiting for pulse {START + 1101} (the buffers are at {START + 300}, about 8 s)"
+
+    async def says_waiting() -> bool:
+        reply = await run_status(system, future)
+        return bool(reply["sources"]["BSDATA"]["message"] == waiting)
+
+    await async_wait_until(says_waiting, timeout=60, what="run 1 to wait for its data")
+    finished = await outcome(events)  # the first final event: run 2's
+    assert (finished["BSDATA"].run_number, finished["BSDATA"].action) == (
+        present,
+        Action.WRITE_FINISHED,
+    )
+    assert await says_waiting()  # run 1 still waits, its file is not there
+    assert not (raw_dir / "run_000001.BSDATA.h5").exists()
+    pids = np.arange(START + 9, START + 111)  # widened by one pulse for the edges
+    with h5py.File(raw_dir / "run_000002.BSDATA.h5") as file:
+        assert list(file) == [spec.name]
+        assert file[spec.name]["pulse_id"][:].tolist() == pids.tolist()
+        np.testing.assert_array_equal(file[spec.name]["data"][:], expected_values(spec, pids))
+
+    system.clock.advance_to(START + 1200)  # the buffers reach run 1's range
+    finished = await outcome(events)
+    assert (finished["BSDATA"].run_number, finished["BSDATA"].action) == (
+        future,
+        Action.WRITE_FINISHED,
+    )
+    pids = np.arange(START + 999, START + 1101)
+    with h5py.File(raw_dir / "run_000001.BSDATA.h5") as file:
+        assert file[spec.name]["pulse_id"][:].tolist() == pids.tolist()
+        np.testing.assert_array_equal(file[spec.name]["data"][:], expected_values(spec, pids))
+    done = "run 1 of p12345 is done: 1 of 1 sources done"
+
+    async def says_done() -> bool:
+        # the broker's store hears the event on its own subscription, maybe after this test
+        return bool((await run_status(system, future))["message"] == done)
+
+    await async_wait_until(says_done, what="/run_status to say run 1 is done")
     await events.close()

@@ -107,17 +107,19 @@ async def test_killed_worker_redelivered_job_completes_and_status_survives_resta
     assert (await status())["sources"]["BSDATA"]["state"] == "queued"
 
     clock.advance_to(START + 2000)  # the buffer holds the range
-    buffer.faults.batch_delay = 0.2  # ... and streams it slowly: the kill comes mid-read
+    # ... and streams it slowly (about 70 batches, a second each): the kill surely comes
+    # mid-read, however slow a loaded machine makes the steps before it
+    buffer.faults.batch_delay = 1.0
     first = worker_process(config, amqp_url, amqp_prefix, worker_log)
     try:
-        await async_wait_until(lambda: buffer.queries >= 1, timeout=30, what="the first read")
+        await async_wait_until(lambda: buffer.queries >= 1, what="the first read")
 
         async def running() -> bool:
             return (await status())["sources"]["BSDATA"]["state"] == "running"
 
         await async_wait_until(running, what="/run_status to say running")
         first.send_signal(signal.SIGKILL)
-        assert first.wait(timeout=10) == -signal.SIGKILL
+        assert first.wait(timeout=60) == -signal.SIGKILL
     finally:
         if first.poll() is None:
             first.kill()
@@ -135,10 +137,17 @@ async def test_killed_worker_redelivered_job_completes_and_status_survives_resta
         async def done() -> bool:
             return (await status())["run_state"] == "done"
 
-        await async_wait_until(done, timeout=60, what="the redelivered job to finish")
+        await async_wait_until(done, timeout=120, what="the redelivered job to finish")
     finally:
+        # "done" comes with write_finished, before the ack and the removal of the lease: a
+        # stop now lets the worker settle the job first, so nothing is left beside the file
         second.send_signal(signal.SIGTERM)
-        second.wait(timeout=10)
+        try:
+            stopped = second.wait(timeout=60)
+        finally:
+            if second.poll() is None:
+                second.kill()
+    assert stopped == 0
     reply = await status()
     assert reply["sources"]["BSDATA"]["state"] == "done"
     assert reply["sources"]["BSDATA"]["file"] == str(final)
