@@ -13,7 +13,8 @@ broker is started once more with a fast buffer and every accepted run is checked
 - leftovers: temporary files and leases left in raw/ at the end;
 - outside writes: files created below the data root but outside raw/;
 - duplicates: run numbers given out twice;
-- jobs resumed: jobs delivered again after a stop (the stop hit them in the middle).
+- redeliveries: deliveries of a job that was delivered before (its worker was stopped while it
+  held the job: running it, or holding it for a work slot).
 
     .venv/bin/python bench/bench_restart.py --attempts 10 --requests 3
 """
@@ -60,7 +61,7 @@ class Outcome:
     wrong: int = 0
     leftovers: list[str] = field(default_factory=list)
     outside: list[str] = field(default_factory=list)
-    resumed: int = 0  # jobs delivered again after a stop (the stop hit them mid-job)
+    resumed: int = 0  # deliveries of jobs delivered before (held by a stopped worker)
 
     def row(self) -> str:
         return (
@@ -217,7 +218,7 @@ async def main() -> None:
     outcomes = [await bench(signum, args, rng) for signum in (signal.SIGKILL, signal.SIGTERM)]
     print(
         "| fault | attempts | accepted | lost | stuck | outside writes | wrong files "
-        "| leftovers in raw/ | run numbers twice | jobs resumed |"
+        "| leftovers in raw/ | run numbers twice | redeliveries |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for outcome in outcomes:

@@ -16,7 +16,9 @@ Every database call runs in one dedicated thread, in the order it was made: a cl
 follows a publish or a give-back sees it, and the event loop never waits on an fsync. A
 waiting consumer is woken by an event when a job of its kind becomes ready; it never polls.
 Status events go from the publisher straight to the subscribers' in-memory queues: only the
-broker's own process listens to them.
+broker's own process listens to them. (So a kill between a worker's final event and the status
+store applying it, a few milliseconds, leaves that job ``running`` in /run_status although its
+file is complete: the status store's reconciliation does not look at this queue yet.)
 """
 
 from __future__ import annotations
