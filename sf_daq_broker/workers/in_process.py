@@ -1,12 +1,10 @@
 """Workers inside the broker's process (``serve --workers``, the demo), on its transport and loop.
 
-Why one task per source, each awaited on its own when stopping: ``Worker.run`` gathers the
-consumers of all its sources, and a cancelled ``asyncio.gather`` ends as soon as its first
-child is cancelled, which is an idle consumer. Stopping the broker then went on to close the
-transport, and the process exited, while the consumer with a running job was still releasing
-that job's lease: the lease was left half-written and the job's log never said it was stopped.
-Stopped one by one, every interrupted job releases its lease and leaves its delivery unsettled
-(for the queue to deliver again) before the transport closes.
+One task per source, each awaited on its own when stopping: a worker of one source that fails
+must not take the others down with it (the broker goes on serving, and says so loudly), and
+stopping waits until every interrupted job has released its lease and left its delivery
+unsettled (for the queue to deliver again) before the transport closes. (Within one
+``Worker`` the consumers of its sources run in a task group, which also waits for all of them.)
 """
 
 from __future__ import annotations

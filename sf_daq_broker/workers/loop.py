@@ -352,8 +352,16 @@ class Worker:
         self._slots: dict[SourceKind, asyncio.Semaphore] = {}
 
     async def run(self) -> None:
-        """Consume the queue of every source until cancelled."""
-        await asyncio.gather(*(self._consume(source) for source in self.sources))
+        """Consume the queue of every source until cancelled.
+
+        A task group, not ``gather``: a cancelled ``gather`` returns as soon as its first child
+        (an idle consumer) is cancelled, and the process could then exit while another
+        consumer was still releasing an interrupted job's lease. The group returns only when
+        every consumer has finished its clean-up.
+        """
+        async with asyncio.TaskGroup() as group:
+            for source in self.sources:
+                group.create_task(self._consume(source), name=f"consume-{source.kind.value}")
 
     async def _consume(self, source: Source) -> None:
         log.info("worker for %s jobs waiting on the %s transport", source.kind, self.transport.name)
