@@ -31,8 +31,9 @@ Its leftovers — the dead lease and every temporary ``.partial`` file of its ou
 removed. If a worker turns up later after all, its events still apply (a ``write_start`` newer
 than the verdict moves the job back to running, a final event sets the outcome).
 
-Only transports that can show their queues reconcile (RabbitMQ); the embedded queue lives and
-dies with the broker's process, which restores its own jobs.
+Both transports show their queues: RabbitMQ through passive declares, the embedded queue from
+its SQLite store (there a job acknowledged just before a kill -9 may have lost its final status
+event with the process's memory: after the restart it is judged like any other).
 """
 
 from __future__ import annotations

@@ -358,6 +358,23 @@ class EmbeddedTransport(Transport):
     def refused_messages(self) -> int:
         return self._refused
 
+    async def job_queue_depths(self) -> dict[SourceKind, tuple[int, int]] | None:
+        """Ready jobs per kind, from the store (consumers: not counted, 0), so that the
+        broker's reconciler also ends a job that no queue holds any more (e.g. acknowledged
+        just before a kill -9, its final status event lost with the process's memory)."""
+
+        def ready(store: JobStore) -> dict[SourceKind, tuple[int, int]]:
+            return {kind: (store.count(kind.value), 0) for kind in SourceKind}
+
+        try:
+            return await self._call(ready)
+        except Exception:  # closed or not openable: unknown, so nothing is judged
+            return None
+
+    async def status_queue_depth(self, queue_name: str) -> int | None:
+        """Events published but not yet taken by a subscriber (all in this process)."""
+        return max((queue.qsize() for queue in self._subscribers), default=0)
+
     async def take_dead_letters(self) -> list[DeadLetter]:
         return [_dead_letter(row) for row in await self._call(lambda store: store.take_dead())]
 
