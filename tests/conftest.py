@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +26,17 @@ from sf_daq_broker.config import Settings, load_settings
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 PGROUP = "p12345"
 BEAMLINE = "bernina"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_reaches_child_processes() -> None:
+    """Several tests press Ctrl-C in a child process (SIGINT). A process started in the
+    background of a non-interactive shell (``script &`` in a script, as some CI runners and
+    load tests start the suite) has SIGINT ignored, and children inherit an ignored signal:
+    the tests would wait for a reaction that cannot come. A person's terminal never does this,
+    so the suite restores Python's own handler, which children do not inherit as ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

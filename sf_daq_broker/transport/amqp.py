@@ -48,6 +48,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 from yarl import URL
 
 from sf_daq_broker.jobs import Job, SourceKind, StatusEvent, UndecodableMessage
@@ -225,8 +226,15 @@ class _AmqpSubscription(StatusSubscription):
             return event
 
     async def close(self) -> None:
-        await self._iterator.close()
-        await self._channel.close()
+        """Stop consuming. Closing gives the events taken but not read back to the queue; if
+        RabbitMQ closed the channel already (e.g. its delivery timeout: events left unread too
+        long), that fails, and need not succeed: RabbitMQ requeued them when it closed it."""
+        try:
+            await self._iterator.close()
+        except (AMQPError, ChannelInvalidStateError, ExceptionGroup) as exc:
+            log.debug("status subscription %s: channel gone at close: %r", self.queue_name, exc)
+        if not self._channel.is_closed:
+            await self._channel.close()
 
 
 class AmqpTransport(Transport):
