@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from sf_daq_broker.cancellation import raise_if_cancelled
 from sf_daq_broker.status.store import StatusStore
 from sf_daq_broker.transport import Transport
 from sf_daq_broker.transport.failures import without_reprs
@@ -21,6 +22,7 @@ RETRY_SECONDS = 5.0
 async def follow_status(transport: Transport, store: StatusStore, queue_name: str) -> None:
     """Apply every status event to the store; reconnects until cancelled."""
     while True:
+        raise_if_cancelled()  # a library may have swallowed the request (``cancellation``)
         try:
             async with await transport.subscribe_status(queue_name) as events:
                 async for event in events:

@@ -51,6 +51,7 @@ from typing import Any
 
 from sf_daq_broker.bookkeeping.atomic import partial_pattern
 from sf_daq_broker.bookkeeping.confined import ConfinedDir, OutsideRaw, open_below
+from sf_daq_broker.cancellation import raise_if_cancelled
 from sf_daq_broker.jobs import SourceKind
 from sf_daq_broker.status.store import JobState, StatusStore
 from sf_daq_broker.transport import Transport
@@ -105,6 +106,7 @@ class Reconciler:
                 raise
             except Exception:
                 log.exception("reconciliation of unfinished jobs failed; trying again later")
+            raise_if_cancelled()
             await asyncio.sleep(self.policy.interval)
 
     async def check(self) -> list[str]:

@@ -20,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from sf_daq_broker.cancellation import raise_if_cancelled
 from sf_daq_broker.transport.outbox import Entry, Outbox
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class OutboxSender:
         # ``count`` is updated before ``wake`` is called and checked here with no pause before
         # the task ends, so an entry put in while the task ends is never left behind.
         while self.outbox.count:
+            raise_if_cancelled()  # a library may have swallowed the request (``cancellation``)
             self._wake.clear()
             try:
                 done, problem = await self._send_batch()
