@@ -53,6 +53,7 @@ from sf_daq_broker.bookkeeping.atomic import partial_name, partial_pattern
 from sf_daq_broker.bookkeeping.confined import ConfinedDir, OutsideRaw
 from sf_daq_broker.buffers.errors import BufferClientError
 from sf_daq_broker.buffers.horizon import Waiting
+from sf_daq_broker.cancellation import raise_if_cancelled
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.jungfrau.errors import ConversionError
 from sf_daq_broker.transport import JobDelivery, Transport
@@ -588,6 +589,7 @@ class Worker:
         """Try until the file is published (its report) or the job fails (the reason)."""
         attempt = 0
         while True:
+            raise_if_cancelled()  # a library may have swallowed a stop (``cancellation``)
             attempt += 1
             try:
                 return await self._attempt(source, lease, progress, job_log)

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from sf_daq_broker.buffers.errors import BufferClientError, DataAgedOut, DataNotYetAvailable
 from sf_daq_broker.buffers.horizon import Waiting
 from sf_daq_broker.buffers.pulse_map import PulseMapClient
+from sf_daq_broker.cancellation import raise_if_cancelled
 from sf_daq_broker.jobs import Job
 
 #: Seconds between two "waiting for pulse …" announcements of one job.
@@ -70,6 +71,7 @@ async def range_when_ready(
     if on_wait is not None:
         announcer = WaitAnnouncer(pulse_map, job.stop_pulse_id + 1, job.start_pulse_id, on_wait)
     while True:
+        raise_if_cancelled()  # a library may have swallowed a stop (``cancellation``)
         end = await pulse_map.timestamp_ns(job.stop_pulse_id + 1)
         if end is not None:
             start = await pulse_map.timestamp_ns(job.start_pulse_id)
