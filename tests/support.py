@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -71,3 +73,10 @@ def simulation_config(
             **jungfrau,
         ),
     )
+
+
+def dead_owner() -> str:
+    """The owner of a job lease whose process is gone (what a SIGKILLed worker leaves)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return f"{socket.gethostname()}:{child.pid}:12345:dead"

@@ -12,8 +12,6 @@ import asyncio
 import json
 import logging
 import re
-import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -36,7 +34,7 @@ from sf_daq_broker.workers.lease import LeasePolicy, lease_path
 from sf_daq_broker.workers.loop import Progress, RetryPolicy, Source, Worker
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
 from tests.private_rabbitmq import PrivateRabbitMQ, private_rabbitmq  # noqa: F401
-from tests.support import async_wait_until
+from tests.support import async_wait_until, dead_owner
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -327,13 +325,6 @@ async def test_a_killed_workers_events_are_sent_by_the_next_process(
     await events.close()
     await following.close()
     await listener.close()
-
-
-def dead_owner() -> str:
-    """The owner of a lease whose process is gone (what a SIGKILLed worker leaves)."""
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return f"{socket.gethostname()}:{child.pid}:12345:dead"
 
 
 async def test_a_job_no_one_works_on_is_failed_and_its_leftovers_removed(

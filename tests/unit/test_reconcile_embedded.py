@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from sf_daq_broker.status.reconcile import ReconcilePolicy, Reconciler
 from sf_daq_broker.transport.amqp import BROKER_STATUS_QUEUE
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers.lease import lease_path
+from tests.support import dead_owner
 
 REQUEST = {
     "pgroup": "p12345",
@@ -33,13 +32,6 @@ REQUEST = {
 }
 #: The app's own background reconciler never judges within the test.
 PATIENT = ReconcilePolicy(interval=0.5, grace=3600)
-
-
-def dead_owner() -> str:
-    """The owner of a lease whose process is gone (what a SIGKILLed worker leaves)."""
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return f"{socket.gethostname()}:{child.pid}:12345:dead"
 
 
 async def test_an_acknowledged_job_without_its_final_event_ends_on_the_embedded_queue(
