@@ -29,6 +29,11 @@ from sf_daq_broker.simulation.jungfrau_writer import JungfrauBufferWriter
 
 log = logging.getLogger(__name__)
 
+#: Seconds a stopping server gives the replies in progress before it cancels them. aiohttp's
+#: default (60 s, per server) is for real services; the simulated buffers' replies may be
+#: delayed on purpose (``reply_delay``), and a demo's Ctrl-C must not wait for them.
+SHUTDOWN_TIMEOUT = 1.0
+
 
 def _api1_buffer(config: Api1Config, clock: PulseClock, name: str) -> SimulatedApi1Buffer:
     return SimulatedApi1Buffer(
@@ -100,7 +105,9 @@ class Simulation:
             self._writer_task = asyncio.create_task(self.jungfrau.run(), name="jungfrau-writer")
 
     async def _serve(self, app: web.Application, host: str, port: int) -> str:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+        )
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, host, port)

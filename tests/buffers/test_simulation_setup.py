@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
@@ -18,6 +19,10 @@ from sf_daq_broker.simulation.config import (
 )
 from sf_daq_broker.simulation.runner import Simulation
 from tests.buffers.helpers import P0, T0_MS
+from tests.support import async_wait_until, simulation_config
+
+#: Far less than aiohttp's default graceful shutdown (60 s per server), far more than a stop takes.
+STOP_PATIENCE = 30.0
 
 
 def test_shipped_configuration() -> None:
@@ -92,3 +97,29 @@ async def test_simulation_in_process_with_a_manual_clock(tmp_path: Path) -> None
             result = await client.fetch([name], timing.ts_ns(P0 + 990), timing.ts_ns(P0 + 1000))
         assert result.channels[name].pulse_id.tolist() == list(range(P0 + 990, P0 + 1000))
         assert simulation.status()["jungfrau"]["frames_written"] == 10
+
+
+async def test_stopping_does_not_wait_for_delayed_replies(tmp_path: Path) -> None:
+    """A demo's Ctrl-C stops its buffers at once, although their replies are delayed a minute.
+
+    aiohttp waits up to a minute (per server) for a request in progress to finish: with the
+    data buffer and the image buffer each holding a delayed reply, a demo's Ctrl-C took over
+    two minutes to return (seen in CI).
+    """
+    simulation = Simulation(simulation_config(tmp_path, []))
+    for buffer in (simulation.databuffer, simulation.imagebuffer):
+        buffer.faults.reply_delay = 3600.0
+    await simulation.start()
+    async with aiohttp.ClientSession() as session:
+        replies = [
+            asyncio.create_task(session.post(f"{simulation.addresses[name]}/api/1/query", json={}))
+            for name in ("databuffer", "imagebuffer")
+        ]
+        await async_wait_until(
+            lambda: simulation.databuffer.queries == simulation.imagebuffer.queries == 1,
+            what="both queries to be in progress",
+        )
+        await asyncio.wait_for(simulation.stop(), timeout=STOP_PATIENCE)
+        for reply in replies:
+            with pytest.raises(aiohttp.ClientError):
+                await reply
