@@ -21,7 +21,7 @@ from sf_daq_broker.simulation.channels import expected_values
 from sf_daq_broker.simulation.config import load_simulation_config
 from sf_daq_broker.simulation.control import http_materialiser
 from sf_daq_broker.simulation.jungfrau_frames import expected_frame
-from tests.support import async_wait_until
+from tests.support import PATIENCE, async_wait_until
 
 START = 15_000_000_990  # the first Jungfrau file closes after 10 pulses
 STARTUP_TIMEOUT = 60.0
@@ -68,7 +68,7 @@ async def check_services(addresses: dict[str, str], tmp_path: Path) -> None:
     channels = {spec.name: spec for spec in config.databuffer.channels}
     async with PulseMapClient(addresses["databuffer"]) as pulse_map:
         await async_wait_until(
-            lambda: pulse_map.timestamp_ns(START + 20), timeout=20, what="pulse START+20"
+            lambda: pulse_map.timestamp_ns(START + 20), timeout=PATIENCE, what="pulse START+20"
         )
         start_ns, end_ns = await pulse_map.range_ns(START, START + 19)
     names = ["SARFE10-PBPG050:HAMP-INTENSITY-CAL", "SAROP11-PBPS117:INTENSITY"]
@@ -102,7 +102,7 @@ async def check_services(addresses: dict[str, str], tmp_path: Path) -> None:
     reader = JungfrauBufferReader(
         tmp_path / "jungfrau", "JF13T01V01", before_read=http_materialiser(addresses["control"])
     )
-    await async_wait_until(lambda: reader.latest_pulse_id(0), timeout=20, what="LATEST")
+    await async_wait_until(lambda: reader.latest_pulse_id(0), timeout=PATIENCE, what="LATEST")
     frames = await asyncio.to_thread(reader.read, [START + 1, START + 5])
     assert frames.is_good_frame().all()
     np.testing.assert_array_equal(frames.data[1], expected_frame("JF13T01V01", 0, START + 5))

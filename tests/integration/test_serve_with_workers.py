@@ -18,7 +18,7 @@ from sf_daq_broker.simulation.archiver import PvSpec, SimulatedArchiver, create_
 from sf_daq_broker.simulation.channels import ChannelSpec
 from sf_daq_broker.simulation.clock import ManualClock
 from tests.integration.test_run_numbers import free_port
-from tests.support import async_wait_until
+from tests.support import PATIENCE, async_wait_until
 
 START = 17_000_000_000
 
@@ -70,7 +70,7 @@ async def test_broker_with_workers_in_one_process_writes_the_files(
                 except aiohttp.ClientConnectionError:
                     return False
 
-            await async_wait_until(healthy, timeout=30, what="the broker to answer")
+            await async_wait_until(healthy, timeout=PATIENCE, what="the broker to answer")
             request = {
                 "pgroup": "p12345",
                 "start_pulseid": START + 1,
@@ -86,10 +86,10 @@ async def test_broker_with_workers_in_one_process_writes_the_files(
                 async with session.get(f"{base}/run_status", params=params) as response:
                     return (await response.json()).get("run_state") == "done"
 
-            await async_wait_until(done, timeout=30, what="the run to be done")
+            await async_wait_until(done, timeout=PATIENCE, what="the run to be done")
     finally:
         process.terminate()
-        output, _ = process.communicate(timeout=15)
+        output, _ = process.communicate(timeout=PATIENCE)
     assert process.returncode == 0, output
     assert "workers for databuffer, archiver run in the broker's process" in output
     with h5py.File(raw_dir / "run_000001.BSDATA.h5") as file:
@@ -105,7 +105,7 @@ async def test_broker_with_workers_in_one_process_writes_the_files(
 def test_unknown_worker_source_is_refused(tmp_path: Path, data_root: Path) -> None:
     config = write_config(tmp_path / "broker.toml", data_root, free_port(), {})
     process = serve(config, "--workers", "databuffer", "cameras")
-    output, _ = process.communicate(timeout=30)
+    output, _ = process.communicate(timeout=PATIENCE)
     assert process.returncode == 2
     assert (
         "--workers: unknown source cameras; known: databuffer, imagebuffer, archiver, detector, "

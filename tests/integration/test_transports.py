@@ -16,7 +16,7 @@ from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent, job_id_for
 from sf_daq_broker.transport import REJECTED_BY_WORKER, DeadLetter, HandoverError, Transport
 from sf_daq_broker.transport.amqp import AmqpTransport, Topology
 from sf_daq_broker.transport.embedded import EmbeddedTransport
-from tests.support import async_wait_until
+from tests.support import PATIENCE, async_wait_until
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -112,7 +112,7 @@ async def test_reject_dead_letters(transport: Transport) -> None:
         dead.extend(await transport.take_dead_letters())
         return bool(dead)
 
-    await async_wait_until(collected, timeout=10, what="the dead-lettered job")
+    await async_wait_until(collected, timeout=PATIENCE, what="the dead-lettered job")
     assert [(d.job, d.reason) for d in dead] == [(sample_job(4), REJECTED_BY_WORKER)]
 
 
@@ -187,7 +187,7 @@ async def test_broker_queues_persistent_jobs_per_source(
 
         events = []
         for _ in range(5):
-            message = await status_queue.get(timeout=5)
+            message = await status_queue.get(timeout=PATIENCE)
             await message.ack()
             events.append(message)
         assert [m.headers["action"] for m in events] == ["write_request"] * 5

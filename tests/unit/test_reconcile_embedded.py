@@ -43,7 +43,10 @@ async def test_an_acknowledged_job_without_its_final_event_ends_on_the_embedded_
         assert (await client.post("/retrieve_from_buffers", json=REQUEST)).status == 200
     app = client.app
     reconciler = Reconciler(
-        transport, app[STATUS], app[HANDOVER].waiting_job_ids, BROKER_STATUS_QUEUE,
+        transport,
+        app[STATUS],
+        app[HANDOVER].waiting_job_ids,
+        BROKER_STATUS_QUEUE,
         ReconcilePolicy(grace=0),  # judged on the second look
     )
     assert await transport.job_queue_depths() == {

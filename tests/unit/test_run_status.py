@@ -13,7 +13,7 @@ from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.transport import Transport
 from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.transport.embedded import EmbeddedTransport
-from tests.support import async_wait_until
+from tests.support import PATIENCE, async_wait_until
 
 REQUEST = {
     "pgroup": "p12345",
@@ -98,7 +98,7 @@ async def test_status_follows_the_run_and_survives_restart(
         _, now = await status_of(broker)
         return now["sources"]["BSDATA"]["progress"] == {"done": 500, "total": 1002}
 
-    await async_wait_until(progress_seen, timeout=10, what="progress in /run_status")
+    await async_wait_until(progress_seen, timeout=PATIENCE, what="progress in /run_status")
     _, reply = await status_of(broker)
     assert reply["run_state"] == "running"
     assert reply["sources"]["BSDATA"]["state"] == "running"
@@ -114,7 +114,7 @@ async def test_status_follows_the_run_and_survives_restart(
         _, now = await status_of(broker)
         return now["run_state"] == "failed" and now["sources"]["BSDATA"]["state"] == "done"
 
-    await async_wait_until(finished, timeout=10, what="the run to end")
+    await async_wait_until(finished, timeout=PATIENCE, what="the run to end")
     _, reply = await status_of(broker)
     assert reply["message"] == "run 1 of p12345 is failed: 1 of 2 sources done"
     assert reply["sources"]["BSDATA"]["completeness"] == REPORT
@@ -154,7 +154,9 @@ async def test_events_sent_while_broker_is_down_are_applied_after_restart(
         _, now = await status_of(restarted)
         return now["run_state"] == "done"
 
-    await async_wait_until(done, timeout=10, what="the events queued while the broker was down")
+    await async_wait_until(
+        done, timeout=PATIENCE, what="the events queued while the broker was down"
+    )
     await worker.close()
 
 

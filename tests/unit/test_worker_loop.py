@@ -36,7 +36,7 @@ from sf_daq_broker.workers.lease import LeasePolicy, lease_path
 from sf_daq_broker.workers.loop import Progress, RetryPolicy, Source, Worker
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
 from tests.private_rabbitmq import PrivateRabbitMQ, private_rabbitmq  # noqa: F401
-from tests.support import async_wait_until
+from tests.support import PATIENCE, async_wait_until
 
 FAST = RetryPolicy(attempts=3, first_delay=0.01, factor=2, max_delay=0.05)
 
@@ -657,12 +657,12 @@ async def test_a_job_longer_than_the_delivery_timeout_runs_once(
         await asyncio.wait_for(source.started.wait(), 60)
         await async_wait_until(
             lambda: delivery_channel_closed(deliveries[0]),
-            timeout=20,
+            timeout=PATIENCE,
             what="RabbitMQ to close the channel of the delivery (consumer_timeout)",
         )
         source.hold.set()  # the job ends after its delivery timed out
-        seen = await collect_until(events, Action.WRITE_FINISHED, timeout=20)
-        await async_wait_until(lambda: not lease_path(job).exists(), timeout=20, what="ack")
+        seen = await collect_until(events, Action.WRITE_FINISHED, timeout=PATIENCE)
+        await async_wait_until(lambda: not lease_path(job).exists(), timeout=PATIENCE, what="ack")
     await stop_all_and_check_ran_once(workers, source, seen)
     assert Path(job.output_file).read_bytes() == b"complete file"
     log_text = Path(job.log_file).read_text()

@@ -33,7 +33,7 @@ from sf_daq_broker.status.store import StatusStore
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.web.pages import PAGE
 from sf_daq_broker.web.runs import list_runs
-from tests.support import async_wait_until
+from tests.support import PATIENCE, async_wait_until
 
 START, STOP = 15_000_001_000, 15_000_001_199
 REQUEST: dict[str, Any] = {
@@ -232,7 +232,7 @@ async def test_run_list_shows_each_run_with_its_sources_newest_first(
             "BSDATA": "running"
         } and 'data-filter="running incomplete"' in row_of(now, 2)
 
-    await async_wait_until(updated, timeout=10, what="the running job on the page")
+    await async_wait_until(updated, timeout=PATIENCE, what="the running job on the page")
     _, html = await page(client)
     first = row_of(html, 1)
     assert '<progress max="100" value="40">' in first
@@ -262,7 +262,7 @@ async def test_the_state_filter_keeps_only_matching_runs(
         _, html = await page(client, state="failed")
         return re.findall(r'<tr id="run-(\d+)"', html)
 
-    assert await async_wait_until(failed_listed, timeout=10, what="the failed run") == ["1"]
+    assert await async_wait_until(failed_listed, timeout=PATIENCE, what="the failed run") == ["1"]
     _, html = await page(client, state="failed")
     assert glances(row_of(html, 1)) == {"BSDATA": "failed: data buffer: HTTP 500 x5"}
     _, html = await page(client, state="queued")
@@ -339,7 +339,7 @@ async def test_a_run_page_shows_completeness_log_request_and_previews(
         assert status == 200
         return html if 'data-state="failed"' in html and "aged out" in html else ""
 
-    html = await async_wait_until(run_page, timeout=10, what="the finished run's page")
+    html = await async_wait_until(run_page, timeout=PATIENCE, what="the finished run's page")
     assert "<h1>Run 1 of p12345" in html
     assert "<td>SAR-CAM:FPICTURE</td><td>50 <span" in html
     assert "<td>15000001004, 15000001008</td>" in html
@@ -532,5 +532,5 @@ async def test_older_runs_page_by_page_and_filters_look_further_back(
     async def failed() -> bool:
         return numbers(state="failed") == ([1], None)
 
-    await async_wait_until(failed, timeout=10, what="the failed run, four runs back")
+    await async_wait_until(failed, timeout=PATIENCE, what="the failed run, four runs back")
     assert numbers(state="queued", before=5) == ([4, 3], 3)

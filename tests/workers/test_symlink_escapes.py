@@ -29,7 +29,7 @@ from sf_daq_broker.jobs import Job, SourceKind
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers.loop import Progress, RetryPolicy, Source, Worker
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
-from tests.support import async_wait_until
+from tests.support import PATIENCE, async_wait_until
 
 FAST = RetryPolicy(attempts=2, first_delay=0.01, factor=2, max_delay=0.05)
 REQUEST: dict[str, Any] = {
@@ -84,7 +84,9 @@ class Broker:
         """Run a worker until the run has ended; its /run_status reply."""
         worker = asyncio.create_task(Worker(self.transport, [source], retry=FAST).run())
         try:
-            return await async_wait_until(lambda: self.ended(run), timeout=30, what="run ended")
+            return await async_wait_until(
+                lambda: self.ended(run), timeout=PATIENCE, what="run ended"
+            )
         finally:
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):

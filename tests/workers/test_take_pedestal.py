@@ -32,7 +32,7 @@ from sf_daq_broker.workers.detector_source import DetectorSource
 from sf_daq_broker.workers.lease import LeasePolicy
 from sf_daq_broker.workers.loop import RetryPolicy, Worker
 from sf_daq_broker.workers.pedestal_source import PedestalSource
-from tests.support import async_wait_until, simulation_config
+from tests.support import PATIENCE, async_wait_until, simulation_config
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +153,7 @@ def stages_of(raw_file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 async def events_of(events: StatusSubscription, source: str, until: Action) -> list[StatusEvent]:
     seen: list[StatusEvent] = []
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(PATIENCE):
         while not seen or seen[-1].action is not until:
             event = await events.__anext__()
             if event.source == source:

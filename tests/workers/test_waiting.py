@@ -25,7 +25,7 @@ from sf_daq_broker.transport import Transport
 from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers import readiness
-from tests.support import async_wait_until
+from tests.support import PATIENCE, async_wait_until
 from tests.workers.test_end_to_end import CHANNELS, START, System, outcome, start_system
 
 
@@ -69,7 +69,7 @@ async def test_a_range_in_the_future_says_what_it_waits_for(embedded: System) ->
     await async_wait_until(lambda: says(later), what="the updated waiting message")
 
     # broker_debugger's line of such an event, and the event's figures
-    async with asyncio.timeout(10):
+    async with asyncio.timeout(PATIENCE):
         while (event := await events.__anext__()).action is not Action.WRITE_PROGRESS:
             pass
     assert event.details["waiting"] == {
