@@ -31,7 +31,7 @@ import numpy.typing as npt
 from numba import njit, prange, types
 from numba.extending import overload
 
-from sf_daq_broker.jungfrau.plan import COUNT, LENGTH, OUT, OUT_STEP, SRC, SRC_STEP, STRIDE
+from sf_daq_broker.jungfrau.plan import COUNT, LENGTH, OUT, OUT_STEP, PAD, SRC, SRC_STEP, STRIDE
 from sf_daq_broker.jungfrau.transpose import transpose8
 
 _JIT: dict[str, Any] = {
@@ -185,12 +185,17 @@ def convert(
     for task in prange(task_start.size - 1):
         buffer = np.empty(scratch, dtype=np.uint16)
         first_record = task_start[task]
-        if records[first_record][COUNT] > 1:  # a tile: transposed, frame after frame
+        if records[first_record][COUNT] > 1:  # a tile: transposed, two frames at a time
             record = records[first_record]
-            for frame in range(raw.shape[0]):
-                o = out[frame]
+            other = np.empty(scratch, dtype=np.uint16)
+            last = raw.shape[0] - 1
+            for frame in range(0, raw.shape[0], 2):
+                second = min(frame + 1, last)  # an odd batch converts its last frame twice
                 _gather(raw[frame], record, buffer)
-                _from_buffer(buffer, record, o, p0, p1, p2, g0, g1, g2, good)
+                _gather(raw[second], record, other)
+                _from_buffers(
+                    buffer, other, record, out[frame], out[second], p0, p1, p2, g0, g1, g2, good
+                )
             continue
         for frame in range(raw.shape[0]):
             r = raw[frame]
@@ -235,6 +240,40 @@ def _from_buffer(
             j = first + i
             value = _pixel(buffer[at + i], j, p0, p1, p2, g0, g1, g2, o)
             o[j] = value if good[j] else nothing
+
+
+@njit(inline="always", **_JIT)
+def _from_buffers(
+    buffer: Any,
+    other: Any,
+    record: Any,
+    o: Any,
+    o2: Any,
+    p0: Any,
+    p1: Any,
+    p2: Any,
+    g0: Any,
+    g1: Any,
+    g2: Any,
+    good: Any,
+) -> None:
+    """``_from_buffer`` of two frames' tiles in one loop: each pixel's constants are loaded
+    once for both frames (half the cache traffic of the constants, 25 bytes per pixel)."""
+    nothing = _empty(o)
+    length = record[LENGTH]
+    for k in range(record[COUNT]):
+        first = np.uint64(record[OUT] + k * record[OUT_STEP])
+        at = np.uint64(k * length)
+        for i in range(np.uint64(length)):
+            j = first + i
+            value = _pixel(buffer[at + i], j, p0, p1, p2, g0, g1, g2, o)
+            value2 = _pixel(other[at + i], j, p0, p1, p2, g0, g1, g2, o)
+            keep = good[j]
+            o[j] = value if keep else nothing
+            o2[j] = value2 if keep else nothing
+        for i in range(np.uint64(record[PAD])):
+            o[first + length + i] = nothing
+            o2[first + length + i] = nothing
 
 
 @njit(parallel=True, **_JIT)
