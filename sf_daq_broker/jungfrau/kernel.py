@@ -230,7 +230,12 @@ def _from_buffer(
     g2: Any,
     good: Any,
 ) -> None:
-    """Convert the raw values ``_gather`` put into ``buffer`` into the record's output rows."""
+    """Convert the raw values ``_gather`` put into ``buffer`` into the record's output rows.
+
+    For a band's gathered runs, one frame at a time; tiles go through ``_from_buffers`` (two
+    frames per pass, and the PAD zeros that only tiles carry, see ``plan._absorb_gaps``). The
+    two stay separate on purpose: one frame through the two-frame loop would convert it twice.
+    """
     nothing = _empty(o)
     length = record[LENGTH]
     for k in range(record[COUNT]):
