@@ -57,6 +57,7 @@ from sf_daq_broker.cancellation import raise_if_cancelled
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.jungfrau.errors import ConversionError
 from sf_daq_broker.transport import JobDelivery, Transport
+from sf_daq_broker.transport.failures import failure_kind
 from sf_daq_broker.workers.job_files import open_job_dir, open_output_dir
 from sf_daq_broker.workers.lease import JobLease, LeaseLost, LeasePolicy, LeaseState
 from sf_daq_broker.workers.report import CompletenessReport, beam_pulses
@@ -304,6 +305,8 @@ class _Hands:
     def __init__(self, limit: int) -> None:
         self._room = asyncio.Semaphore(limit)
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Deliveries taken into hand so far.
+        self.taken = 0
 
     async def room(self) -> None:
         """Wait until another delivery may be taken into hand."""
@@ -314,6 +317,7 @@ class _Hands:
         self._room.release()
 
     def start(self, work: Coroutine[Any, Any, None]) -> None:
+        self.taken += 1
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._done)
@@ -367,14 +371,32 @@ class Worker:
     async def _consume(self, source: Source) -> None:
         log.info("worker for %s jobs waiting on the %s transport", source.kind, self.transport.name)
         hands = _Hands(self.prefetch)
+        failures = 0  # of the consumer in a row, without a delivery in between
         try:
             while True:
-                await self._consume_once(source, hands)
-                # The consumer's channel was closed (e.g. by RabbitMQ's delivery timeout while
-                # a long job ran): its unsettled jobs went back to the queue (the ones in hand
-                # go on, their leases keep them from running twice); consume again.
-                log.warning("the %s consumer ended; consuming again", source.kind)
-                await asyncio.sleep(self.lease.reconsume_delay)
+                taken = hands.taken
+                try:
+                    await self._consume_once(source, hands)
+                except Exception as exc:
+                    raise_if_cancelled()  # a stop whose closing of the consumer failed
+                    # The consumer failed, e.g. RabbitMQ closed its channel by an RPC timeout
+                    # while it recovered from an outage. A worker that gave up here would leave
+                    # every later job of its kind waiting: it consumes again, backing off.
+                    failures = 1 if hands.taken > taken else failures + 1
+                    pause = _reconsume_pause(self.lease.reconsume_delay, failures)
+                    log.warning(
+                        "the %s consumer failed (%s); consuming again in %.3g s",
+                        source.kind,
+                        failure_kind(exc),
+                        pause,
+                    )
+                else:
+                    # The consumer's channel was closed (e.g. by RabbitMQ's delivery timeout
+                    # while a long job ran): its unsettled jobs went back to the queue (the
+                    # ones in hand go on, their leases keep them from running twice).
+                    failures, pause = 0, self.lease.reconsume_delay
+                    log.warning("the %s consumer ended; consuming again", source.kind)
+                await asyncio.sleep(pause)
         finally:
             await hands.stop()
 
@@ -397,6 +419,8 @@ class Worker:
                 hands.start(self.handle(source, delivery))
         except StopAsyncIteration:
             return
+        except Exception:
+            raise  # the consumer failed: the jobs in hand go on (``_consume`` consumes again)
         except BaseException:
             # Stopped: the jobs in hand give their leases back (or finish settling) before
             # the consumer gives the unsettled ones back to the queue.
@@ -755,6 +779,17 @@ class Worker:
             return
         if remove:
             await asyncio.to_thread(lease.remove_settled)
+
+
+#: The longest pause between two tries of a consumer that keeps failing.
+MAX_RECONSUME_PAUSE = 10.0
+
+
+def _reconsume_pause(first: float, failures: int) -> float:
+    """Doubles with each failure in a row, up to ``MAX_RECONSUME_PAUSE``: a RabbitMQ that is
+    away is not hammered, and one that is back is used again within seconds."""
+    doubled: float = first * 2.0 ** (failures - 1)
+    return min(doubled, max(first, MAX_RECONSUME_PAUSE))
 
 
 async def _next(consumer: AsyncIterator[JobDelivery]) -> JobDelivery:

@@ -385,6 +385,109 @@ async def test_jobs_whose_data_is_ready_take_turns_at_work(
     await events.close()
 
 
+def assert_written_once(source: ScriptedSource, seen: list[StatusEvent], job: Job) -> None:
+    """The source ran once, its events came once each, and the file is the complete one."""
+    assert source.calls == 1
+    assert [e.action for e in seen] == [
+        Action.WRITE_START,
+        Action.WRITE_PROGRESS,
+        Action.WRITE_FINISHED,
+    ]
+    assert Path(job.output_file).read_bytes() == b"complete file"
+
+
+def failing_consumers(
+    transport: Transport, monkeypatch: pytest.MonkeyPatch, failures: int, after: int = 0
+) -> None:
+    """The transport's first ``failures`` consumers raise what an RPC timeout of RabbitMQ's
+    raises (seen while it recovers from an outage), each after ``after`` real deliveries."""
+    real = transport.consume_jobs
+    left = [failures]
+
+    async def consume_jobs(kind: SourceKind, prefetch: int = 1) -> AsyncIterator[JobDelivery]:
+        consumer = real(kind, prefetch)
+        try:
+            if left[0] > 0:
+                left[0] -= 1
+                for _ in range(after):
+                    yield await anext(consumer)
+                raise ChannelInvalidStateError("Channel closed by RPC timeout")
+            async for delivery in consumer:
+                yield delivery
+        finally:
+            await consumer.aclose()
+
+    monkeypatch.setattr(transport, "consume_jobs", consume_jobs)
+
+
+async def test_a_consumer_that_fails_is_started_again_backing_off(
+    transport: Transport,
+    raw_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The consumer fails three times before the job comes: the worker does not die (the CI
+    run of stop 18 saw a worker end this way mid-outage, and 15 runs stayed queued), it
+    consumes again after 0.05, 0.1 and 0.2 s, and the job is done once."""
+    caplog.set_level(logging.WARNING, logger="sf_daq_broker.workers.loop")
+    failing_consumers(transport, monkeypatch, failures=3)
+    job = make_job(raw_dir)
+    source = ScriptedSource()
+    events = await transport.subscribe_status()
+    await transport.publish_jobs([job])
+    task = asyncio.create_task(Worker(transport, [source], retry=FAST, lease=LEASES).run())
+    seen = await collect_until(events, Action.WRITE_FINISHED)
+    await settled(job)
+    await stop(task)
+    assert_written_once(source, seen, job)
+    kind = SourceKind.DATABUFFER
+    assert [r.getMessage() for r in caplog.records if "consumer" in r.getMessage()] == [
+        f"the {kind} consumer failed (connection closed); consuming again in {pause} s"
+        for pause in ("0.05", "0.1", "0.2")
+    ]
+    await events.close()
+
+
+async def test_jobs_in_hand_go_on_when_their_consumer_fails(
+    transport: Transport, raw_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The consumer fails while its one delivery runs: the job is not cancelled, its file is
+    written once, and the job is settled (by this delivery or, if its channel went with the
+    consumer, by the next one, which finds the lease finished)."""
+    failing_consumers(transport, monkeypatch, failures=1, after=1)
+    job = make_job(raw_dir)
+    source = ScriptedSource()
+    source.hold = asyncio.Event()
+    events = await transport.subscribe_status()
+    await transport.publish_jobs([job])
+    task = asyncio.create_task(Worker(transport, [source], retry=FAST, lease=LEASES).run())
+    await asyncio.wait_for(source.started.wait(), PATIENCE)
+    source.hold.set()
+    seen = await collect_until(events, Action.WRITE_FINISHED)
+    await settled_and_queue_empty(transport, job)
+    await stop(task)
+    assert_written_once(source, seen, job)
+    await events.close()
+
+
+async def test_a_worker_whose_consumer_keeps_failing_stops_when_asked(
+    raw_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop reaches a worker that is pausing between two failed consumers."""
+    transport = EmbeddedTransport()
+    await transport.connect()
+    failing_consumers(transport, monkeypatch, failures=1000)
+    slow = replace(LEASES, reconsume_delay=5.0)
+    task = asyncio.create_task(Worker(transport, [ScriptedSource()], lease=slow).run())
+    await async_wait_until(
+        lambda: any("consumer failed" in r.getMessage() for r in caplog.records),
+        timeout=PATIENCE,
+        what="the first failure",
+    )
+    await stop(task)
+    await transport.close()
+
+
 def test_beam_pulses_are_the_multiples_of_the_rate() -> None:
     assert beam_pulses(100, 110, 2).tolist() == [100, 102, 104, 106, 108, 110]
     assert beam_pulses(101, 109, 4).tolist() == [104, 108]
