@@ -20,8 +20,9 @@ a detector with broken modules through). Each stage keeps a moving average over 
 
 Like the reference, the file is written even when no pixel is good, and *then* the computation
 fails (``NoGoodPixel``): the file shows what went wrong (typically a stage without frames).
-Frames are streamed in bounded batches; memory is the per-pixel state, 48 bytes per pixel
-(400 MB for 16 modules), whatever the run's length.
+Frames are streamed in bounded batches; memory is the per-pixel state, 56 bytes per pixel
+(three stages' sums and squares as float64, the mask as int64: 470 MB for 16 modules) plus one
+batch, whatever the run's length.
 """
 
 from __future__ import annotations

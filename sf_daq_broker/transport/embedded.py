@@ -17,8 +17,9 @@ follows a publish or a give-back sees it, and the event loop never waits on an f
 waiting consumer is woken by an event when a job of its kind becomes ready; it never polls.
 Status events go from the publisher straight to the subscribers' in-memory queues: only the
 broker's own process listens to them. (So a kill between a worker's final event and the status
-store applying it, a few milliseconds, leaves that job ``running`` in /run_status although its
-file is complete: the status store's reconciliation does not look at this queue yet.)
+store applying it, a few milliseconds, loses that event with the process's memory; the broker's
+reconciler then ends the job from what is on disk, since no queue holds it any more: see
+``job_queue_depths``.)
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Where each source kind's implementation lives (imported only when that worker runs, so a
-#: channel worker never loads numba and h5py's detector code).
+#: channel worker never loads the Jungfrau conversion; it loads numba only for its own kernels,
+#: ``buffers.api1_kernels``, at the first compressed or string channel it reads).
 SOURCE_CLASSES: dict[SourceKind, str] = {
     SourceKind.DATABUFFER: "sf_daq_broker.workers.api1_source:DataBufferSource",
     SourceKind.IMAGEBUFFER: "sf_daq_broker.workers.api1_source:ImageBufferSource",

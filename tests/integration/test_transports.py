@@ -125,7 +125,7 @@ async def test_prefetch_one_holds_back_the_second_job(transport: Transport) -> N
     done, _ = await asyncio.wait([pending], timeout=0.3)
     assert not done  # nothing more while the first job is unsettled
     await first.ack()
-    second = await asyncio.wait_for(pending, 10)
+    second = await asyncio.wait_for(pending, PATIENCE)
     assert second.job == sample_job(2)
     await second.ack()
     await consumer.aclose()

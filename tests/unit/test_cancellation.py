@@ -17,6 +17,7 @@ from sf_daq_broker.jobs import SourceKind
 from sf_daq_broker.status.reconcile import ReconcilePolicy, Reconciler
 from sf_daq_broker.status.store import StatusStore
 from sf_daq_broker.transport.embedded import EmbeddedTransport
+from tests.support import PATIENCE
 
 
 class SwallowingTransport(EmbeddedTransport):
@@ -45,6 +46,6 @@ async def test_the_reconciler_stops_although_its_cancellation_was_swallowed(
     await asyncio.wait_for(transport.inspecting.wait(), 60)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, 60)
+        await asyncio.wait_for(task, PATIENCE)
     assert transport.inspections == 1  # it did not go round again
     store.close()

@@ -26,6 +26,7 @@ from sf_daq_broker.transport import (
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.transport.job_store import JobStore
 from tests.integration.test_transports import sample_job
+from tests.support import PATIENCE
 
 
 @pytest.fixture
@@ -147,7 +148,7 @@ async def test_a_consumer_that_goes_away_gives_its_job_back_at_once(
     consumer, delivery = await deliver(transport)
     waiting = asyncio.ensure_future(deliver(transport))  # a second worker, woken by the return
     await consumer.aclose()
-    other, again = await asyncio.wait_for(waiting, 10)
+    other, again = await asyncio.wait_for(waiting, PATIENCE)
     assert (again.job, again.redelivered) == (sample_job(7), True)
     with pytest.raises(RuntimeError, match="given back to the queue already"):
         await delivery.ack()
@@ -164,7 +165,7 @@ async def test_a_waiting_consumer_is_woken_by_a_publish(
     done, _ = await asyncio.wait([waiting], timeout=0.2)
     assert not done  # nothing to deliver yet
     await transport.publish_jobs([sample_job(8)])
-    consumer, delivery = await asyncio.wait_for(waiting, 10)
+    consumer, delivery = await asyncio.wait_for(waiting, PATIENCE)
     assert delivery.job == sample_job(8)
     await delivery.ack()
     await consumer.aclose()

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from sf_daq_broker.workers.file_stage import FileStage
+from tests.support import PATIENCE
 
 
 async def test_calls_run_in_order_on_one_thread_off_the_event_loop() -> None:
@@ -37,7 +38,7 @@ async def test_a_producer_waits_while_the_budget_is_used() -> None:
         await asyncio.sleep(0)
     assert not second.done()  # 20 bytes would wait: it waits for the first call
     release.set()
-    await asyncio.wait_for(second, 30)
+    await asyncio.wait_for(second, PATIENCE)
     await stage.close()
 
 
