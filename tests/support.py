@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 #: How long a test waits for a condition by default: generous, so that a loaded machine (two
 #: cores, several test runs at once) is slow but never fails; a passing test does not wait it.
@@ -80,3 +85,38 @@ def dead_owner() -> str:
     child = subprocess.Popen(["true"])
     child.wait()
     return f"{socket.gethostname()}:{child.pid}:12345:dead"
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, options: str) -> Iterator[Path]:
+    """A real tmpfs mounted at ``where`` (created if missing; an existing directory is hidden
+    under it) with mount ``options`` (e.g. ``size=1m``), unmounted on leaving, whatever
+    happened. Mounting needs root: without it the test is skipped, but fails when ``CI`` is
+    set, so that a green CI means a full disk was really exercised."""
+    where.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        reason = f"cannot mount a tmpfs (needs root): {result.stderr.strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}, and CI is set")
+        pytest.skip(reason)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def fill(directory: Path) -> None:
+    """Write files until the file system refuses (bytes or inodes)."""
+    for index in range(100_000):
+        try:
+            with open(directory / f"filler{index}", "wb") as handle:
+                handle.write(b"x" * 65536)
+        except OSError:
+            return
+    raise AssertionError("the file system never filled up")

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sf_daq_broker import __version__
+from sf_daq_broker.h5.closing import abandon, close_flushed, create
 from sf_daq_broker.jobs import Job
 
 BITSHUFFLE_FILTER = 32008
@@ -316,7 +317,7 @@ class ChannelFile:
     """
 
     def __init__(self, target: Path | str, attributes: Mapping[str, Any]) -> None:
-        self._file = h5py.File(target, "w")
+        self._file = create(target)
         self._file.attrs.update(attributes)
 
     def write(self, channel: ChannelRows) -> None:
@@ -345,7 +346,13 @@ class ChannelFile:
         return StreamedGroup(self._file, name)
 
     def close(self) -> None:
-        self._file.close()
+        """Finish the file (an ``OSError`` if the disk is full: the file is then abandoned)."""
+        close_flushed(self._file)
+
+    def discard(self) -> None:
+        """Close a file that is thrown away, without writing anything more to its disk (which
+        may be full: ``h5.closing``)."""
+        abandon(self._file)
 
     def __enter__(self) -> ChannelFile:
         return self
@@ -356,7 +363,10 @@ class ChannelFile:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        self.close()
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
 
 
 def write_channels(

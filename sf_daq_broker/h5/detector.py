@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from sf_daq_broker import openmp
 from sf_daq_broker.h5 import bslz4
+from sf_daq_broker.h5.closing import abandon, close_flushed, create
 
 DETECTOR_NAME = "general/detector_name"
 STRING = h5py.string_dtype("utf-8")
@@ -169,7 +170,7 @@ class DetectorFileWriter:
             if compression and threads > 0
             else None
         )
-        self._file = h5py.File(path, "w")
+        self._file = create(path)
         try:
             self._file.attrs.update(attributes or {})
             self._file.create_dataset(DETECTOR_NAME, data=self.detector, dtype=STRING)
@@ -299,11 +300,13 @@ class DetectorFileWriter:
                 f"only {self.frames_written} of {self.n_frames} frames were written"
             )
         self._shutdown()
-        self._file.close()
+        close_flushed(self._file)
 
     def _abandon(self) -> None:
+        """Close a file that is thrown away, writing nothing more to its disk (which may be
+        full: ``h5.closing``)."""
         self._shutdown()
-        self._file.close()
+        abandon(self._file)
 
     def _shutdown(self) -> None:
         if self._pool is not None:

@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from sf_daq_broker.h5.atomic import atomic_output
+from sf_daq_broker.h5.closing import written
 from sf_daq_broker.h5.detector import RawDetectorFile
 from sf_daq_broker.jungfrau.detectors import FRAMES_AVERAGE, MODULE_COLUMNS, MODULE_ROWS
 from sf_daq_broker.jungfrau.errors import CalibrationError, ConversionError, NoGoodPixel
@@ -145,7 +146,7 @@ def compute_pedestal(
         state.mask[site_mask.reshape(-1)] |= 1 << SITE_MASK_BIT
     gains, rms = _finish(state)
     mask = state.mask.reshape(height, width)
-    with atomic_output(result_file) as temporary, h5py.File(temporary, "w") as file:
+    with atomic_output(result_file) as temporary, written(temporary) as file:
         file.create_dataset("gains", data=gains.reshape(-1, height, width))
         file.create_dataset("gainsRMS", data=rms.reshape(-1, height, width))
         file.create_dataset("pixel_mask", data=mask)

@@ -89,16 +89,22 @@ async def open_channel_file(
     target: Path, attributes: Mapping[str, Any]
 ) -> AsyncIterator[tuple[FileStage, ChannelFile]]:
     """A ``ChannelFile`` at ``target`` and the stage its calls run on; closed on the stage's
-    thread on leaving, whatever happened (the loop then publishes or removes it)."""
+    thread on leaving (the loop then publishes it), or discarded if the block raised (the loop
+    removes it): a failed job's file, maybe on a full disk, is never flushed (``h5.closing``)."""
     stage = FileStage()
     opened: list[ChannelFile] = []
     try:
         await stage.call(lambda: opened.append(ChannelFile(target, attributes)))
         yield stage, opened[0]
-    finally:
-        await stage.close(lambda: _close(opened))
+    except BaseException:
+        await stage.close(lambda: _close(opened, discard=True))
+        raise
+    await stage.close(lambda: _close(opened, discard=False))
 
 
-def _close(files: list[ChannelFile]) -> None:
+def _close(files: list[ChannelFile], *, discard: bool) -> None:
     for file in files:
-        file.close()
+        if discard:
+            file.discard()
+        else:
+            file.close()

@@ -5,9 +5,9 @@ A source only knows how to fetch its data and write a file at the path it is giv
   file, fsyncs and renames it, and only then acknowledges the job — so a job is never lost and a
   file never appears half-written under its final name;
 - retries transient failures (connection refused, HTTP 5xx, a cut stream) with exponential
-  back-off; after the budget, or at once for a permanent failure, it removes the temporary
-  file, announces ``write_rejected`` with the reason and rejects the job into the dead-letter
-  queue;
+  back-off; after the budget, or at once for a permanent failure (a full disk is one:
+  ``full_disk``), it removes the temporary file, announces ``write_rejected`` with the reason
+  and rejects the job into the dead-letter queue;
 - writes a human-readable log of every job into the run's log file;
 - leaves a job it was stopped in the middle of unsettled, so the queue gives it to another
   worker (which rewrites the same file, as the job id and file name are the same).
@@ -58,6 +58,7 @@ from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.jungfrau.errors import ConversionError
 from sf_daq_broker.transport import JobDelivery, Transport
 from sf_daq_broker.transport.failures import failure_kind
+from sf_daq_broker.workers.full_disk import full_disk_errno, full_disk_reason
 from sf_daq_broker.workers.job_files import open_job_dir, open_output_dir
 from sf_daq_broker.workers.lease import JobLease, LeaseLost, LeasePolicy, LeaseState
 from sf_daq_broker.workers.report import CompletenessReport, beam_pulses
@@ -208,7 +209,8 @@ class Source(abc.ABC):
 
         Raise a ``BufferClientError``: its ``transient`` flag tells the loop whether a retry may
         cure it (HTTP 5xx, a cut stream) or not (data aged out, a corrupt stream). A
-        ``ConversionError`` (a calibration file that does not fit) fails the job at once too.
+        ``ConversionError`` (a calibration file that does not fit) fails the job at once too, as
+        does an ``OSError`` of a full disk (ENOSPC, EDQUOT; also as the cause of another error).
         """
 
 
@@ -441,10 +443,10 @@ class Worker:
             await self._handle(source, delivery, job_log.logger)
         except Exception as exc:
             # Around the job itself (e.g. its lease cannot be created: the output directory is
-            # gone or not writable). The worker must go on with the next job, and this one
-            # must not wait unsettled at the head of the queue.
+            # gone, not writable or full). The worker must go on with the next job, and this
+            # one must not wait unsettled at the head of the queue.
             job_log.logger.exception("cannot work on this job")
-            await self._reject_unrunnable(delivery, job_log.logger, f"{exc}")
+            await self._reject_unrunnable(delivery, job_log.logger, exc)
         finally:
             job_log.close()
 
@@ -654,7 +656,9 @@ class Worker:
         self, exc: Exception, attempt: int, lease: JobLease, job_log: logging.Logger
     ) -> float | str:
         """After the ``attempt``-th try failed with ``exc``: the pause before the next try,
-        or why the job fails."""
+        or why the job fails (at once for a full disk: ``full_disk`` says why)."""
+        if code := full_disk_errno(exc):
+            return full_disk_reason(lease.job, code)
         if isinstance(exc, BufferClientError):
             if not exc.transient:
                 return str(exc)
@@ -701,7 +705,19 @@ class Worker:
             # Taken over: the job is the new owner's now, its outcome is not ours to record.
             raise LeaseLost(f"the lease {lease.path} was taken over")
         reason = rejection_reason(job, reason)
-        await asyncio.to_thread(lease.settle, LeaseState.FAILED, reason)
+        try:
+            await asyncio.to_thread(lease.settle, LeaseState.FAILED, reason)
+        except OSError as exc:
+            # E.g. a disk still full. The record is only for a later delivery of the job; this
+            # one is rejected now, and the lease removed once it is, so that the job neither
+            # stays ``running`` nor leaves its lease behind. (If the rejection fails too, the
+            # lease goes stale and the job's next delivery takes it over.)
+            job_log.warning(
+                "the failure could not be recorded in the lease %s (%s); the job is rejected "
+                "all the same",
+                lease.path,
+                exc,
+            )
         job_log.error("failed, no file written: %s", reason)
         await self.transport.publish_status(StatusEvent.for_job(Action.WRITE_REJECTED, job, reason))
         await self._settle(delivery, lease, ack=False, remove=True, job_log=job_log)
@@ -716,11 +732,14 @@ class Worker:
             job_log.warning("the %s event could not be published again: %r", action, exc)
 
     async def _reject_unrunnable(
-        self, delivery: JobDelivery, job_log: logging.Logger, problem: str
+        self, delivery: JobDelivery, job_log: logging.Logger, problem: Exception
     ) -> None:
-        """Dead-letter a job that cannot even be started here, saying why."""
+        """Dead-letter a job that cannot even be started here, saying why (what to do, for a
+        full disk)."""
         job = delivery.job
-        reason = rejection_reason(job, f"cannot work on it: {problem}")
+        code = full_disk_errno(problem)
+        why = full_disk_reason(job, code) if code else f"cannot work on it: {problem}"
+        reason = rejection_reason(job, why)
         job_log.error("failed, no file written: %s", reason)
         with contextlib.suppress(Exception):
             await self.transport.publish_status(

@@ -3,11 +3,8 @@ naming the key, and no run number is spent."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from sf_daq_broker.api.app import ROUTES, create_app
 from sf_daq_broker.transport.embedded import EmbeddedTransport
+from tests.support import fill, tmpfs
 
 BASE: dict[str, Any] = {
     "pgroup": "p12345",
@@ -219,35 +217,7 @@ async def test_pulse_id_bounds_are_configurable(
         make_settings(max_pulse_id=2**63 - 1)
 
 
-# --- a full disk (a real tmpfs; mounting needs root, which CI has) -------------------------
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, options: str) -> Iterator[Path]:
-    where.mkdir(parents=True)
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {result.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
-
-
-def fill(directory: Path) -> None:
-    """Write files until the file system refuses (bytes or inodes)."""
-    for index in range(100_000):
-        try:
-            with open(directory / f"filler{index}", "wb") as handle:
-                handle.write(b"x" * 65536)
-        except OSError:
-            return
-    raise AssertionError("the file system never filled up")
+# --- a full disk (a real tmpfs: tests.support.tmpfs; mounting needs root, which CI has) -------
 
 
 @pytest.mark.parametrize("kind", ["bytes", "inodes"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from sf_daq_broker.jungfrau.errors import CalibrationError
 from sf_daq_broker.transport import DeadLetter, JobDelivery, StatusSubscription, Transport
 from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.transport.embedded import EmbeddedTransport
-from sf_daq_broker.workers.lease import LeasePolicy, lease_path
+from sf_daq_broker.workers.lease import JobLease, LeasePolicy, LeaseState, lease_path
 from sf_daq_broker.workers.loop import Progress, RetryPolicy, Source, Worker
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
 from tests.private_rabbitmq import PrivateRabbitMQ, private_rabbitmq  # noqa: F401
@@ -238,6 +239,147 @@ async def test_failures_dead_letter_and_leave_no_file(
 
     await async_wait_until(dead_lettered, what="the job in the dead-letter queue")
     assert [d.job for d in dead] == [job]
+    await events.close()
+
+
+FULL = "no space left on device"
+QUOTA = "disk quota exceeded"
+TO_DO = (
+    "send the request again while the buffers still hold the data (they keep it for a limited "
+    "time only)"
+)
+
+
+def _wrapped_enospc() -> Exception:
+    """A library's own exception raised from the OSError of its write."""
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as exc:
+        try:
+            raise RuntimeError("Can't write data") from exc
+        except RuntimeError as wrapped:
+            return wrapped
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (
+            OSError(errno.ENOSPC, "No space left on device"),
+            f"{FULL} while writing run_000001.BSDATA.h5 in {{raw}}: the file was not kept; "
+            f"free space there and {TO_DO}",
+        ),
+        (
+            OSError(errno.EDQUOT, "Disk quota exceeded"),
+            f"{QUOTA} while writing run_000001.BSDATA.h5 in {{raw}}: the file was not kept; "
+            f"free space in the pgroup or have its quota raised, and {TO_DO}",
+        ),
+        (
+            _wrapped_enospc(),
+            f"{FULL} while writing run_000001.BSDATA.h5 in {{raw}}: the file was not kept; "
+            f"free space there and {TO_DO}",
+        ),
+    ],
+    ids=["ENOSPC", "EDQUOT", "wrapped"],
+)
+async def test_a_full_disk_fails_the_job_at_once_saying_what_to_do(
+    transport: Transport, raw_dir: Path, error: Exception, reason: str
+) -> None:
+    """Not retried (``workers.full_disk`` says why): the reason names the cause, the file and
+    its directory, and what to do — never an exception's repr."""
+    job = make_job(raw_dir)
+    source = ScriptedSource([error])
+    task, events = await run_worker(transport, source, job)
+    seen = await collect_until(events, Action.WRITE_REJECTED)
+    await settled(job)
+    await stop(task)
+    expected = f"pulses 100-110: {reason.format(raw=raw_dir)}"
+    assert (seen[-1].message, source.calls) == (expected, 1)
+    assert partial_files(Path(job.output_file)) == []
+    log_text = Path(job.log_file).read_text()
+    assert f"failed, no file written: {expected}\n" in log_text
+    assert "try 1 failed" not in log_text
+    dead: list[DeadLetter] = []
+
+    async def dead_lettered() -> bool:
+        dead.extend(await transport.take_dead_letters())
+        return bool(dead)
+
+    await async_wait_until(dead_lettered, what="the job in the dead-letter queue")
+    assert [d.job for d in dead] == [job]
+    await events.close()
+
+
+async def test_a_disk_still_full_when_the_failure_is_recorded_still_ends_the_job(
+    transport: Transport, raw_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failure's record in the lease cannot be written either (the disk is still full,
+    filled by someone else): the job is rejected all the same and its lease removed, instead
+    of staying ``running`` with a lease left in raw/."""
+    job = make_job(raw_dir)
+    settle = JobLease.settle
+
+    def settle_on_a_full_disk(lease: JobLease, state: LeaseState, reason: str = "") -> None:
+        if state is LeaseState.FAILED:
+            raise OSError(errno.ENOSPC, "No space left on device", str(lease.path))
+        settle(lease, state, reason)
+
+    monkeypatch.setattr(JobLease, "settle", settle_on_a_full_disk)
+    source = ScriptedSource([OSError(errno.ENOSPC, "No space left on device")])
+    task, events = await run_worker(transport, source, job)
+    seen = await collect_until(events, Action.WRITE_REJECTED)
+    await settled(job)
+    await stop(task)
+    expected = (
+        f"pulses 100-110: {FULL} while writing run_000001.BSDATA.h5 in {raw_dir}: the file "
+        f"was not kept; free space there and {TO_DO}"
+    )
+    assert seen[-1].message == expected
+    assert sorted(p.name for p in raw_dir.iterdir()) == ["run_info"]
+    log_text = Path(job.log_file).read_text()
+    assert (
+        f"the failure could not be recorded in the lease {lease_path(job)} ([Errno 28] No "
+        f"space left on device: '{lease_path(job)}'); the job is rejected all the same\n"
+    ) in log_text
+    dead: list[DeadLetter] = []
+
+    async def dead_lettered() -> bool:
+        dead.extend(await transport.take_dead_letters())
+        return bool(dead)
+
+    await async_wait_until(dead_lettered, what="the job in the dead-letter queue")
+    assert [d.job for d in dead] == [job]
+    await events.close()
+
+
+async def test_a_disk_full_before_the_job_starts_says_what_to_do_too(
+    transport: Transport, raw_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk filled up while the job waited in the queue: not even its lease can be
+    created. The job is rejected with the same reason as one that filled the disk itself."""
+    job = make_job(raw_dir)
+
+    def no_room(lease: JobLease) -> bool:
+        raise OSError(errno.ENOSPC, "No space left on device", str(lease.path))
+
+    monkeypatch.setattr(JobLease, "try_create", no_room)
+    source = ScriptedSource()
+    task, events = await run_worker(transport, source, job)
+    seen = await collect_until(events, Action.WRITE_REJECTED)
+    dead: list[DeadLetter] = []
+
+    async def dead_lettered() -> bool:
+        dead.extend(await transport.take_dead_letters())
+        return bool(dead)
+
+    await async_wait_until(dead_lettered, what="the job in the dead-letter queue")
+    await stop(task)
+    assert seen[-1].message == (
+        f"pulses 100-110: {FULL} while writing run_000001.BSDATA.h5 in {raw_dir}: the file "
+        f"was not kept; free space there and {TO_DO}"
+    )
+    assert (source.calls, [d.job for d in dead]) == (0, [job])
+    assert sorted(p.name for p in raw_dir.iterdir()) == ["run_info"]
     await events.close()
 
 
