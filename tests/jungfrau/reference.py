@@ -23,6 +23,7 @@ def reference_convert(
     adc_to_energy: bool = True,
     mask: bool = True,
     mask_double_pixels: bool = True,
+    mask_module_edges: bool = False,
     gap_pixels: bool = True,
     geometry: Geometry | None = None,
     factor: float | None = None,
@@ -48,14 +49,9 @@ def reference_convert(
         p_table = [ped32[0], ped32[1], ped32[2], ped32[2]]
     g_stack, p_stack = np.stack(g_table), np.stack(p_table)
 
-    bad = pixel_mask != 0
-    if mask and mask_double_pixels and pixel_mask.dtype == np.int64:
-        for m in range(n_modules):
-            rows = slice(512 * m, 512 * m + 512)
-            for column in (255, 256, 511, 512, 767, 768):
-                bad[rows, column] = True
-            for row in (255, 256):
-                bad[512 * m + row, :] = True
+    bad = reference_bad_pixels(
+        pixel_mask, mask_double_pixels=mask_double_pixels, mask_module_edges=mask_module_edges
+    )
 
     if adc_to_energy:
         code = (raw >> 14).astype(np.intp)
@@ -118,6 +114,25 @@ def reference_convert(
         h, w = (msy, msx) if r % 2 == 0 else (msx, msy)
         out[:, oy : oy + h, ox : ox + w] = np.rot90(modules[m], k=r, axes=(1, 2))
     return out
+
+
+def reference_bad_pixels(
+    pixel_mask: npt.NDArray[Any], *, mask_double_pixels: bool, mask_module_edges: bool
+) -> npt.NDArray[np.bool_]:
+    """UPSTREAM_HEAD §3 as its text says, in raw coordinates (True = bad): loading an int64
+    mask ORs bit 21 onto every double pixel (module columns 255, 256, 511, 512, 767, 768; rows
+    255, 256) and bit 22 onto every module-edge pixel (first and last row and column of each
+    module); at use bit 21 is cleared unless double pixels are masked and bit 22 unless module
+    edges are; then non-zero is bad. A bool mask gets no bits: non-zero (True) is bad."""
+    if pixel_mask.dtype != np.int64:
+        return np.asarray(pixel_mask != 0)
+    y, x = np.indices(pixel_mask.shape)
+    y %= 512  # module rows: modules are stacked 512 rows apart
+    double_pixel = np.isin(x, (255, 256, 511, 512, 767, 768)) | np.isin(y, (255, 256))
+    module_edge = (y == 0) | (y == 511) | (x == 0) | (x == 1023)
+    loaded = pixel_mask | np.where(double_pixel, 1 << 21, 0) | np.where(module_edge, 1 << 22, 0)
+    cleared = (0 if mask_double_pixels else 1 << 21) | (0 if mask_module_edges else 1 << 22)
+    return np.asarray(loaded & ~cleared != 0)
 
 
 def reference_interp(image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

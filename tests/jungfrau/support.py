@@ -38,7 +38,13 @@ def require_testdata(name: str = "jungfrau") -> Path:
 def random_calibration(
     n_modules: int, seed: int = 0, gain_slices: int = 4, pedestal_slices: int = 3
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.int64]]:
-    """Plausible gains (ADU/keV), pedestals (ADU) and a sparse int64 bad-pixel mask."""
+    """Plausible gains (ADU/keV), pedestals (ADU) and a sparse int64 bad-pixel mask.
+
+    The mask also holds the reference's reserved bits 21 and 22 (UPSTREAM_HEAD §3) on ~3 % of
+    the pixels, ordinary, double-pixel and module-edge ones alike: alone (bit 21, bit 22 or
+    both: a good pixel unless the matching option masks it) and, where a low bit is set too,
+    mixed with it (bad whatever the options).
+    """
     rng = np.random.default_rng(seed)
     shape = (512 * n_modules, 1024)
     gain = rng.uniform(30, 50, (gain_slices, *shape))
@@ -46,6 +52,8 @@ def random_calibration(
     gain[2] /= -300
     pedestal = rng.uniform(1000, 3000, (pedestal_slices, *shape))
     mask = (rng.random(shape) < 0.01).astype(np.int64) * rng.integers(1, 256, shape)
+    reserved = np.array([0, 1 << 21, 1 << 22, (1 << 21) | (1 << 22)], dtype=np.int64)
+    mask |= rng.choice(reserved, shape, p=[0.97, 0.01, 0.01, 0.01])
     return gain, pedestal, mask
 
 

@@ -11,7 +11,12 @@ from sf_daq_broker.jungfrau import Calibration, ConversionOptions, Converter
 from sf_daq_broker.jungfrau.downsample import downsample, downsampled_mask, good_counts
 from sf_daq_broker.jungfrau.errors import ConversionError
 from sf_daq_broker.jungfrau.tables import bad_pixels, reserved_reasons
-from tests.jungfrau.reference import reference_convert, reference_downsample, reference_interp
+from tests.jungfrau.reference import (
+    reference_bad_pixels,
+    reference_convert,
+    reference_downsample,
+    reference_interp,
+)
 from tests.jungfrau.support import random_calibration, random_raw
 
 
@@ -74,6 +79,95 @@ def test_reserved_bits_count_only_with_their_option() -> None:
     assert not boolean[0, 5] and not boolean[100, 255]  # a bool mask gets no bits
     reasons = reserved_reasons(mask)
     assert reasons[0, 255] == (1 << 21) | (1 << 22) and reasons[10, 10] == 1 << 21
+
+
+def _gapped(good: np.ndarray) -> np.ndarray:
+    """Stacked modules (512·n, 1024) in the gap layout (514·n, 1030), gap pixels False."""
+    out = np.zeros((514 * (good.shape[0] // 512), 1030), dtype=bool)
+    for m in range(good.shape[0] // 512):
+        for cy in range(2):
+            for cx in range(4):
+                y, x = 514 * m + 258 * cy, 258 * cx
+                out[y : y + 256, x : x + 256] = good[
+                    512 * m + 256 * cy : 512 * m + 256 * cy + 256, 256 * cx : 256 * cx + 256
+                ]
+    return out
+
+
+def _places(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(double pixels, module-edge pixels) of stacked modules, module coordinates (§2)."""
+    y, x = np.indices(shape)
+    y %= 512
+    double_pixel = np.isin(x, (255, 256, 511, 512, 767, 768)) | np.isin(y, (255, 256))
+    return double_pixel, (y == 0) | (y == 511) | (x == 0) | (x == 1023)
+
+
+def _kinds(stored: np.ndarray) -> dict[str, int]:
+    """How many pixels of each kind the random mask has: values of bits 21/22 alone on
+    ordinary, double-pixel and module-edge pixels, and mixtures with a low bit."""
+    double_pixel, edge = _places(stored.shape)
+    places = {"ordinary": ~double_pixel & ~edge, "double": double_pixel, "edge": edge}
+    values = {"21": 1 << 21, "22": 1 << 22, "21+22": 3 << 21}
+    counts = {
+        f"{value_name} {place_name}": int((place & (stored == value)).sum())
+        for place_name, place in places.items()
+        for value_name, value in values.items()
+    }
+    counts["mixed"] = int(((stored & 0xFF != 0) & (stored >> 21 != 0)).sum())
+    return counts
+
+
+@pytest.mark.parametrize("module_edge_pixels", ["keep", "mask"])
+@pytest.mark.parametrize("double_pixels", ["mask", "keep", "interp"])
+def test_reserved_bits_of_random_masks(double_pixels: str, module_edge_pixels: str) -> None:
+    """UPSTREAM_HEAD §3 on random masks holding bits 21/22 alone and mixed, for each option
+    pair: the bad pixels, the converter's pixel mask and the converted values, with masking
+    and without (no double-pixel or edge masking then), and with a bool mask (no bits)."""
+    gain, pedestal, stored = random_calibration(2, seed=7)
+    assert min(_kinds(stored).values()) > 10  # every kind is exercised
+    raw = random_raw(1, 2, seed=8)
+    calibration = Calibration.from_arrays(gain, pedestal, stored)
+    masks_dp, masks_edge = double_pixels == "mask", module_edge_pixels == "mask"
+    expected_bad = reference_bad_pixels(
+        stored, mask_double_pixels=masks_dp, mask_module_edges=masks_edge
+    )
+    # The same rule, read the other way: a low bit is bad; bit 21 or a double pixel is bad
+    # only with double_pixels "mask"; bit 22 or a module edge only with module_edge_pixels
+    # "mask". So a value of bits 21/22 alone on an ordinary pixel is good unless masked.
+    double_pixel, edge = _places(stored.shape)
+    low = stored & ~np.int64(3 << 21) != 0
+    bit21, bit22 = stored & (1 << 21) != 0, stored & (1 << 22) != 0
+    np.testing.assert_array_equal(
+        expected_bad, low | (masks_dp & (bit21 | double_pixel)) | (masks_edge & (bit22 | edge))
+    )
+    options = {"double_pixels": double_pixels, "module_edge_pixels": module_edge_pixels}
+    np.testing.assert_array_equal(bad_pixels(stored, **options), expected_bad)
+    bool_mask = stored != 0
+    np.testing.assert_array_equal(bad_pixels(bool_mask, **options), bool_mask)
+
+    for mask in (True, False):
+        conversion = ConversionOptions(
+            mask=mask, double_pixels=double_pixels, module_edge_pixels=module_edge_pixels
+        )
+        converter = Converter("JF13T02V01", calibration, conversion)
+        bad = (
+            expected_bad
+            if mask
+            else reference_bad_pixels(stored, mask_double_pixels=False, mask_module_edges=False)
+        )
+        np.testing.assert_array_equal(converter.pixel_mask, _gapped(~bad))
+        expected = reference_convert(
+            raw,
+            gain,
+            pedestal,
+            stored,
+            mask=mask,
+            mask_double_pixels=masks_dp,
+            mask_module_edges=masks_edge,
+        )
+        if double_pixels == "interp":
+            expected = reference_interp(expected)
+        assert converter.convert(raw).tobytes() == expected.tobytes(), f"mask={mask}"
 
 
 def test_option_combinations_refused_by_the_converter() -> None:
