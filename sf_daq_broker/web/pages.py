@@ -29,6 +29,7 @@ import aiohttp_jinja2
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 from markupsafe import Markup
+from pebble import ProcessExpired
 
 from sf_daq_broker.api.handlers import caller_beamline
 from sf_daq_broker.api.state import SETTINGS, STATUS
@@ -347,15 +348,21 @@ async def run_file(request: web.Request, source: str) -> tuple[RunView, FileOfRu
     return run, await blocking(request, written_file, dirs, run, source)
 
 
-async def computed(request: web.Request, key: Any, function: Callable[..., T], *args: Any) -> T:
+async def computed(
+    request: web.Request, what: str, key: Any, function: Callable[..., T], *args: Any
+) -> T:
+    """A preview from the preview service; its failures answered 503 (come back later).
+
+    ``what`` names the preview (kind, name, file) in the service's log when it fails.
+    """
     previews = request.app[PAGE].previews
     try:
-        return await previews.get(key, function, *args)
+        return await previews.get(key, function, *args, what=what)
     except PreviewBusy as exc:
         raise Unavailable(f"previews are busy ({exc}); try again in a moment") from None
     except TimeoutError:
         raise Unavailable("the preview took too long and was given up") from None
-    except BrokenProcessPool:
+    except (BrokenProcessPool, ProcessExpired):
         raise Unavailable("the preview process died; try again") from None
 
 
@@ -379,7 +386,8 @@ async def preview_png(request: web.Request) -> web.StreamResponse:
     if etag in {tag.value for tag in request.if_none_match or ()}:
         return web.Response(status=304, headers={"ETag": f'"{etag}"'})
     spec = render.PreviewSpec(preview_kind, str(file.path), name, note)
-    png = await computed(request, key, render.draw, spec)
+    what = f"{preview_kind.value} {name} of {file.path}"
+    png = await computed(request, what, key, render.draw, spec)
     response = web.Response(body=png, content_type="image/png")
     response.headers["Cache-Control"] = "no-cache"  # revalidate: the ETag follows the file
     response.etag = etag
@@ -390,7 +398,8 @@ async def pv_table(request: web.Request) -> web.StreamResponse:
     _, file = await run_file(request, "PVCHANNELS")
     names = source_names(file.record, "PVCHANNELS")
     key = (*file.key, "pvs")
-    values = await computed(request, key, render.pv_values, str(file.path), names)
+    what = f"PV table of {file.path}"
+    values = await computed(request, what, key, render.pv_values, str(file.path), names)
     return await render_page(request, "_pvs.html", pvs=values, names=len(names))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,9 +32,12 @@ from sf_daq_broker.h5.detector import DetectorFileWriter, FrameColumns
 from sf_daq_broker.jobs import RETRIEVAL_KINDS, Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.status.store import StatusStore
 from sf_daq_broker.transport.embedded import EmbeddedTransport
+from sf_daq_broker.web import render
 from sf_daq_broker.web.pages import PAGE
+from sf_daq_broker.web.previews import PreviewService
 from sf_daq_broker.web.runs import list_runs
 from tests.support import PATIENCE, async_wait_until
+from tests.web import preview_support
 
 START, STOP = 15_000_001_000, 15_000_001_199
 REQUEST: dict[str, Any] = {
@@ -417,6 +421,43 @@ async def test_previews_are_computed_once_and_refused_for_what_is_not_there(
         400,
         f"run_number must be between 1 and 1000000000, got 1{'0' * 30}",
     )
+
+
+async def test_a_stuck_or_dying_preview_is_answered_503_and_logged_with_its_file(
+    broker: tuple[TestClient, EmbeddedTransport],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client, transport = broker
+    await retrieve(client, REQUEST)
+    jobs = await take_jobs(transport, [SourceKind.DETECTOR])
+    detector_file = Path(jobs["JF13T01V01"].output_file)
+    write_detector(detector_file, np.zeros((2, 6, 8)), [1, 1], np.ones((6, 8), bool))
+    await finish(transport, jobs["JF13T01V01"], {**COMPLETE, "names": []})
+    client.app[PAGE].previews = PreviewService(timeout=1.5)  # closed with the page
+    params = {"pgroup": "p12345", "run_number": "1", "source": "JF13T01V01", "name": "JF13T01V01"}
+
+    async def preview() -> tuple[int, str] | None:
+        reply = await client.get("/page/preview.png", params=params)
+        if reply.status == 404:
+            return None  # the run's file is not known yet
+        return reply.status, (await reply.json())["message"]
+
+    caplog.set_level(logging.WARNING, logger="sf_daq_broker.web.previews")
+    monkeypatch.setattr(render, "draw", preview_support.draw_forever)
+    assert await async_wait_until(preview, what="the preview's answer") == (
+        503,
+        "the preview took too long and was given up",
+    )
+    monkeypatch.setattr(render, "draw", preview_support.draw_and_die)
+    assert await preview() == (503, "the preview process died; try again")
+    what = f"detector JF13T01V01 of {detector_file}"
+    assert [r.getMessage() for r in caplog.records if r.name == "sf_daq_broker.web.previews"] == [
+        f"the preview {what} ran longer than 1.5 s: its process was terminated, a new one "
+        "takes the next preview",
+        f"the preview process died (exit code 3) computing the preview {what}; a new one "
+        "takes the next preview",
+    ]
 
 
 # --- live -------------------------------------------------------------------------------------

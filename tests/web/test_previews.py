@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from pebble import ProcessExpired
 from PIL import Image
 
 from sf_daq_broker.h5.channels import ChannelRows, write_channels
@@ -22,6 +24,8 @@ from sf_daq_broker.h5.detector import DetectorFileWriter, FrameColumns
 from sf_daq_broker.web import render
 from sf_daq_broker.web.previews import PreviewBusy, PreviewService
 from sf_daq_broker.web.runs import detector_layout
+from tests.support import PATIENCE, async_wait_until
+from tests.web import preview_support
 
 
 def write_detector(
@@ -209,8 +213,104 @@ def test_the_detector_preview_says_how_the_file_is_laid_out(
 async def test_a_dead_preview_process_is_replaced() -> None:
     service = PreviewService()
     try:
-        with pytest.raises(BrokenProcessPool):
+        with pytest.raises(ProcessExpired) as died:
             await service.get("boom", os._exit, 3)  # the child dies as on a crash
+        assert died.value.exitcode == 3
         assert await service.get("next", pow, 2, 5) == 32
+    finally:
+        await asyncio.to_thread(service.close)
+
+
+def process_is_gone(pid: int) -> bool:
+    """Whether no process has the id ``pid`` (ended and reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def started_child(started: Path) -> int:
+    """The pid of the child once a preview of ``preview_support`` says it started."""
+    await async_wait_until(started.exists, what=f"{started.name} from the preview process")
+    return int(started.read_text())
+
+
+async def test_a_stuck_preview_times_out_its_process_ends_and_the_next_preview_runs(
+    tmp_path: Path,
+) -> None:
+    timeout = 1.5
+    service = PreviewService(timeout=timeout)
+    try:
+        child = await service.get("pid", os.getpid)  # started: its start-up is not measured
+        started = tmp_path / "started"
+        asked = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await service.get("stuck", preview_support.wait_forever, str(started))
+        assert time.monotonic() - asked >= timeout
+        assert await started_child(started) == child
+        assert process_is_gone(child)
+        # The next preview is not stuck behind it: a new child computes it.
+        replacement = await asyncio.wait_for(service.get("pid again", os.getpid), PATIENCE)
+        assert replacement != child
+        assert await service.get("next", pow, 2, 5) == 32
+    finally:
+        await asyncio.to_thread(service.close)
+
+
+async def test_time_spent_waiting_behind_another_preview_does_not_count(tmp_path: Path) -> None:
+    """Each preview runs ``hold`` seconds, well within the timeout, but the second one waits
+    ``hold`` seconds behind the first: answered ``2 * hold`` after it was asked for, more
+    than the timeout. Only a timeout counted from the start of its own run lets it finish."""
+    timeout, hold = 5.0, 3.0
+    service = PreviewService(timeout=timeout)
+    try:
+        await service.get("pid", os.getpid)  # started: its start-up is not measured
+        started, gate = tmp_path / "started", tmp_path / "gate"
+        first = asyncio.ensure_future(
+            service.get("first", preview_support.wait_for_gate, str(started), str(gate))
+        )
+        await started_child(started)
+        asked = time.monotonic()
+        second = asyncio.ensure_future(service.get("second", preview_support.run_for, hold))
+        # Not a synchronisation: how long the second preview waits is what is tested.
+        await asyncio.sleep(hold)
+        gate.touch()
+        results = await asyncio.wait_for(asyncio.gather(first, second), PATIENCE)
+        assert list(results) == ["opened", hold]
+        assert time.monotonic() - asked > timeout
+    finally:
+        await asyncio.to_thread(service.close)
+
+
+async def test_close_terminates_a_stuck_preview_instead_of_waiting_for_it(
+    tmp_path: Path,
+) -> None:
+    service = PreviewService()  # the default timeout (120 s) would end it only much later
+    started = tmp_path / "started"
+    stuck = asyncio.ensure_future(service.get("stuck", preview_support.wait_forever, str(started)))
+    try:
+        child = await started_child(started)
+    except BaseException:
+        await asyncio.to_thread(service.close)
+        raise
+    await asyncio.wait_for(asyncio.to_thread(service.close), 30)
+    assert process_is_gone(child)
+    # The page waiting for the stuck preview gets an answer too (from pebble as it stops, or
+    # from the service for a preview pebble left waiting).
+    with pytest.raises(BrokenProcessPool):
+        await asyncio.wait_for(stuck, PATIENCE)
+
+
+async def test_a_child_that_cannot_start_fails_its_previews_and_the_next_one_gets_a_new_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    service = PreviewService()
+    try:
+        monkeypatch.setattr(render, "init_preview_process", preview_support.fail_to_start)
+        with pytest.raises(BrokenProcessPool):
+            await asyncio.wait_for(service.get("a", pow, 2, 3), PATIENCE)
+        monkeypatch.undo()
+        assert await asyncio.wait_for(service.get("a", pow, 2, 3), PATIENCE) == 8
     finally:
         await asyncio.to_thread(service.close)
