@@ -18,9 +18,12 @@ the stage they really are in.
 **Restoring.** Before anything is changed, each detector's settings, run state and pedestal
 mode are saved in ``{pedestal_root}/{DET}/.state_before_pedestal.json``; afterwards — also
 when anything failed or the worker is stopped — they are restored (stop, pedestal mode off,
-the saved settings, started again if it was running) and the file is removed. If a worker
-dies in the middle, the file stays, and the next pedestal of that detector restores *that*
-state, not the half-switched one it finds.
+the saved settings, started again if it was running) and the file is removed. A stop
+(``Task.cancel``: SIGTERM, the broker's shutdown) waits for the restore, also when it is asked
+again while restoring, for at most ``restore_s`` seconds (``Procedure._restore_surely``). If a
+worker dies in the middle (SIGKILL), or a restore fails or is given up, the file stays, and the
+next pedestal of that detector restores *that* state, not the half-switched one it finds.
+Nothing else restores it: not the broker's or the worker's start.
 """
 
 from __future__ import annotations
@@ -54,6 +57,9 @@ SAVED_STATE_NAME = ".state_before_pedestal.json"
 STAGES = (("G0", GainMode.DYNAMIC), ("G1", GainMode.FIXED_GAIN1), ("G2", GainMode.FIXED_GAIN2))
 #: A pulse id that does not move for this long means the pulse map (or the machine) stopped.
 STALL_SECONDS = 60.0
+#: The longest a restore may hold up a stopping worker (a few detector calls each, every call
+#: bounded by the control's own timeout, 10 s over HTTP): well inside systemd's 90 s to stop.
+RESTORE_SECONDS = 30.0
 
 
 class PedestalError(ConversionError):
@@ -96,6 +102,7 @@ class Plan:
     settle_s: float
     poll_s: float = 0.1
     stall_s: float = STALL_SECONDS
+    restore_s: float = RESTORE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -151,12 +158,16 @@ class Procedure:
     async def run(self, progress: StageProgress) -> tuple[int, int]:
         """Take the frames; returns the first and last pulse id of the pedestal."""
         saved = await self._save_states()
+        stopping = False
         try:
             if self.plan.pedestalmode:
                 return await self._pedestal_mode(progress)
             return await self._manual(progress)
+        except asyncio.CancelledError:
+            stopping = True
+            raise
         finally:
-            await self._restore(saved)
+            await self._restore_surely(saved, stopping)
 
     # -- the two procedures ---------------------------------------------------------------
 
@@ -292,6 +303,49 @@ class Procedure:
         except DetectorControlError as exc:
             raise PedestalError(f"{control.name}: cannot read its state: {exc}") from exc
         return status, settings
+
+    async def _restore_surely(self, saved: dict[str, SavedState], stopping: bool) -> None:
+        """``_restore``, to its end even if the procedure is stopped (again) meanwhile, and
+        bounded by ``plan.restore_s``.
+
+        Why shielded: the first stop arrives in a stage, and the ``finally`` of ``run`` restores.
+        But a second ``cancel`` (a second SIGTERM or Ctrl-C, the broker's shutdown cancelling
+        what is left) would be thrown into the restore's awaits: the detectors not yet
+        restored would be left in a fixed gain or pedestal mode, taking the next run's data
+        with the wrong settings. So the restore runs in a task of its own, which a stop does
+        not reach; the stop is remembered and raised once the restore has ended.
+
+        Why bounded: a detector library that hangs would otherwise hold a stopping worker for
+        ever. After ``restore_s`` the restore is given up; the detectors it did not finish keep
+        their saved state on disk, and the next pedestal restores them (the thread of a call in
+        flight is not interrupted: Python cannot, it ends by the control's own timeout).
+
+        A stopped procedure ends with CancelledError even if the restore failed (it is
+        logged): a stop stays a stop. Otherwise a failed or given-up restore is a PedestalError.
+        """
+        restoring = asyncio.create_task(
+            asyncio.wait_for(self._restore(saved), self.plan.restore_s),
+            name="restore the detectors",
+        )
+        while not restoring.done():
+            try:
+                await asyncio.wait([restoring])
+            except asyncio.CancelledError:
+                stopping = True
+                self.log.warning("stopped while restoring the detectors: restoring them first")
+        error = restoring.exception()
+        if isinstance(error, TimeoutError):
+            error = PedestalError(
+                f"the detector settings before the pedestal were not restored within "
+                f"{self.plan.restore_s:g} s: check the detectors; the next pedestal of these "
+                "detectors tries again"
+            )
+        if stopping:
+            if error is not None:
+                self.log.error("stopped, and %s", error)
+            raise asyncio.CancelledError
+        if error is not None:
+            raise error
 
     async def _restore(self, saved: dict[str, SavedState]) -> None:
         """Bring every detector back; raises PedestalError naming those that failed."""
