@@ -41,6 +41,7 @@ from sf_daq_broker.bookkeeping.atomic import dump_json
 from sf_daq_broker.bookkeeping.confined import replace_file
 from sf_daq_broker.buffers.errors import BufferClientError, DataNotYetAvailable
 from sf_daq_broker.buffers.pulse_map import PulseMapClient
+from sf_daq_broker.cancellation import through_stops
 from sf_daq_broker.detector_control.interface import (
     DetectorControl,
     DetectorControlError,
@@ -323,16 +324,11 @@ class Procedure:
         A stopped procedure ends with CancelledError even if the restore failed (it is
         logged): a stop stays a stop. Otherwise a failed or given-up restore is a PedestalError.
         """
-        restoring = asyncio.create_task(
+        restoring, stopped = await through_stops(
             asyncio.wait_for(self._restore(saved), self.plan.restore_s),
-            name="restore the detectors",
+            lambda: self.log.warning("stopped while restoring the detectors: restoring them first"),
         )
-        while not restoring.done():
-            try:
-                await asyncio.wait([restoring])
-            except asyncio.CancelledError:
-                stopping = True
-                self.log.warning("stopped while restoring the detectors: restoring them first")
+        stopping = stopping or stopped is not None
         error = restoring.exception()
         if isinstance(error, TimeoutError):
             error = PedestalError(

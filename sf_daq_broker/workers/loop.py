@@ -53,7 +53,7 @@ from sf_daq_broker.bookkeeping.atomic import partial_name, partial_pattern
 from sf_daq_broker.bookkeeping.confined import ConfinedDir, OutsideRaw
 from sf_daq_broker.buffers.errors import BufferClientError
 from sf_daq_broker.buffers.horizon import Waiting
-from sf_daq_broker.cancellation import raise_if_cancelled
+from sf_daq_broker.cancellation import raise_if_cancelled, through_stops
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent
 from sf_daq_broker.jungfrau.errors import ConversionError
 from sf_daq_broker.transport import JobDelivery, Transport
@@ -755,15 +755,10 @@ class Worker:
         end and is raised afterwards, so that the caller's handle on the job's directory
         (through which the lease is removed) is not closed under it, and the consumer does
         not give the delivery back to the queue before it is settled."""
-        settling = asyncio.create_task(work)
-        stopped: asyncio.CancelledError | None = None
-        while not settling.done():
-            try:
-                await asyncio.shield(settling)
-            except asyncio.CancelledError as exc:
-                if stopped is None:
-                    job_log.warning("stopped while the job was being settled: settling it first")
-                stopped = exc
+        settling, stopped = await through_stops(
+            work,
+            lambda: job_log.warning("stopped while the job was being settled: settling it first"),
+        )
         if stopped is not None:
             if not settling.cancelled():
                 settling.exception()  # looked at: the stop is what the caller hears

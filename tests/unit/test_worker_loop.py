@@ -117,6 +117,18 @@ async def collect_until(
     return seen
 
 
+async def dead_letters(transport: Transport, what: str) -> list[DeadLetter]:
+    """The transport's dead letters, once there is one (``what``: for the timeout's message)."""
+    dead: list[DeadLetter] = []
+
+    async def dead_lettered() -> bool:
+        dead.extend(await transport.take_dead_letters())
+        return bool(dead)
+
+    await async_wait_until(dead_lettered, what=what)
+    return dead
+
+
 async def settled(job: Job) -> None:
     """Wait until the delivery is settled: its lease goes only after the ack or reject, which
     follow the status event (a worker stopped in between leaves the job to its next delivery)."""
@@ -231,13 +243,7 @@ async def test_failures_dead_letter_and_leave_no_file(
     assert not Path(job.output_file).exists()
     assert partial_files(Path(job.output_file)) == []
     assert f"failed, no file written: {reason}" in Path(job.log_file).read_text()
-    dead: list[DeadLetter] = []
-
-    async def dead_lettered() -> bool:
-        dead.extend(await transport.take_dead_letters())
-        return bool(dead)
-
-    await async_wait_until(dead_lettered, what="the job in the dead-letter queue")
+    dead = await dead_letters(transport, "the job in the dead-letter queue")
     assert [d.job for d in dead] == [job]
     await events.close()
 
@@ -299,13 +305,7 @@ async def test_a_full_disk_fails_the_job_at_once_saying_what_to_do(
     log_text = Path(job.log_file).read_text()
     assert f"failed, no file written: {expected}\n" in log_text
     assert "try 1 failed" not in log_text
-    dead: list[DeadLetter] = []
-
-    async def dead_lettered() -> bool:
-        dead.extend(await transport.take_dead_letters())
-        return bool(dead)
-
-    await async_wait_until(dead_lettered, what="the job in the dead-letter queue")
+    dead = await dead_letters(transport, "the job in the dead-letter queue")
     assert [d.job for d in dead] == [job]
     await events.close()
 
@@ -341,13 +341,7 @@ async def test_a_disk_still_full_when_the_failure_is_recorded_still_ends_the_job
         f"the failure could not be recorded in the lease {lease_path(job)} ([Errno 28] No "
         f"space left on device: '{lease_path(job)}'); the job is rejected all the same\n"
     ) in log_text
-    dead: list[DeadLetter] = []
-
-    async def dead_lettered() -> bool:
-        dead.extend(await transport.take_dead_letters())
-        return bool(dead)
-
-    await async_wait_until(dead_lettered, what="the job in the dead-letter queue")
+    dead = await dead_letters(transport, "the job in the dead-letter queue")
     assert [d.job for d in dead] == [job]
     await events.close()
 
@@ -366,13 +360,7 @@ async def test_a_disk_full_before_the_job_starts_says_what_to_do_too(
     source = ScriptedSource()
     task, events = await run_worker(transport, source, job)
     seen = await collect_until(events, Action.WRITE_REJECTED)
-    dead: list[DeadLetter] = []
-
-    async def dead_lettered() -> bool:
-        dead.extend(await transport.take_dead_letters())
-        return bool(dead)
-
-    await async_wait_until(dead_lettered, what="the job in the dead-letter queue")
+    dead = await dead_letters(transport, "the job in the dead-letter queue")
     await stop(task)
     assert seen[-1].message == (
         f"pulses 100-110: {FULL} while writing run_000001.BSDATA.h5 in {raw_dir}: the file "
@@ -404,13 +392,7 @@ async def test_a_job_that_cannot_be_started_is_rejected_and_the_worker_goes_on(
     assert [e.run_number for e in seen if e.action is Action.WRITE_FINISHED] == [2]
     assert Path(good.output_file).read_bytes() == b"complete file"
     assert source.calls == 1
-    dead: list[DeadLetter] = []
-
-    async def dead_lettered() -> bool:
-        dead.extend(await transport.take_dead_letters())
-        return bool(dead)
-
-    await async_wait_until(dead_lettered, what="the broken job in the dead-letter queue")
+    dead = await dead_letters(transport, "the broken job in the dead-letter queue")
     assert [d.job for d in dead] == [broken]
     await events.close()
 

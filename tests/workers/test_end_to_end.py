@@ -86,6 +86,16 @@ class System:
         return int(reply["run_number"])
 
 
+def transports_for(request: pytest.FixtureRequest) -> tuple[Transport, Transport]:
+    """The broker's and the worker's transport for the fixture's parameter: one embedded queue
+    they share, or two connections to RabbitMQ (as two processes would have)."""
+    if request.param == "rabbitmq":
+        url, prefix = request.getfixturevalue("amqp_url"), request.getfixturevalue("amqp_prefix")
+        return AmqpTransport(url, prefix=prefix), AmqpTransport(url, prefix=prefix)
+    transport = EmbeddedTransport()
+    return transport, transport
+
+
 async def start_system(
     aiohttp_server: Any,
     aiohttp_client: Any,
@@ -126,12 +136,7 @@ async def start_system(
 async def system(
     request: pytest.FixtureRequest, aiohttp_server: Any, aiohttp_client: Any, make_settings: Any
 ) -> AsyncIterator[System]:
-    transport: Transport = EmbeddedTransport()
-    worker_transport = transport
-    if request.param == "rabbitmq":
-        url, prefix = request.getfixturevalue("amqp_url"), request.getfixturevalue("amqp_prefix")
-        transport = AmqpTransport(url, prefix=prefix)
-        worker_transport = AmqpTransport(url, prefix=prefix)
+    transport, worker_transport = transports_for(request)
     async for system in start_system(
         aiohttp_server, aiohttp_client, make_settings, transport, worker_transport
     ):

@@ -30,11 +30,10 @@ from sf_daq_broker.simulation.api1_server import SimulatedApi1Buffer, create_api
 from sf_daq_broker.simulation.channels import ChannelSpec, expected_values
 from sf_daq_broker.simulation.clock import ManualClock
 from sf_daq_broker.transport import REJECTED_BY_WORKER, DeadLetter, Transport
-from sf_daq_broker.transport.amqp import AmqpTransport
-from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers.api1_source import DataBufferSource
 from sf_daq_broker.workers.loop import RetryPolicy, Worker
 from tests.support import PATIENCE, async_wait_until, tmpfs
+from tests.workers.test_end_to_end import transports_for
 
 START = 15_000_000_000
 #: 16 KiB a pulse: the 102 rows of a run of pulses START+10..START+109 (widened by one pulse at
@@ -109,12 +108,7 @@ async def system(
     make_settings: Any,
     small_raw: Path,
 ) -> AsyncIterator[System]:
-    transport: Transport = EmbeddedTransport()
-    worker_transport = transport
-    if request.param == "rabbitmq":
-        url, prefix = request.getfixturevalue("amqp_url"), request.getfixturevalue("amqp_prefix")
-        transport = AmqpTransport(url, prefix=prefix)
-        worker_transport = AmqpTransport(url, prefix=prefix)
+    transport, worker_transport = transports_for(request)
     # the run lies ten minutes in the past: no waiting for late data
     clock = ManualClock(start_pulse_id=START, t0_ms=time.time_ns() // 1_000_000 - 600_000)
     server = await aiohttp_server(create_api1_app(SimulatedApi1Buffer([BIG], clock)))

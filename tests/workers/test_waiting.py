@@ -21,12 +21,17 @@ from sf_daq_broker.jobs import Action
 from sf_daq_broker.simulation.channels import expected_values
 from sf_daq_broker.tools.broker_debugger import format_event
 from sf_daq_broker.tools.daq_client import ProgressBars
-from sf_daq_broker.transport import Transport
-from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers import readiness
 from tests.support import PATIENCE, async_wait_until
-from tests.workers.test_end_to_end import CHANNELS, START, System, outcome, start_system
+from tests.workers.test_end_to_end import (
+    CHANNELS,
+    START,
+    System,
+    outcome,
+    start_system,
+    transports_for,
+)
 
 
 @pytest.fixture
@@ -105,12 +110,7 @@ async def system(
     monkeypatch: pytest.MonkeyPatch,
 ) -> AsyncIterator[System]:
     monkeypatch.setattr(readiness, "ANNOUNCE_EVERY", 0.05)
-    transport: Transport = EmbeddedTransport()
-    worker_transport = transport
-    if request.param == "rabbitmq":
-        url, prefix = request.getfixturevalue("amqp_url"), request.getfixturevalue("amqp_prefix")
-        transport = AmqpTransport(url, prefix=prefix)
-        worker_transport = AmqpTransport(url, prefix=prefix)
+    transport, worker_transport = transports_for(request)
     async for system in start_system(
         aiohttp_server, aiohttp_client, make_settings, transport, worker_transport
     ):
