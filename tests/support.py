@@ -10,9 +10,14 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from aiohttp.test_utils import TestClient
+
+    from sf_daq_broker.transport import DeadLetter, Transport
 
 #: How long a test waits for a condition by default: generous, so that a loaded machine (two
 #: cores, several test runs at once) is slow but never fails; a passing test does not wait it.
@@ -120,3 +125,28 @@ def fill(directory: Path) -> None:
         except OSError:
             return
     raise AssertionError("the file system never filled up")
+
+
+async def dead_letters(
+    transport: Transport, what: str = "the job in the dead-letter queue"
+) -> list[DeadLetter]:
+    """The transport's dead letters, once there is one."""
+    dead: list[DeadLetter] = []
+
+    async def dead_lettered() -> bool:
+        dead.extend(await transport.take_dead_letters())
+        return bool(dead)
+
+    await async_wait_until(dead_lettered, what=what)
+    return dead
+
+
+async def ended_run_status(
+    client: TestClient[Any, Any], run: int, pgroup: str = "p12345"
+) -> dict[str, Any] | None:
+    """The run's /run_status if the run has ended (done, failed or incomplete), else None: a
+    condition for ``async_wait_until``."""
+    response = await client.get("/run_status", params={"pgroup": pgroup, "run_number": run})
+    document: dict[str, Any] = await response.json()
+    ended = document.get("run_state") in ("done", "failed", "incomplete")
+    return document if response.status == 200 and ended else None

@@ -116,6 +116,18 @@ def reference_convert(
     return out
 
 
+def reference_places(
+    shape: tuple[int, ...],
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """(double pixels, module-edge pixels) of stacked modules in raw coordinates (UPSTREAM_HEAD
+    §3): module columns 255, 256, 511, 512, 767, 768 and rows 255, 256; the first and last row
+    and column of each module."""
+    y, x = np.indices(shape)
+    y %= 512  # module rows: modules are stacked 512 rows apart
+    double_pixel = np.isin(x, (255, 256, 511, 512, 767, 768)) | np.isin(y, (255, 256))
+    return double_pixel, (y == 0) | (y == 511) | (x == 0) | (x == 1023)
+
+
 def reference_bad_pixels(
     pixel_mask: npt.NDArray[Any], *, mask_double_pixels: bool, mask_module_edges: bool
 ) -> npt.NDArray[np.bool_]:
@@ -126,10 +138,7 @@ def reference_bad_pixels(
     edges are; then non-zero is bad. A bool mask gets no bits: non-zero (True) is bad."""
     if pixel_mask.dtype != np.int64:
         return np.asarray(pixel_mask != 0)
-    y, x = np.indices(pixel_mask.shape)
-    y %= 512  # module rows: modules are stacked 512 rows apart
-    double_pixel = np.isin(x, (255, 256, 511, 512, 767, 768)) | np.isin(y, (255, 256))
-    module_edge = (y == 0) | (y == 511) | (x == 0) | (x == 1023)
+    double_pixel, module_edge = reference_places(pixel_mask.shape)
     loaded = pixel_mask | np.where(double_pixel, 1 << 21, 0) | np.where(module_edge, 1 << 22, 0)
     cleared = (0 if mask_double_pixels else 1 << 21) | (0 if mask_module_edges else 1 << 22)
     return np.asarray(loaded & ~cleared != 0)

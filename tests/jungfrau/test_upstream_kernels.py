@@ -16,6 +16,7 @@ from tests.jungfrau.reference import (
     reference_convert,
     reference_downsample,
     reference_interp,
+    reference_places,
 )
 from tests.jungfrau.support import random_calibration, random_raw
 
@@ -94,18 +95,10 @@ def _gapped(good: np.ndarray) -> np.ndarray:
     return out
 
 
-def _places(shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(double pixels, module-edge pixels) of stacked modules, module coordinates (§2)."""
-    y, x = np.indices(shape)
-    y %= 512
-    double_pixel = np.isin(x, (255, 256, 511, 512, 767, 768)) | np.isin(y, (255, 256))
-    return double_pixel, (y == 0) | (y == 511) | (x == 0) | (x == 1023)
-
-
 def _kinds(stored: np.ndarray) -> dict[str, int]:
     """How many pixels of each kind the random mask has: values of bits 21/22 alone on
     ordinary, double-pixel and module-edge pixels, and mixtures with a low bit."""
-    double_pixel, edge = _places(stored.shape)
+    double_pixel, edge = reference_places(stored.shape)
     places = {"ordinary": ~double_pixel & ~edge, "double": double_pixel, "edge": edge}
     values = {"21": 1 << 21, "22": 1 << 22, "21+22": 3 << 21}
     counts = {
@@ -134,7 +127,7 @@ def test_reserved_bits_of_random_masks(double_pixels: str, module_edge_pixels: s
     # The same rule, read the other way: a low bit is bad; bit 21 or a double pixel is bad
     # only with double_pixels "mask"; bit 22 or a module edge only with module_edge_pixels
     # "mask". So a value of bits 21/22 alone on an ordinary pixel is good unless masked.
-    double_pixel, edge = _places(stored.shape)
+    double_pixel, edge = reference_places(stored.shape)
     low = stored & ~np.int64(3 << 21) != 0
     bit21, bit22 = stored & (1 << 21) != 0, stored & (1 << 22) != 0
     np.testing.assert_array_equal(

@@ -30,14 +30,14 @@ from sf_daq_broker.bookkeeping.atomic import partial_files
 from sf_daq_broker.buffers.errors import BufferServerError, DataAgedOut, StreamCut
 from sf_daq_broker.jobs import Action, Job, SourceKind, StatusEvent, job_id_for
 from sf_daq_broker.jungfrau.errors import CalibrationError
-from sf_daq_broker.transport import DeadLetter, JobDelivery, StatusSubscription, Transport
+from sf_daq_broker.transport import JobDelivery, StatusSubscription, Transport
 from sf_daq_broker.transport.amqp import AmqpTransport
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers.lease import JobLease, LeasePolicy, LeaseState, lease_path
 from sf_daq_broker.workers.loop import Progress, RetryPolicy, Source, Worker
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
 from tests.private_rabbitmq import PrivateRabbitMQ, private_rabbitmq  # noqa: F401
-from tests.support import PATIENCE, async_wait_until
+from tests.support import PATIENCE, async_wait_until, dead_letters
 
 FAST = RetryPolicy(attempts=3, first_delay=0.01, factor=2, max_delay=0.05)
 
@@ -115,18 +115,6 @@ async def collect_until(
         while not seen or seen[-1].action is not action:
             seen.append(await events.__anext__())
     return seen
-
-
-async def dead_letters(transport: Transport, what: str) -> list[DeadLetter]:
-    """The transport's dead letters, once there is one (``what``: for the timeout's message)."""
-    dead: list[DeadLetter] = []
-
-    async def dead_lettered() -> bool:
-        dead.extend(await transport.take_dead_letters())
-        return bool(dead)
-
-    await async_wait_until(dead_lettered, what=what)
-    return dead
 
 
 async def settled(job: Job) -> None:
@@ -243,7 +231,7 @@ async def test_failures_dead_letter_and_leave_no_file(
     assert not Path(job.output_file).exists()
     assert partial_files(Path(job.output_file)) == []
     assert f"failed, no file written: {reason}" in Path(job.log_file).read_text()
-    dead = await dead_letters(transport, "the job in the dead-letter queue")
+    dead = await dead_letters(transport)
     assert [d.job for d in dead] == [job]
     await events.close()
 
@@ -305,7 +293,7 @@ async def test_a_full_disk_fails_the_job_at_once_saying_what_to_do(
     log_text = Path(job.log_file).read_text()
     assert f"failed, no file written: {expected}\n" in log_text
     assert "try 1 failed" not in log_text
-    dead = await dead_letters(transport, "the job in the dead-letter queue")
+    dead = await dead_letters(transport)
     assert [d.job for d in dead] == [job]
     await events.close()
 
@@ -341,7 +329,7 @@ async def test_a_disk_still_full_when_the_failure_is_recorded_still_ends_the_job
         f"the failure could not be recorded in the lease {lease_path(job)} ([Errno 28] No "
         f"space left on device: '{lease_path(job)}'); the job is rejected all the same\n"
     ) in log_text
-    dead = await dead_letters(transport, "the job in the dead-letter queue")
+    dead = await dead_letters(transport)
     assert [d.job for d in dead] == [job]
     await events.close()
 
@@ -360,7 +348,7 @@ async def test_a_disk_full_before_the_job_starts_says_what_to_do_too(
     source = ScriptedSource()
     task, events = await run_worker(transport, source, job)
     seen = await collect_until(events, Action.WRITE_REJECTED)
-    dead = await dead_letters(transport, "the job in the dead-letter queue")
+    dead = await dead_letters(transport)
     await stop(task)
     assert seen[-1].message == (
         f"pulses 100-110: {FULL} while writing run_000001.BSDATA.h5 in {raw_dir}: the file "
@@ -601,14 +589,15 @@ async def test_a_worker_whose_consumer_keeps_failing_stops_when_asked(
     transport = EmbeddedTransport()
     await transport.connect()
     failing_consumers(transport, monkeypatch, failures=1000)
-    slow = replace(LEASES, reconsume_delay=5.0)
+    # a pause far longer than the test may take: only a stop that cuts it short passes
+    slow = replace(LEASES, reconsume_delay=10 * PATIENCE)
     task = asyncio.create_task(Worker(transport, [ScriptedSource()], lease=slow).run())
     await async_wait_until(
         lambda: any("consumer failed" in r.getMessage() for r in caplog.records),
         timeout=PATIENCE,
         what="the first failure",
     )
-    await stop(task)
+    await asyncio.wait_for(stop(task), PATIENCE)
     await transport.close()
 
 

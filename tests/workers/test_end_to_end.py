@@ -38,7 +38,7 @@ from sf_daq_broker.workers import api1_source
 from sf_daq_broker.workers.api1_source import DataBufferSource, ImageBufferSource
 from sf_daq_broker.workers.archiver_source import ArchiverSource
 from sf_daq_broker.workers.loop import RetryPolicy, Source, Worker
-from tests.support import PATIENCE, async_wait_until
+from tests.support import PATIENCE, async_wait_until, dead_letters
 
 START = 15_000_000_000
 CHANNELS = [
@@ -381,13 +381,7 @@ async def test_persistent_http_500_is_dead_lettered_with_buffer_range_and_reason
     assert message.startswith(f"pulses {START + 10}-{START + 109}: data buffer at http://")
     assert "/api/1/query: HTTP 500" in message
     assert message.endswith("(gave up after 3 tries)")
-    dead: list[Any] = []
-
-    async def dead_lettered() -> bool:
-        dead.extend(await system.transport.take_dead_letters())
-        return bool(dead)
-
-    await async_wait_until(dead_lettered, what="the job in the dead-letter queue")
+    dead = await dead_letters(system.transport)
     assert [(d.job.source if d.job else None, d.reason) for d in dead] == [
         ("BSDATA", REJECTED_BY_WORKER)
     ]

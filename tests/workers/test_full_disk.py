@@ -29,10 +29,10 @@ from sf_daq_broker.api.app import create_app
 from sf_daq_broker.simulation.api1_server import SimulatedApi1Buffer, create_api1_app
 from sf_daq_broker.simulation.channels import ChannelSpec, expected_values
 from sf_daq_broker.simulation.clock import ManualClock
-from sf_daq_broker.transport import REJECTED_BY_WORKER, DeadLetter, Transport
+from sf_daq_broker.transport import REJECTED_BY_WORKER, Transport
 from sf_daq_broker.workers.api1_source import DataBufferSource
 from sf_daq_broker.workers.loop import RetryPolicy, Worker
-from tests.support import PATIENCE, async_wait_until, tmpfs
+from tests.support import PATIENCE, async_wait_until, dead_letters, ended_run_status, tmpfs
 from tests.workers.test_end_to_end import transports_for
 
 START = 15_000_000_000
@@ -66,26 +66,10 @@ class System:
     async def ended(self, run: int) -> dict[str, Any]:
         """The run's /run_status once it has ended."""
 
-        async def final() -> dict[str, Any] | None:
-            response = await self.broker.get(
-                "/run_status", params={"pgroup": "p12345", "run_number": run}
-            )
-            document: dict[str, Any] = await response.json()
-            ended = document.get("run_state") in ("done", "failed", "incomplete")
-            return document if response.status == 200 and ended else None
-
-        result: dict[str, Any] = await async_wait_until(final, PATIENCE, f"run {run} to end")
+        result: dict[str, Any] = await async_wait_until(
+            lambda: ended_run_status(self.broker, run), PATIENCE, f"run {run} to end"
+        )
         return result
-
-    async def dead_letters(self) -> list[DeadLetter]:
-        dead: list[DeadLetter] = []
-
-        async def arrived() -> bool:
-            dead.extend(await self.transport.take_dead_letters())
-            return bool(dead)
-
-        await async_wait_until(arrived, PATIENCE, "the job in the dead-letter queue")
-        return dead
 
 
 @pytest.fixture
@@ -158,7 +142,7 @@ async def test_a_disk_that_fills_up_fails_the_job_at_once_and_the_worker_goes_on
         reason,
         reason,
     )
-    dead = await system.dead_letters()
+    dead = await dead_letters(system.transport)
     assert [(d.job.source if d.job else None, d.reason) for d in dead] == [
         ("BSDATA", REJECTED_BY_WORKER)
     ]

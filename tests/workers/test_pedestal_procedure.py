@@ -334,7 +334,6 @@ async def test_a_procedure_stopped_again_while_restoring_still_restores_every_de
     try:
         await asyncio.wait_for(slow.restoring.wait(), PATIENCE)
         task.cancel()  # stopped again, in the middle of restoring the first detector
-        assert not task.done()
     finally:
         go_on.set()
     with pytest.raises(asyncio.CancelledError):

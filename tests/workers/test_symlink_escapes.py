@@ -29,7 +29,7 @@ from sf_daq_broker.jobs import Job, SourceKind
 from sf_daq_broker.transport.embedded import EmbeddedTransport
 from sf_daq_broker.workers.loop import Progress, RetryPolicy, Source, Worker
 from sf_daq_broker.workers.report import CompletenessReport, NameReport, beam_pulses
-from tests.support import PATIENCE, async_wait_until
+from tests.support import PATIENCE, async_wait_until, ended_run_status
 
 FAST = RetryPolicy(attempts=2, first_delay=0.01, factor=2, max_delay=0.05)
 REQUEST: dict[str, Any] = {
@@ -93,13 +93,7 @@ class Broker:
                 await worker
 
     async def ended(self, run: int) -> dict[str, Any] | None:
-        response = await self.client.get(
-            "/run_status", params={"pgroup": "p12345", "run_number": run}
-        )
-        document: dict[str, Any] = await response.json()
-        if response.status == 200 and document["run_state"] in ("done", "failed", "incomplete"):
-            return document
-        return None
+        return await ended_run_status(self.client, run)
 
     def outside_files(self) -> dict[str, bytes]:
         return {
